@@ -1,0 +1,70 @@
+"""The configuration schema: every key tljax reads, with its meaning.
+
+Other configs start from ``get_config()`` here and override what differs. Any key can be
+overridden on the command line, e.g. ``--config.batch_size=64`` or
+``--config.phases[1].epochs=2``; the config is locked, so a mistyped key is an error.
+"""
+
+import ml_collections
+
+
+def phase(**overrides) -> ml_collections.ConfigDict:
+  """One training phase; keyword arguments override the defaults below."""
+  p = ml_collections.ConfigDict()
+  p.name = "phase"               # Shown in logs, metrics.jsonl and plots.
+  p.epochs = 1                   # Passes over the training split.
+  # Ordered freeze rules "<train|freeze>:<regex over 'layer/param' | layers[a:b]>"; the first
+  # match decides. Or one named preset "preset:<name>" (see tljax.freezing.PRESETS).
+  p.rules = ("train:.*",)
+  p.optimizer = "adam"           # adam | adamw | sgd (momentum 0.9).
+  p.learning_rate = 1e-3         # Peak learning rate.
+  p.schedule = "constant"        # constant | cosine (decays to 0 over the phase).
+  p.warmup_epochs = 0.0          # Linear warmup from 0, in epochs (fractions allowed).
+  p.weight_decay = 0.0           # Decoupled weight decay (adamw only); trainable params only.
+  p.grad_clip_norm = 0.0         # Clip trainable gradients to this global norm; 0 = off.
+  p.label_smoothing = 0.0        # Cross-entropy label smoothing.
+  # BatchNorm of trainable layers: "inference" uses and keeps the moving statistics (the
+  # Keras fine-tuning guide; the tutorial's training=False); "batch_stats" normalises with
+  # batch statistics and updates the moving averages (what Keras 3's fit does after
+  # base.trainable = True). Frozen layers' BatchNorm is always in inference mode.
+  p.batchnorm = "inference"
+  # Compute the frozen prefix of the network once per phase and train on its cached
+  # output. "auto": on when exact (no augmentation) and the cache fits cache_max_gb.
+  p.cache_prefix = "auto"        # auto | off
+  p.update(overrides)
+  return p
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0                    # Seeds initialisation, data order and augmentation.
+  config.batch_size = 32             # Global training batch; must divide by the device count.
+  config.eval_batch_size = 500       # Global batch for validation, test and prefix caching.
+  config.steps_per_dispatch = 100    # Train steps fused into one device call (lax.scan).
+  config.checkpoint_every_steps = 1000  # Periodic checkpoints; 0 = only at phase ends.
+  config.max_to_keep = 2             # Checkpoints kept in <workdir>/checkpoints.
+  config.cache_max_gb = 4.0          # Largest prefix cache held in device memory.
+  config.max_bad_steps = 10          # Consecutive non-finite steps before the run stops.
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "mnist"         # A tensorflow-datasets name (image + label features).
+  config.data.dir = ""               # tfds data_dir, or a folder of IDX *-ubyte.gz files.
+  config.data.train_examples = 0     # Use the first N training examples; 0 = all.
+  config.data.validation_split = 0.2  # Last fraction held out, as Keras's validation_split.
+  config.data.scale = "unit"         # unit: x/255 | symmetric: x/127.5 - 1 (MobileNetV2's).
+  config.data.augment_shift = 0      # Random translation of up to N pixels; 0 = none.
+
+  config.model = ml_collections.ConfigDict()
+  config.model.alpha = 1.0           # Width multiplier: 0.35, 0.5, 0.75, 1.0, 1.3 or 1.4.
+  config.model.input_size = 32       # Images are resized (bilinear) to this square size.
+  config.model.weights = "imagenet"  # imagenet (download, cached) | a .h5 path | none.
+  config.model.cache_dir = ""        # Download cache; "" = $TLJAX_CACHE or ~/.cache/tljax.
+  config.model.depthwise = "auto"    # auto (shifted on CPU, XLA elsewhere) | shifted | xla.
+  config.model.dtype = "float32"     # Compute dtype: float32 | bfloat16 (params stay f32).
+
+  config.phases = (
+      phase(name="frozen_base", epochs=10, rules=("train:predictions/.*", "freeze:.*")),
+      phase(name="fine_tune", epochs=5, learning_rate=1e-5,
+            rules=("freeze:layers[:100]", "train:.*")),
+  )
+  return config

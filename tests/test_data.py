@@ -1,0 +1,418 @@
+"""Data: IDX and tfds sources, Keras's validation split, preprocessing, augmentation, order."""
+
+import gzip
+import socket
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from tljax import data
+
+
+def write_idx(path, array, magic=None):
+  """Writes ``array`` (uint8) as an IDX file, gzipped if ``path`` ends in .gz."""
+  magic = magic if magic is not None else 0x800 + array.ndim
+  header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+  payload = header + array.astype(np.uint8).tobytes()
+  (gzip.open if str(path).endswith(".gz") else open)(path, "wb").write(payload)
+  return path
+
+
+def small_split(n, h=4, w=4):
+  return data.Split(np.arange(n * h * w, dtype=np.uint8).reshape(n, h, w),
+                    np.arange(n, dtype=np.int32))
+
+
+def tf_bilinear_resize(x_NHWC, out_h, out_w):
+  """NumPy ``tf.image.resize(method="bilinear")``: half-pixel centers, clamped, no antialias."""
+  def axis(n_in, n_out):
+    centre = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    floor = np.floor(centre)
+    lower = np.maximum(floor, 0).astype(int)
+    upper = np.minimum(np.ceil(centre), n_in - 1).astype(int)
+    return lower, upper, centre - floor
+
+  y0, y1, wy = axis(x_NHWC.shape[1], out_h)
+  x0, x1, wx = axis(x_NHWC.shape[2], out_w)
+  x = x_NHWC.astype(np.float64)
+  wx = wx[None, None, :, None]
+  top = x[:, y0][:, :, x0] + (x[:, y0][:, :, x1] - x[:, y0][:, :, x0]) * wx
+  bottom = x[:, y1][:, :, x0] + (x[:, y1][:, :, x1] - x[:, y1][:, :, x0]) * wx
+  return top + (bottom - top) * wy[None, :, None, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX files.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mnist_idx_folder(mnist_dir):
+  assert data.is_idx_folder(mnist_dir)
+  ds = data.load_dataset("mnist", str(mnist_dir))
+  assert (ds.name, ds.num_classes, ds.class_names) == ("mnist", 10, tuple("0123456789"))
+  assert ds.train.images.shape == (60000, 28, 28) and ds.train.images.dtype == np.uint8
+  assert ds.test.images.shape == (10000, 28, 28)
+  assert ds.train.labels.dtype == np.int32 and ds.train.labels.shape == (60000,)
+  assert ds.train.labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+  assert ds.test.labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+  assert np.bincount(ds.train.labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918,
+                                                     6265, 5851, 5949]
+  assert ds.train.images.max() == 255 and ds.train.images.min() == 0
+
+
+def test_fashion_mnist_idx_folder(fashion_mnist_dir):
+  ds = data.load_dataset("fashion_mnist", fashion_mnist_dir)
+  assert ds.class_names == ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                            "Shirt", "Sneaker", "Bag", "Ankle boot")
+  assert ds.train.images.shape == (60000, 28, 28) and ds.test.images.shape == (10000, 28, 28)
+  assert ds.train.labels[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
+  assert np.bincount(ds.train.labels).tolist() == [6000] * 10
+  assert np.bincount(ds.test.labels).tolist() == [1000] * 10
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_read_idx_round_trip(tmp_path, suffix):
+  images = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5)
+  labels = np.array([3, 1], np.uint8)
+  np.testing.assert_array_equal(data.read_idx(write_idx(tmp_path / f"i{suffix}", images)), images)
+  np.testing.assert_array_equal(data.read_idx(write_idx(tmp_path / f"l{suffix}", labels)), labels)
+
+
+def test_read_idx_bad_magic_names_path_and_magics(tmp_path):
+  path = write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((2, 2, 2)), magic=0x0D03)
+  with pytest.raises(data.DataError, match="0x00000803") as e:
+    data.read_idx(path)
+  assert str(path) in str(e.value) and "0x00000d03" in str(e.value)
+  assert "train-labels-idx1-ubyte.gz" in str(e.value)
+
+
+def test_read_idx_gzip_without_suffix_says_so(tmp_path):
+  path = write_idx(tmp_path / "x.gz", np.zeros((2,)))
+  path = path.rename(tmp_path / "x")
+  with pytest.raises(data.DataError, match=r"name it \*\.gz"):
+    data.read_idx(path)
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_read_idx_truncated_payload(tmp_path, suffix):
+  path = tmp_path / f"images{suffix}"
+  write_idx(path, np.zeros((3, 4, 4)))
+  raw = gzip.decompress(path.read_bytes()) if suffix else path.read_bytes()
+  truncated = raw[:-5]
+  path.write_bytes(gzip.compress(truncated) if suffix else truncated)
+  with pytest.raises(data.DataError, match=r"call for 48 bytes of data, found 43") as e:
+    data.read_idx(path)
+  assert str(path) in str(e.value)
+
+
+def test_read_idx_truncated_gzip_stream(tmp_path):
+  path = write_idx(tmp_path / "labels.gz", np.arange(200) % 10)
+  path.write_bytes(path.read_bytes()[:-20])
+  with pytest.raises(data.DataError, match="cannot be decompressed") as e:
+    data.read_idx(path)
+  assert str(path) in str(e.value)
+
+
+def test_read_idx_truncated_header(tmp_path):
+  path = tmp_path / "images"
+  path.write_bytes((0x803).to_bytes(4, "big") + b"\0\0\0\2")
+  with pytest.raises(data.DataError, match="truncated IDX header: expected 16 bytes, found 8"):
+    data.read_idx(path)
+
+
+def write_idx_folder(folder, n_train=5, n_test=3, train_labels=None):
+  folder.mkdir(exist_ok=True)
+  labels = train_labels if train_labels is not None else np.arange(n_train) % 3
+  write_idx(folder / "train-images-idx3-ubyte.gz", np.zeros((n_train, 4, 4)))
+  write_idx(folder / "train-labels-idx1-ubyte.gz", labels)
+  write_idx(folder / "t10k-images-idx3-ubyte", np.zeros((n_test, 4, 4)))  # Plain works too.
+  write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.arange(n_test) % 3)
+  return folder
+
+
+def test_idx_folder_of_another_dataset_numbers_its_classes(tmp_path):
+  ds = data.load_dataset("digits3", write_idx_folder(tmp_path / "d"))
+  assert (ds.num_classes, ds.class_names, len(ds.train), len(ds.test)) == (3, ("0", "1", "2"),
+                                                                           5, 3)
+
+
+def test_idx_count_mismatch(tmp_path):
+  folder = write_idx_folder(tmp_path / "d", train_labels=np.zeros(4))
+  with pytest.raises(data.DataError, match="holds 5 images but .* holds 4 labels"):
+    data.load_idx_folder(folder, "mnist")
+
+
+def test_idx_label_beyond_the_named_dataset(tmp_path):
+  folder = write_idx_folder(tmp_path / "d", train_labels=np.array([0, 1, 2, 3, 10]))
+  with pytest.raises(data.DataError, match="label 10 found, but mnist has 10 classes"):
+    data.load_idx_folder(folder, "mnist")
+
+
+def test_incomplete_idx_folder_names_missing_files(tmp_path):
+  folder = write_idx_folder(tmp_path / "d")
+  (folder / "t10k-images-idx3-ubyte").unlink()
+  assert not data.is_idx_folder(folder)
+  with pytest.raises(data.DataError, match=r"missing IDX files \['t10k-images-idx3-ubyte'\]"):
+    data.load_dataset("mnist", folder)
+
+
+@pytest.mark.parametrize("data_dir", ["", "/nonexistent/tljax-data"])
+def test_load_dataset_rejects_missing_data_dir(data_dir):
+  with pytest.raises(data.DataError, match="is not a folder") as e:
+    data.load_dataset("mnist", data_dir)
+  assert repr(data_dir) in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# tensorflow-datasets.
+# ---------------------------------------------------------------------------------------------
+
+
+def _no_network(*args, **kwargs):
+  raise OSError("network is unreachable")
+
+
+class TinyDigits(tfds.core.GeneratorBasedBuilder):
+  """A three-class tfds dataset prepared locally; ``image`` is a plain tensor (PNG needs TF)."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+        "image": tfds.features.Tensor(shape=(4, 4, 1), dtype=np.uint8),
+        "label": tfds.features.ClassLabel(names=["a", "b", "c"])}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(5), "test": self._generate_examples(3)}
+
+  def _generate_examples(self, n):
+    for i in range(n):
+      yield i, {"image": np.full((4, 4, 1), i, np.uint8), "label": i % 3}
+
+
+def test_tfds_reads_a_prepared_copy_without_network(tmp_path, monkeypatch):
+  monkeypatch.setattr(TinyDigits, "pkg_dir_path", tfds.core.Path(tmp_path))  # No README etc.
+  TinyDigits(data_dir=tmp_path / "tfds").download_and_prepare(file_format="array_record")
+  monkeypatch.setattr(socket, "create_connection", _no_network)
+  ds = data.load_dataset("tiny_digits", tmp_path / "tfds")
+  assert (ds.num_classes, ds.class_names) == (3, ("a", "b", "c"))
+  assert ds.train.images.shape == (5, 4, 4) and ds.test.images.shape == (3, 4, 4)
+  assert sorted(ds.train.images[:, 0, 0].tolist()) == [0, 1, 2, 3, 4]
+  np.testing.assert_array_equal(ds.train.labels, ds.train.images[:, 0, 0] % 3)
+
+
+def test_tfds_mnist_under_mock_data(tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "_host_reachable", lambda host, port: True)
+  with tfds.testing.mock_data(num_examples=6):
+    ds = data.load_dataset("mnist", tmp_path)  # An empty folder is a tfds data_dir.
+  assert (ds.name, ds.num_classes, ds.class_names) == ("mnist", 10, tuple("0123456789"))
+  for split in (ds.train, ds.test):
+    assert split.images.shape == (6, 28, 28) and split.images.dtype == np.uint8
+    assert split.labels.dtype == np.int32 and split.labels.shape == (6,)
+    assert 0 <= split.labels.min() and split.labels.max() < 10
+
+
+def test_tfds_offline_fails_fast_with_the_fix(tmp_path, monkeypatch):
+  monkeypatch.setattr(socket, "create_connection", _no_network)
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
+                      lambda *a, **k: pytest.fail("must not start a download offline"))
+  start = time.perf_counter()
+  with pytest.raises(data.DataError) as e:
+    data.load_dataset("fashion_mnist", tmp_path)
+  assert time.perf_counter() - start < 5
+  message = str(e.value)
+  for part in ("fashion_mnist", str(tmp_path), "could not be reached", "--config.data.dir=",
+               "train-images-idx3-ubyte", "array_record"):
+    assert part in message
+
+
+def test_tfds_failed_download_is_explained(tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "_host_reachable", lambda host, port: True)
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
+                      lambda *a, **k: _no_network())
+  with pytest.raises(data.DataError, match="downloading it failed: network is unreachable.*"
+                                           "--config.data.dir="):
+    data.load_tfds("mnist", tmp_path)
+
+
+def test_tfds_unknown_name_suggests_valid_ones(tmp_path):
+  with pytest.raises(data.DataError, match=r"Unknown dataset 'mnistt'.*did you mean mnist"):
+    data.load_tfds("mnistt", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cutting splits.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [7, 10, 100, 101])
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.25, 0.3, 0.5, 0.7])
+def test_holdout_split_matches_keras(n, fraction, monkeypatch):
+  monkeypatch.setenv("KERAS_BACKEND", "jax")
+  from keras.src.trainers.data_adapters import array_slicing  # After KERAS_BACKEND is set.
+
+  split = small_split(n)
+  (x_train, y_train), (x_val, y_val) = array_slicing.train_validation_split(
+      (split.images, split.labels), validation_split=fraction)
+  train, val = data.holdout_split(split, fraction)
+  np.testing.assert_array_equal(train.images, x_train)
+  np.testing.assert_array_equal(train.labels, y_train)
+  np.testing.assert_array_equal(val.images, x_val)
+  np.testing.assert_array_equal(val.labels, y_val)
+
+
+def test_holdout_split_zero_and_bad_fractions():
+  split = small_split(10)
+  train, val = data.holdout_split(split, 0.0)
+  assert train is split and len(val) == 0 and val.images.shape == (0, 4, 4)
+  for bad in (-0.1, 1.0, 1.5):
+    with pytest.raises(ValueError, match=f"fraction {bad} must be in"):
+      data.holdout_split(split, bad)
+
+
+@pytest.mark.parametrize("n, fraction", [(3, 0.7), (1, 0.5), (10, 1e-17)])
+def test_holdout_split_refuses_an_empty_side_like_keras(n, fraction, monkeypatch):
+  monkeypatch.setenv("KERAS_BACKEND", "jax")
+  from keras.src.trainers.data_adapters import array_slicing  # After KERAS_BACKEND is set.
+
+  split = small_split(n)
+  with pytest.raises(ValueError, match="not sufficient"):
+    array_slicing.train_validation_split((split.images, split.labels), fraction)
+  with pytest.raises(ValueError, match=f"{n} examples are too few"):
+    data.holdout_split(split, fraction)
+
+
+@pytest.mark.parametrize("n, expected", [(0, 10), (3, 3), (10, 10), (25, 10)])
+def test_take(n, expected):
+  split = data.take(small_split(10), n)
+  assert len(split) == expected
+  np.testing.assert_array_equal(split.labels, np.arange(expected))
+
+
+def test_take_rejects_negative():
+  with pytest.raises(ValueError, match="n=-1 must be >= 0"):
+    data.take(small_split(3), -1)
+
+
+def test_split_checks_its_arrays():
+  with pytest.raises(ValueError, match="labels must be int32"):
+    data.Split(np.zeros((3, 4, 4), np.uint8), np.zeros(3, np.int64))
+  with pytest.raises(ValueError, match="images must be uint8"):
+    data.Split(np.zeros((3, 4), np.uint8), np.zeros(3, np.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing and augmentation.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 28, 28), (2, 28, 28, 1), (2, 32, 32, 3)])
+def test_preprocess_shapes_and_ranges(shape):
+  images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+  images[0] = 0
+  images[1] = 255
+  unit = jax.jit(lambda x: data.preprocess(x, size=40, scale="unit"))(images)
+  symmetric = data.preprocess(images, size=40, scale="symmetric")
+  assert unit.shape == symmetric.shape == (2, 40, 40, 3) and unit.dtype == jnp.float32
+  np.testing.assert_allclose(unit[0], 0.0, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(unit[1], 1.0, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(symmetric[0], -1.0, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(symmetric[1], 1.0, rtol=0, atol=1e-6)
+  assert -1e-6 <= unit.min() and unit.max() <= 1 + 1e-6
+
+
+def test_preprocess_scales_exactly():
+  images = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+  unit = np.asarray(data.preprocess(images, size=16, scale="unit"))
+  symmetric = np.asarray(data.preprocess(images, size=16, scale="symmetric"))
+  expected = images[..., None].astype(np.float32)
+  np.testing.assert_allclose(unit, np.repeat(expected / 255, 3, -1), rtol=0, atol=1e-7)
+  np.testing.assert_allclose(symmetric, np.repeat(expected / 127.5 - 1, 3, -1), rtol=0,
+                             atol=2e-7)
+
+
+@pytest.mark.parametrize("size_in, size_out", [(28, 32), (28, 96), (32, 20)])
+def test_preprocess_resize_matches_tf_bilinear(size_in, size_out):
+  images = np.random.default_rng(size_in + size_out).integers(
+      0, 256, (2, size_in, size_in, 3), dtype=np.uint8)
+  got = data.preprocess(images, size=size_out, scale="unit")
+  expected = tf_bilinear_resize(images, size_out, size_out) / 255
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-5)
+
+
+def test_preprocess_grey_repeats_to_rgb():
+  images = np.random.default_rng(1).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+  out = np.asarray(data.preprocess(images, size=32, scale="unit"))
+  np.testing.assert_array_equal(out[..., 0], out[..., 1])
+  np.testing.assert_array_equal(out[..., 0], out[..., 2])
+  np.testing.assert_allclose(out[..., 0], tf_bilinear_resize(images[..., None], 32, 32)[..., 0]
+                             / 255, rtol=0, atol=1e-5)
+
+
+def test_preprocess_rejects_unknown_scale_and_channels():
+  with pytest.raises(ValueError, match=r"Unknown scale 'imagenet'.*\['symmetric', 'unit'\]"):
+    data.preprocess(np.zeros((1, 4, 4), np.uint8), size=4, scale="imagenet")
+  with pytest.raises(ValueError, match="1 or 3 channels"):
+    data.preprocess(np.zeros((1, 4, 4, 2), np.uint8), size=4, scale="unit")
+
+
+def test_augment_zero_shift_is_identity():
+  images = jnp.ones((2, 8, 8, 3))
+  assert data.augment(jax.random.PRNGKey(0), images, max_shift=0) is images
+
+
+def _shift(image, dy, dx):
+  """``image`` moved down ``dy`` and right ``dx`` pixels, zero-filled."""
+  h, w = image.shape[:2]
+  out = np.zeros_like(image)
+  out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = (
+      image[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)])
+  return out
+
+
+def test_augment_translates_each_image_with_zero_fill():
+  rng = np.random.default_rng(0)
+  images = rng.uniform(1, 2, (16, 8, 8, 3)).astype(np.float32)  # No zeros before shifting.
+  key = jax.random.PRNGKey(3)
+  augment = jax.jit(lambda k, x: data.augment(k, x, max_shift=2))
+  out = np.asarray(augment(key, images))
+  assert out.shape == images.shape
+  np.testing.assert_array_equal(out, augment(key, images))
+  shifts = []
+  for image, moved in zip(images, out):
+    matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+               if np.array_equal(_shift(image, dy, dx), moved)]
+    assert len(matches) == 1
+    shifts.append(matches[0])
+  assert len(set(shifts)) > 3  # Each image draws its own shift.
+  other = augment(jax.random.PRNGKey(4), images)
+  assert not np.array_equal(out, other)
+
+
+# ---------------------------------------------------------------------------------------------
+# Order.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_epoch_permutation_is_a_reproducible_permutation():
+  order = data.epoch_permutation(0, 1, 2, 1000)
+  assert order.dtype == jnp.int32 and order.shape == (1000,)
+  np.testing.assert_array_equal(np.sort(order), np.arange(1000))
+  np.testing.assert_array_equal(order, data.epoch_permutation(0, 1, 2, 1000))
+  for other in [(1, 1, 2), (0, 0, 2), (0, 1, 3)]:
+    assert not np.array_equal(order, data.epoch_permutation(*other, 1000))
+
+
+@pytest.mark.parametrize("n, batch, drop, expected", [
+    (10, 3, True, 3), (10, 3, False, 4), (9, 3, True, 3), (9, 3, False, 3), (2, 3, True, 0),
+    (2, 3, False, 1), (0, 3, False, 0)])
+def test_num_batches(n, batch, drop, expected):
+  assert data.num_batches(n, batch, drop) == expected
+
+
+def test_num_batches_rejects_bad_batch_size():
+  with pytest.raises(ValueError, match="batch_size=0 must be > 0"):
+    data.num_batches(10, 0, True)

@@ -1,0 +1,82 @@
+"""Tests of tljax.models.depthwise: both implementations compute the same function."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from tljax.models import depthwise
+
+TOLERANCE = 1e-5
+
+
+def _inputs(height, width, kernel_size, seed=0):
+  kx, kk, kc = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(kx, (2, height, width, 5))
+  kernel = jax.random.normal(kk, (kernel_size, kernel_size, 5, 1))
+  return x, kernel, kc
+
+
+@functools.partial(jax.jit, static_argnames=("conv", "stride", "padding"))
+def _outputs_and_gradients(conv, x, kernel, cotangent, stride, padding):
+  """``conv``'s outputs and the gradients of ``sum(outputs * cotangent)`` w.r.t. input, kernel."""
+  out, vjp = jax.vjp(lambda x, kernel: conv(x, kernel, stride, padding), x, kernel)
+  return out, *vjp(cotangent)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+@pytest.mark.parametrize("height, width, kernel_size", [
+    (8, 8, 3), (7, 7, 3), (7, 10, 3), (9, 6, 5), (6, 5, 1)])
+def test_shifted_matches_xla_outputs_and_gradients(stride, padding, height, width, kernel_size):
+  x, kernel, key = _inputs(height, width, kernel_size)
+  out_shape = jax.eval_shape(functools.partial(depthwise.depthwise_conv_xla, stride=stride,
+                                               padding=padding), x, kernel).shape
+  cotangent = jax.random.normal(key, out_shape)
+  expected = _outputs_and_gradients(depthwise.depthwise_conv_xla, x, kernel, cotangent,
+                                    stride, padding)
+  actual = _outputs_and_gradients(depthwise.depthwise_conv_shifted, x, kernel, cotangent,
+                                  stride, padding)
+  for name, a, e in zip(("output", "input gradient", "kernel gradient"), actual, expected):
+    assert a.shape == e.shape, name
+    np.testing.assert_allclose(a, e, atol=TOLERANCE, rtol=TOLERANCE, err_msg=name)
+
+
+def test_output_size_follows_padding_and_stride():
+  x, kernel, _ = _inputs(7, 10, 3)
+  assert depthwise.depthwise_conv_shifted(x, kernel, 2, "SAME").shape == (2, 4, 5, 5)
+  assert depthwise.depthwise_conv_shifted(x, kernel, 2, "VALID").shape == (2, 3, 4, 5)
+  assert depthwise.depthwise_conv_shifted(x, kernel, 1, "VALID").shape == (2, 5, 8, 5)
+
+
+@pytest.mark.parametrize("impl", ["shifted", "xla"])
+def test_depthwise_conv_dispatches_to_the_named_implementation(impl, monkeypatch):
+  calls = []
+  for name in ("shifted", "xla"):
+    original = getattr(depthwise, f"depthwise_conv_{name}")
+    monkeypatch.setattr(depthwise, f"depthwise_conv_{name}",
+                        lambda *a, name=name, original=original: calls.append(name) or original(*a))
+  x, kernel, _ = _inputs(8, 8, 3)
+  out = depthwise.depthwise_conv(x, kernel, stride=1, padding="SAME", impl=impl)
+  assert calls == [impl]
+  assert out.shape == (2, 8, 8, 5)
+
+
+@pytest.mark.parametrize("impl, backend, expected", [
+    ("auto", "cpu", "shifted"), ("auto", "gpu", "xla"), ("auto", "tpu", "xla"),
+    ("shifted", "gpu", "shifted"), ("xla", "cpu", "xla"), ("shifted", None, "shifted"),
+])
+def test_resolve_impl(impl, backend, expected):
+  assert depthwise.resolve_impl(impl, backend) == expected
+
+
+def test_resolve_impl_auto_uses_the_default_backend():
+  expected = "shifted" if jax.default_backend() == "cpu" else "xla"
+  assert depthwise.resolve_impl("auto") == expected
+
+
+@pytest.mark.parametrize("impl", ["fast", "XLA", ""])
+def test_resolve_impl_rejects_unknown_names(impl):
+  with pytest.raises(ValueError, match=f"depthwise implementation '{impl}' is not one of"):
+    depthwise.resolve_impl(impl, "cpu")

@@ -1,0 +1,93 @@
+"""Tests of tljax.evaluate."""
+
+import numpy as np
+import pytest
+
+from tljax import evaluate
+
+LABELS = [0, 0, 1, 2, 2, 2]
+PREDICTIONS = [0, 1, 1, 2, 0, 2]
+
+
+def test_confusion_matrix_counts_pairs():
+  cm = evaluate.confusion_matrix(LABELS, PREDICTIONS, num_classes=3)
+  np.testing.assert_array_equal(cm, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
+  assert cm.dtype == np.int64
+
+
+def test_confusion_matrix_keeps_unseen_classes():
+  cm = evaluate.confusion_matrix(np.array([1, 1], np.uint8), np.array([1, 0], np.int32), 4)
+  np.testing.assert_array_equal(cm, [[0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+
+
+def test_confusion_matrix_of_no_examples_is_zero():
+  np.testing.assert_array_equal(evaluate.confusion_matrix([], [], 2), np.zeros((2, 2)))
+
+
+@pytest.mark.parametrize("labels, predictions, num_classes, error, match", [
+    ([0, 1], [0], 2, ValueError, "same length, got 2 labels and 1 predictions"),
+    ([0, 3], [0, 1], 3, ValueError, r"labels must lie in \[0, 3\), found 3"),
+    ([0, -1], [0, 1], 3, ValueError, r"labels must lie in \[0, 3\), found -1"),
+    ([0, 1], [0, 5], 3, ValueError, r"predictions must lie in \[0, 3\), found 5"),
+    ([[0, 1]], [[0, 1]], 3, ValueError, r"labels must be a 1-D array.*\(1, 2\)"),
+    ([0.0, 1.0], [0, 1], 3, TypeError, "integer class ids, got dtype float64; take the argmax"),
+    ([0], [0], 0, ValueError, "num_classes must be >= 1, got 0"),
+    ([0], [0], 2.0, TypeError, "num_classes must be an int, got 2.0"),
+])
+def test_confusion_matrix_rejects_bad_input(labels, predictions, num_classes, error, match):
+  with pytest.raises(error, match=match):
+    evaluate.confusion_matrix(labels, predictions, num_classes)
+
+
+def test_accuracy():
+  assert evaluate.accuracy(LABELS, PREDICTIONS) == pytest.approx(4 / 6)
+  with pytest.raises(ValueError, match="zero examples"):
+    evaluate.accuracy([], [])
+  with pytest.raises(ValueError, match="same length"):
+    evaluate.accuracy([0, 1], [0])
+
+
+def test_per_class_accuracy_is_recall_with_nan_for_absent_classes():
+  cm = evaluate.confusion_matrix(LABELS, PREDICTIONS, num_classes=4)
+  np.testing.assert_allclose(evaluate.per_class_accuracy(cm), [0.5, 1.0, 2 / 3, np.nan])
+  with pytest.raises(ValueError, match=r"square confusion matrix, got shape \(2, 3\)"):
+    evaluate.per_class_accuracy(np.zeros((2, 3)))
+
+
+def _predictions_with_errors(n: int, wrong: int, num_classes: int = 10):
+  labels = np.arange(n) % num_classes
+  predictions = labels.copy()
+  predictions[np.linspace(0, n - 1, wrong).astype(int)] += 1
+  return labels, predictions % num_classes
+
+
+def test_pick_samples_is_deterministic_and_depends_on_seed():
+  labels, predictions = _predictions_with_errors(1000, 100)
+  first = evaluate.pick_samples(labels, predictions, n=9, seed=0)
+  np.testing.assert_array_equal(first, evaluate.pick_samples(labels, predictions, n=9, seed=0))
+  assert not np.array_equal(first, evaluate.pick_samples(labels, predictions, n=9, seed=1))
+  assert first.dtype == np.int64
+  np.testing.assert_array_equal(first, np.unique(first))  # sorted, no repeats
+
+
+@pytest.mark.parametrize("n_examples, n_wrong, n, expected_wrong", [
+    (1000, 100, 9, 3),  # a third of the grid shows errors
+    (1000, 1, 9, 1),    # the only error is shown
+    (1000, 0, 9, 0),
+    (20, 18, 9, 7),     # only 2 right: the rest are errors
+    (20, 20, 9, 9),
+    (5, 2, 9, 2),       # fewer examples than asked: all of them
+])
+def test_pick_samples_includes_errors(n_examples, n_wrong, n, expected_wrong):
+  labels, predictions = _predictions_with_errors(n_examples, n_wrong)
+  assert (labels != predictions).sum() == n_wrong
+  picked = evaluate.pick_samples(labels, predictions, n=n)
+  assert len(picked) == min(n, n_examples)
+  assert (labels[picked] != predictions[picked]).sum() == expected_wrong
+
+
+def test_pick_samples_rejects_bad_input():
+  with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+    evaluate.pick_samples([0, 1], [0, 1], n=0)
+  with pytest.raises(ValueError, match="same length"):
+    evaluate.pick_samples([0, 1], [0], n=1)

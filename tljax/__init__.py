@@ -1,0 +1,1 @@
+"""tljax: transfer learning with an ImageNet MobileNetV2 in JAX/Flax."""

@@ -1,0 +1,92 @@
+"""Orbax checkpoints of the train state: the only module that imports orbax.
+
+A checkpoint holds two items: ``state`` (params, batch_stats, optimizer state, step, RNG: a
+pytree restored into an abstract target, so shapes and shardings are checked) and ``meta``
+(JSON: the phase it belongs to, the config fingerprint, finished phases' results). Orbax
+writes each checkpoint to a temporary directory and renames it when complete, so a process
+killed mid-write leaves no checkpoint that a restart could read.
+"""
+
+import logging
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+_STATE, _META = "state", "meta"
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written or does not fit the run."""
+
+
+class Checkpointer:
+  """Saves and restores ``(state, meta)`` pairs under ``<workdir>/checkpoints``."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int = 2):
+    self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=(_STATE, _META))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
+    """Starts an asynchronous save; the previous save is finished (and checked) first."""
+    self.wait()
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))), force=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the directory named
+      raise CheckpointError(f"could not write checkpoint {step} to {self.directory}: {e}") from e
+
+  def wait(self) -> None:
+    """Blocks until pending writes are on disk; raises if one failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"writing a checkpoint to {self.directory} failed: {e}") from e
+
+  def restore_meta(self, step: int) -> dict[str, Any]:
+    return self._manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))[_META]
+
+  def restore_state(self, step: int, abstract_state: Any) -> Any:
+    """Restores ``state`` of checkpoint ``step`` into the structure of ``abstract_state``.
+
+    A structure or shape mismatch (another model, another number of classes) raises
+    CheckpointError naming the first differing path and both shapes.
+    """
+    saved = self._manager.item_metadata(step)[_STATE]
+    _check_compatible(saved, abstract_state, self.directory / str(step))
+    return self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))[_STATE]
+
+  def close(self) -> None:
+    self.wait()
+    self._manager.close()
+
+
+def _check_compatible(saved: Any, target: Any, where: pathlib.Path) -> None:
+  saved_shapes = {jax.tree_util.keystr(k): getattr(v, "shape", None)
+                  for k, v in jax.tree_util.tree_leaves_with_path(saved)}
+  target_shapes = {jax.tree_util.keystr(k): getattr(v, "shape", None)
+                   for k, v in jax.tree_util.tree_leaves_with_path(target)}
+  missing = sorted(set(target_shapes) - set(saved_shapes))
+  extra = sorted(set(saved_shapes) - set(target_shapes))
+  if missing or extra:
+    raise CheckpointError(
+        f"checkpoint {where} does not fit this run's model: the run needs {missing[:4]} "
+        f"which the checkpoint lacks, and the checkpoint has {extra[:4]} which the run "
+        "lacks. Use another --workdir, or the config that wrote it.")
+  for path, shape in target_shapes.items():
+    if saved_shapes[path] is not None and tuple(saved_shapes[path]) != tuple(shape):
+      raise CheckpointError(
+          f"checkpoint {where} does not fit this run: {path} has shape "
+          f"{tuple(saved_shapes[path])} there but {tuple(shape)} here (another number of "
+          "classes, alpha or model?). Use another --workdir, or the config that wrote it.")
+  logging.debug("checkpoint %s fits the run (%d arrays)", where, len(target_shapes))

@@ -1,0 +1,363 @@
+"""Datasets on the host (IDX folders, tensorflow-datasets) and jittable preprocessing.
+
+A dataset is loaded whole into NumPy (:class:`Dataset`: uint8 images, int32 labels), cut into
+train / validation the way Keras's ``model.fit(validation_split=...)`` does
+(:func:`holdout_split`), and kept on device; each step gathers a batch with
+:func:`epoch_permutation` and turns it into model input inside the jitted step with
+:func:`preprocess` and :func:`augment`.
+
+Two sources, chosen by :func:`load_dataset`:
+
+* a folder holding the four classic IDX files (``train-images-idx3-ubyte.gz``, ...), as
+  published for MNIST and Fashion-MNIST; works offline;
+* tensorflow-datasets, read through ``tfds.data_source`` (no TensorFlow needed); the dataset is
+  downloaded and prepared in ArrayRecord format on first use.
+"""
+
+import dataclasses
+import difflib
+import gzip
+import math
+import pathlib
+import socket
+import struct
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_IDX_FIX = ("Re-download it; an IDX dataset folder holds the four files "
+            + ", ".join(f"{stem}.gz" for stem in IDX_FILES) + " (or the same names unzipped).")
+_IDX_MAGIC = {0x00000801: (1, "uint8 labels, 1-D"), 0x00000803: (3, "uint8 images, 3-D")}
+
+IDX_CLASS_NAMES = {
+    "mnist": tuple(str(i) for i in range(10)),
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"),
+}
+# Probed before a tfds download: it serves tfds's dataset mirror and MNIST's own files.
+DOWNLOAD_HOST = ("storage.googleapis.com", 443)
+_PROBE_TIMEOUT_S = 3.0
+_TFDS_EXAMPLES = ("mnist", "fashion_mnist", "kmnist", "emnist", "cifar10", "cifar100",
+                  "svhn_cropped")
+SCALES = {"unit": (255.0, 0.0),        # (divisor, offset): the tutorial's x / 255,
+          "symmetric": (127.5, -1.0)}  # MobileNetV2's preprocess_input: x / 127.5 - 1.
+
+
+class DataError(ValueError):
+  """A dataset is missing, malformed or cannot be fetched; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Records.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Split:
+  """Examples of one split: ``images`` uint8 [N, H, W] (grey) or [N, H, W, C], ``labels``
+  int32 [N]."""
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __post_init__(self):
+    if self.images.dtype != np.uint8 or self.images.ndim not in (3, 4):
+      raise ValueError(f"Split images must be uint8 [N,H,W] or [N,H,W,C], got "
+                       f"{self.images.dtype} {self.images.shape}.")
+    if self.labels.dtype != np.int32 or self.labels.shape != self.images.shape[:1]:
+      raise ValueError(f"Split labels must be int32 [{self.images.shape[0]}] to match the "
+                       f"images, got {self.labels.dtype} {self.labels.shape}.")
+
+  def __len__(self) -> int:
+    return self.labels.shape[0]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+  """A train and a test split with their class names."""
+  train: Split
+  test: Split
+  num_classes: int
+  class_names: tuple[str, ...]
+  name: str
+
+  def __post_init__(self):
+    if len(self.class_names) != self.num_classes:
+      raise ValueError(f"{self.name}: {len(self.class_names)} class names for "
+                       f"num_classes={self.num_classes}.")
+
+
+def _slice(split: Split, start: int, stop: int) -> Split:
+  return Split(split.images[start:stop], split.labels[start:stop])
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX files.
+# ---------------------------------------------------------------------------------------------
+
+
+def read_idx(path: str | pathlib.Path) -> np.ndarray:
+  """Reads a uint8 IDX file (``.gz`` or plain): labels [N] or images [N, H, W]."""
+  path = pathlib.Path(path)
+  opener = gzip.open if path.suffix == ".gz" else open
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except FileNotFoundError:
+    raise DataError(f"{path}: no such file. {_IDX_FIX}") from None
+  except (OSError, EOFError, zlib.error) as e:
+    raise DataError(f"{path}: cannot be decompressed ({e}); the file is damaged or "
+                    f"truncated. {_IDX_FIX}") from None
+  magic = int.from_bytes(data[:4], "big")
+  if len(data) < 4 or magic not in _IDX_MAGIC:
+    expected = " or ".join(f"0x{m:08x} ({what})" for m, (_, what) in _IDX_MAGIC.items())
+    hint = " It is gzip data: name it *.gz." if data[:2] == b"\x1f\x8b" else ""
+    raise DataError(f"{path}: not a uint8 IDX file: expected magic number {expected}, found "
+                    f"0x{data[:4].hex():0>8}.{hint} {_IDX_FIX}")
+  ndim = _IDX_MAGIC[magic][0]
+  offset = 4 + 4 * ndim
+  if len(data) < offset:
+    raise DataError(f"{path}: truncated IDX header: expected {offset} bytes, found "
+                    f"{len(data)}. {_IDX_FIX}")
+  dims = struct.unpack(f">{ndim}I", data[4:offset])
+  expected_size, found_size = math.prod(dims), len(data) - offset
+  if found_size != expected_size:
+    raise DataError(f"{path}: header dims {dims} call for {expected_size} bytes of data, found "
+                    f"{found_size} (truncated or corrupt). {_IDX_FIX}")
+  return np.frombuffer(data, np.uint8, offset=offset).reshape(dims)
+
+
+def _find_idx_file(folder: pathlib.Path, stem: str) -> pathlib.Path | None:
+  return next((p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()), None)
+
+
+def is_idx_folder(path: str | pathlib.Path) -> bool:
+  """Whether ``path`` is a folder holding the four IDX files (each ``.gz`` or plain)."""
+  folder = pathlib.Path(path)
+  return folder.is_dir() and all(_find_idx_file(folder, stem) for stem in IDX_FILES)
+
+
+def _idx_split(images_path: pathlib.Path, labels_path: pathlib.Path) -> Split:
+  images, labels = read_idx(images_path), read_idx(labels_path)
+  if images.ndim != 3 or labels.ndim != 1:
+    raise DataError(f"{images_path} must hold images [N,H,W] and {labels_path} labels [N], "
+                    f"found shapes {images.shape} and {labels.shape}. {_IDX_FIX}")
+  if len(images) != len(labels):
+    raise DataError(f"{images_path} holds {len(images)} images but {labels_path} holds "
+                    f"{len(labels)} labels; the files do not belong together. {_IDX_FIX}")
+  return Split(images, labels.astype(np.int32))
+
+
+def load_idx_folder(path: str | pathlib.Path, name: str) -> Dataset:
+  """Loads the four IDX files in ``path``; ``name`` picks the class names.
+
+  ``"mnist"`` and ``"fashion_mnist"`` get their published class names, any other name
+  ``"0"``, ``"1"``, ... up to the largest label.
+  """
+  folder = pathlib.Path(path)
+  files = {stem: _find_idx_file(folder, stem) for stem in IDX_FILES}
+  missing = [stem for stem, p in files.items() if p is None]
+  if missing:
+    raise DataError(f"{folder}: missing IDX files {missing} (each .gz or plain). {_IDX_FIX}")
+  train = _idx_split(files[IDX_FILES[0]], files[IDX_FILES[1]])
+  test = _idx_split(files[IDX_FILES[2]], files[IDX_FILES[3]])
+  max_label = int(max(train.labels.max(initial=0), test.labels.max(initial=0)))
+  class_names = IDX_CLASS_NAMES.get(name, tuple(str(i) for i in range(max_label + 1)))
+  if max_label >= len(class_names):
+    raise DataError(f"{folder}: label {max_label} found, but {name} has {len(class_names)} "
+                    "classes; is this the right dataset name for this folder?")
+  return Dataset(train, test, len(class_names), class_names, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# tensorflow-datasets.
+# ---------------------------------------------------------------------------------------------
+
+
+def _host_reachable(host: str, port: int) -> bool:
+  try:
+    with socket.create_connection((host, port), timeout=_PROBE_TIMEOUT_S):
+      return True
+  except OSError:
+    return False
+
+
+def _tfds_builder(name: str, data_dir):
+  import tensorflow_datasets as tfds  # Imported on use: it takes a while.
+  try:
+    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+  except tfds.core.DatasetNotFoundError:
+    known = tfds.list_builders(with_community_datasets=False)
+    close = difflib.get_close_matches(name, known, n=5)
+    raise DataError(f"Unknown dataset {name!r}: tensorflow-datasets has no such builder"
+                    + (f"; did you mean {', '.join(close)}?" if close else ".")
+                    + f" Image-classification datasets include {', '.join(_TFDS_EXAMPLES)} "
+                    f"(all {len(known)}: tfds.list_builders()).") from None
+  features = builder.info.features
+  if not {"image", "label"} <= set(features.keys()):
+    raise DataError(f"{name}: expected an image-classification dataset with features 'image' "
+                    f"and 'label', found {sorted(features.keys())}.")
+  return builder
+
+
+def _local_options(name: str) -> str:
+  """The --config.data.dir values that work without a network, for the error messages."""
+  idx = (f"--config.data.dir=<folder with the four IDX files {', '.join(IDX_FILES)} (.gz)>, or "
+         if name in IDX_CLASS_NAMES else "")
+  return (f"{idx}--config.data.dir=<a tfds data_dir holding {name} prepared with "
+          "file_format='array_record'>")
+
+
+def _download_and_prepare(builder, name: str) -> None:
+  host, port = DOWNLOAD_HOST
+  if not _host_reachable(host, port):
+    raise DataError(f"{name} is not prepared in {builder.data_path}, and it cannot be "
+                    f"downloaded: the download host {host} could not be reached. "
+                    f"To run offline, pass {_local_options(name)}.")
+  try:
+    builder.download_and_prepare(file_format="array_record")
+  except OSError as e:
+    raise DataError(f"{name} is not prepared in {builder.data_path}, and downloading it "
+                    f"failed: {e}. To run offline, pass {_local_options(name)}.") from e
+
+
+def _to_split(source, name: str) -> Split:
+  images, labels = [], []
+  for example in source:
+    images.append(example["image"])
+    labels.append(example["label"])
+  shapes = {image.shape for image in images}
+  if len(shapes) > 1:
+    raise DataError(f"{name}: images come in {len(shapes)} sizes (e.g. {sorted(shapes)[:3]}); "
+                    "only datasets of one image size are supported.")
+  images = np.stack(images).astype(np.uint8, copy=False)
+  if images.ndim == 4 and images.shape[-1] == 1:
+    images = images[..., 0]
+  return Split(images, np.asarray(labels, np.int32))
+
+
+def load_tfds(name: str, data_dir: str | pathlib.Path | None) -> Dataset:
+  """Loads the train and test splits of tfds dataset ``name`` into NumPy.
+
+  Reads the copy prepared in ``data_dir`` (tfds's default folder if None); without one, and
+  with the download host reachable, downloads and prepares it first (ArrayRecord format).
+  Offline, fails at once with a message saying how to run from local files.
+  """
+  builder = _tfds_builder(name, data_dir)
+  if not builder.is_prepared():
+    _download_and_prepare(builder, name)
+  try:
+    sources = builder.as_data_source(split=["train", "test"])
+  except NotImplementedError:
+    raise DataError(f"{name} is prepared in {builder.data_path} in a format that needs "
+                    "TensorFlow to read. Prepare it with file_format='array_record' in another "
+                    f"data_dir, or pass {_local_options(name)}.") from None
+  except (KeyError, ValueError) as e:
+    raise DataError(f"{name}: cannot open its train and test splits in {builder.data_path}: "
+                    f"{e}") from None
+  class_names = tuple(builder.info.features["label"].names)
+  train, test = (_to_split(source, name) for source in sources)
+  return Dataset(train, test, len(class_names), class_names, name)
+
+
+def load_dataset(name: str, data_dir: str | pathlib.Path | None) -> Dataset:
+  """Loads ``name`` from ``data_dir``: an IDX folder, else a tfds data_dir (None: tfds's)."""
+  if data_dir is None:
+    return load_tfds(name, None)
+  folder = pathlib.Path(data_dir)
+  if not str(data_dir) or not folder.is_dir():
+    raise DataError(f"data_dir {str(data_dir)!r} is not a folder. Give a folder holding the "
+                    f"four IDX files ({', '.join(IDX_FILES)}, .gz or plain), a tfds data_dir, "
+                    "or no data_dir for tfds's default (~/tensorflow_datasets).")
+  if any(_find_idx_file(folder, stem) for stem in IDX_FILES):
+    return load_idx_folder(folder, name)  # Names the missing files if not all four are there.
+  return load_tfds(name, folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cutting splits.
+# ---------------------------------------------------------------------------------------------
+
+
+def holdout_split(split: Split, fraction: float) -> tuple[Split, Split]:
+  """Splits off the last ``fraction`` of ``split`` as validation, like Keras's
+  ``model.fit(validation_split=fraction)`` (before any shuffling, same rounding).
+
+  >>> train, val = holdout_split(split_of_10, 0.25)   # 7 and 3 examples: floor(10 * 0.75) = 7
+  """
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f"validation fraction {fraction} must be in [0, 1).")
+  n = len(split)
+  if fraction == 0.0:
+    return split, _slice(split, n, n)
+  split_at = int(math.floor(n * (1.0 - fraction)))
+  if split_at in (0, n):
+    raise ValueError(f"{n} examples are too few to hold out a validation fraction of "
+                     f"{fraction}; use more examples or another fraction.")
+  return _slice(split, 0, split_at), _slice(split, split_at, n)
+
+
+def take(split: Split, n: int) -> Split:
+  """The first ``n`` examples of ``split`` (all of them if ``n`` is 0 or exceeds its size)."""
+  if n < 0:
+    raise ValueError(f"take n={n} must be >= 0 (0 = all).")
+  return _slice(split, 0, n) if n else split
+
+
+# ---------------------------------------------------------------------------------------------
+# On device: order, preprocessing, augmentation.
+# ---------------------------------------------------------------------------------------------
+
+
+def epoch_permutation(seed: int, phase: int, epoch: int, n: int) -> jax.Array:
+  """The example order of ``epoch`` in ``phase``: int32 [n], a function of its arguments only,
+  so a resumed run recomputes it."""
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), phase), epoch)
+  return jax.random.permutation(key, n).astype(jnp.int32)
+
+
+def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
+  """Batches per epoch over ``n`` examples; the last partial one counts unless dropped."""
+  if batch_size <= 0:
+    raise ValueError(f"batch_size={batch_size} must be > 0.")
+  return n // batch_size if drop_remainder else -(-n // batch_size)
+
+
+def preprocess(images: jax.Array, *, size: int, scale: str) -> jax.Array:
+  """uint8 [B,H,W] or [B,H,W,C] (C 1 or 3) -> float32 [B,size,size,3] model input.
+
+  Resizes like ``tf.image.resize(method="bilinear")`` (half-pixel centers, no antialiasing),
+  repeats grey to RGB, then scales: ``"unit"`` x/255, ``"symmetric"`` x/127.5 - 1.
+  """
+  if scale not in SCALES:
+    raise ValueError(f"Unknown scale {scale!r}; expected one of {sorted(SCALES)}.")
+  x_NHWC = images.astype(jnp.float32)
+  if x_NHWC.ndim == 3:
+    x_NHWC = x_NHWC[..., None]
+  b, h, w, c = x_NHWC.shape
+  if c not in (1, 3):
+    raise ValueError(f"preprocess expects 1 or 3 channels, got images of shape {images.shape}.")
+  if (h, w) != (size, size):
+    x_NHWC = jax.image.resize(x_NHWC, (b, size, size, c), method="bilinear", antialias=False)
+  if c == 1:
+    x_NHWC = jnp.repeat(x_NHWC, 3, axis=-1)
+  divisor, offset = SCALES[scale]
+  return x_NHWC / divisor + offset
+
+
+def augment(rng: jax.Array, images: jax.Array, *, max_shift: int) -> jax.Array:
+  """Translates each image of [B,H,W,C] by its own random (dy, dx) in [-max_shift, max_shift],
+  filling with zeros. ``max_shift=0`` returns ``images`` itself."""
+  if max_shift < 0:
+    raise ValueError(f"max_shift={max_shift} must be >= 0.")
+  if max_shift == 0:
+    return images
+  b, h, w, c = images.shape
+  m = max_shift
+  padded = jnp.pad(images, ((0, 0), (m, m), (m, m), (0, 0)))
+  corners = jax.random.randint(rng, (b, 2), 0, 2 * m + 1)
+  crop = lambda image, corner: jax.lax.dynamic_slice(image, (corner[0], corner[1], 0), (h, w, c))
+  return jax.vmap(crop)(padded, corners)

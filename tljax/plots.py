@@ -1,0 +1,191 @@
+"""Figures of a run: confusion matrix, sample predictions, training curves.
+
+Figures are drawn on matplotlib's Agg canvas without pyplot, so nothing opens a
+window or touches global state. ``*_figure`` builds a figure; ``plot_*`` saves
+it as a PNG, atomically, and returns the PNG's path.
+"""
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from tljax import reporting
+
+_RIGHT, _WRONG = "tab:green", "tab:red"
+
+
+def _new_figure(width: float, height: float) -> Figure:
+  figure = Figure(figsize=(width, height), layout="constrained")
+  FigureCanvasAgg(figure)
+  return figure
+
+
+def save_png(figure: Figure, path: str | os.PathLike) -> str:
+  """Writes ``figure`` to ``path`` as a PNG, atomically; returns the path."""
+  with reporting.atomic_open(path, "wb") as f:
+    figure.savefig(f, format="png", dpi=100)
+  return os.fspath(path)
+
+
+# ---------------------------------------------------------------- confusion matrix
+
+
+def confusion_matrix_figure(cm: np.ndarray, class_names: Sequence[str],
+                            title: str = "Confusion matrix") -> Figure:
+  """Heat map of ``cm`` (rows true, columns predicted) with the count in each cell."""
+  cm = np.asarray(cm)
+  if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+    raise ValueError(f"cm must be a square confusion matrix, got shape {cm.shape}.")
+  if len(class_names) != cm.shape[0]:
+    raise ValueError(f"got {len(class_names)} class names for a {cm.shape[0]}-class "
+                     "confusion matrix; pass one name per class.")
+  total = cm.sum()
+  if total <= 0:
+    raise ValueError("cm counts no examples; evaluate on a non-empty dataset.")
+  n = cm.shape[0]
+  size = 2.5 + 0.5 * n
+  figure = _new_figure(size + 1.0, size)
+  ax = figure.add_subplot()
+  image = ax.imshow(cm, cmap="Blues", vmin=0, interpolation="nearest")
+  figure.colorbar(image, ax=ax, shrink=0.8)
+  ax.set_title(f"{title} (accuracy {np.trace(cm) / total:.2%})")
+  ax.set_xlabel("Predicted label")
+  ax.set_ylabel("True label")
+  ax.set_xticks(range(n), labels=class_names, rotation=45, ha="right",
+                rotation_mode="anchor")
+  ax.set_yticks(range(n), labels=class_names)
+  for (row, col), count in np.ndenumerate(cm):
+    red, green, blue, _ = image.cmap(image.norm(count))
+    dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
+    ax.text(col, row, str(count), ha="center", va="center", fontsize=8,
+            color="white" if dark else "black")
+  return figure
+
+
+def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str],
+                          path: str | os.PathLike, title: str = "Confusion matrix") -> str:
+  """Saves ``confusion_matrix_figure(cm, class_names, title)`` to ``path``."""
+  return save_png(confusion_matrix_figure(cm, class_names, title), path)
+
+
+# ---------------------------------------------------------------- sample grid
+
+
+def _images_for_display(images) -> np.ndarray:
+  """Checks uint8 [N,H,W], [N,H,W,1] or [N,H,W,3]; returns [N,H,W] or [N,H,W,3]."""
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    raise TypeError(f"images must be uint8 (raw pixels), got dtype {images.dtype}.")
+  if images.ndim == 4 and images.shape[-1] == 1:
+    images = images[..., 0]
+  if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)) or not len(images):
+    raise ValueError("images must have shape [N,H,W], [N,H,W,1] or [N,H,W,3] with N >= 1, "
+                     f"got {images.shape}.")
+  return images
+
+
+def samples_figure(images, labels, predictions, class_names: Sequence[str]) -> Figure:
+  """A square grid of images titled "true: X / pred: Y"; errors red and framed."""
+  images = _images_for_display(images)
+  labels, predictions = np.asarray(labels), np.asarray(predictions)
+  if not len(images) == len(labels) == len(predictions):
+    raise ValueError(f"got {len(images)} images, {len(labels)} labels and "
+                     f"{len(predictions)} predictions; pass one of each per image.")
+  ids = np.concatenate([labels, predictions])
+  if ids.min() < 0 or ids.max() >= len(class_names):
+    raise ValueError(f"class ids must lie in [0, {len(class_names)}) to name them, "
+                     f"got {ids.min()}..{ids.max()}.")
+  cols = math.ceil(math.sqrt(len(images)))
+  rows = math.ceil(len(images) / cols)
+  figure = _new_figure(2.4 * cols, 2.6 * rows)
+  for i, (image, label, prediction) in enumerate(zip(images, labels, predictions)):
+    ax = figure.add_subplot(rows, cols, i + 1)
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255,
+              interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    wrong = label != prediction
+    color = _WRONG if wrong else _RIGHT
+    ax.set_title(f"true: {class_names[label]} / pred: {class_names[prediction]}",
+                 color=color, fontsize=10)
+    for spine in ax.spines.values():
+      spine.set_visible(wrong)
+      spine.set_edgecolor(color)
+      spine.set_linewidth(3)
+  return figure
+
+
+def plot_samples(images, labels, predictions, class_names: Sequence[str],
+                 path: str | os.PathLike) -> str:
+  """Saves ``samples_figure(images, labels, predictions, class_names)`` to ``path``.
+
+  ``images`` are uint8 [N,H,W], [N,H,W,1] (grey) or [N,H,W,3] (RGB); 9 make a 3x3 grid.
+  """
+  return save_png(samples_figure(images, labels, predictions, class_names), path)
+
+
+# ---------------------------------------------------------------- training curves
+
+
+def _by_epoch(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+  """Records in (phase, epoch) order; of repeated epochs (a resumed run) the last wins."""
+  if not records:
+    raise ValueError("records is empty; train for at least one epoch first.")
+  for i, record in enumerate(records):
+    missing = [key for key in ("phase", "epoch") if key not in record]
+    if missing:
+      raise ValueError(f"records[{i}] lacks {missing}; each per-epoch record needs "
+                       f"'phase' and 'epoch', got keys {sorted(record)}.")
+  latest = {(record["phase"], record["epoch"]): record for record in records}
+  return [latest[key] for key in sorted(latest)]
+
+
+def _points(x: np.ndarray, records: Sequence[Mapping[str, Any]], key: str):
+  """(x, value) pairs of the records where ``key`` has a value."""
+  pairs = [(xi, r[key]) for xi, r in zip(x, records) if r.get(key) is not None]
+  return tuple(zip(*pairs)) if pairs else None
+
+
+def curves_figure(records: Sequence[Mapping[str, Any]]) -> Figure:
+  """Loss and accuracy per epoch, train and validation, phase starts marked.
+
+  ``records`` are per-epoch dicts with "phase", "epoch" and any of "loss",
+  "accuracy", "val_loss", "val_accuracy" (None or absent: not measured) and
+  "phase_name". Epochs are numbered across phases, from 1.
+  """
+  records = _by_epoch(records)
+  x = np.arange(1, len(records) + 1)
+  phase_starts = {}
+  for xi, record in zip(x, records):
+    phase_starts.setdefault(record["phase"],
+                            (xi, record.get("phase_name") or f"phase {record['phase']}"))
+  figure = _new_figure(11.0, 4.2)
+  for ax, metric in zip(figure.subplots(1, 2), ("loss", "accuracy")):
+    for key, label in ((metric, "train"), (f"val_{metric}", "validation")):
+      points = _points(x, records, key)
+      if points:
+        ax.plot(*points, marker="o", markersize=3, label=label)
+    for start, name in phase_starts.values():
+      ax.axvline(start - 0.5, color="gray", linestyle="--", linewidth=1)
+      ax.text(start - 0.4, 0.98, name, transform=ax.get_xaxis_transform(),
+              ha="left", va="top", fontsize=8, color="dimgray",
+              bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
+    ax.set_title(metric.capitalize())
+    ax.set_xlabel("Epoch (all phases)")
+    ax.set_ylabel(metric)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend()
+  return figure
+
+
+def plot_curves(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> str:
+  """Saves ``curves_figure(records)`` to ``path``."""
+  return save_png(curves_figure(records), path)

@@ -1,0 +1,105 @@
+"""Pure train and eval steps over an explicit ``TrainState`` pytree.
+
+The model, optimizer and freeze labels are bound with ``functools.partial``; the caller jits.
+Gradients are taken with respect to the trainable partition only (the frozen partition is a
+closed-over constant), so XLA computes no frozen-parameter gradient and no backward pass
+below the lowest trainable layer.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from tljax import freezing
+from tljax.models.mobilenet_v2 import MobileNetV2
+
+Batch = Mapping[str, Any]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a phase's training changes, as one pytree (what a checkpoint holds)."""
+  step: jax.Array            # Steps taken in the current phase.
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array             # Base key; step keys are fold_in(rng, step).
+  bad_steps: jax.Array       # Consecutive non-finite steps (skipped) so far.
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
+  """Per-example softmax cross-entropy with integer labels and optional label smoothing."""
+  if not smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def train_step(state: TrainState, inputs: Any, labels: jax.Array, *, model: MobileNetV2,
+               tx: optax.GradientTransformation, param_labels: Any,
+               train_bn: frozenset[str], start: int = 0,
+               label_smoothing: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a batch; a non-finite loss or gradient leaves the state unchanged.
+
+  Args:
+    state: the current train state.
+    inputs: images ``[B, H, W, 3]`` (``start == 0``) or the cached tensors ``model`` reads
+      at layer ``start``.
+    labels: ``[B]`` integer classes.
+    model, tx, param_labels: the network, the masked optimizer, the freeze labels.
+    train_bn: BatchNorm layers that use batch statistics (see ``MobileNetV2``).
+  """
+  trainable, frozen = freezing.split(state.params, param_labels)
+
+  def loss_fn(trainable_params):
+    variables = {"params": freezing.merge(trainable_params, frozen),
+                 "batch_stats": state.batch_stats}
+    if train_bn:
+      logits, updated = model.apply(variables, inputs, train_bn=train_bn, start=start,
+                                    mutable=["batch_stats"])
+      new_stats = {**state.batch_stats,
+                   **{name: updated["batch_stats"][name] for name in train_bn}}
+    else:
+      logits, new_stats = model.apply(variables, inputs, start=start), state.batch_stats
+    loss = cross_entropy(logits, labels, label_smoothing).mean()
+    return loss, (logits, new_stats)
+
+  (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+  # multi_transform wants a full-structure tree; the frozen zeros are discarded by
+  # set_to_zero, and XLA removes them.
+  full_grads = freezing.merge(grads, jax.tree.map(jnp.zeros_like, frozen))
+  updates, new_opt_state = tx.update(full_grads, state.opt_state, state.params)
+  trainable_updates, _ = freezing.split(updates, param_labels)
+  new_params = freezing.merge(optax.apply_updates(trainable, trainable_updates), frozen)
+
+  finite = jnp.isfinite(loss) & _all_finite(grads)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      batch_stats=keep(new_stats, state.batch_stats),
+      opt_state=keep(new_opt_state, state.opt_state),
+      bad_steps=jnp.where(finite, 0, state.bad_steps + 1))
+  metrics = {"loss": loss, "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
+             "finite": finite}
+  return new_state, metrics
+
+
+def eval_step(variables: Any, inputs: Any, labels: jax.Array, mask: jax.Array, *,
+              model: MobileNetV2, start: int = 0) -> dict[str, jax.Array]:
+  """Summed loss and correct count over the unmasked examples, and every prediction."""
+  logits = model.apply(variables, inputs, start=start)
+  losses = cross_entropy(logits, labels)
+  predictions = jnp.argmax(logits, -1)
+  return {"loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
+          "correct": jnp.sum(jnp.where(mask, predictions == labels, False)),
+          "count": jnp.sum(mask),
+          "predictions": predictions}

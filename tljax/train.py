@@ -1,0 +1,520 @@
+"""The run: phases of training with checkpoints between and within them, then evaluation.
+
+``run(config, workdir)`` is the whole job. A phase is built from its config (freeze labels,
+masked optimizer, BatchNorm mode, frozen-prefix cut), trains for its epochs with the step
+fused ``steps_per_dispatch`` times into one device call, validates each epoch and checkpoints
+periodically, at epoch ends and at its end. A restart in the same workdir resumes from the
+latest complete checkpoint, in whatever phase it was.
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+import pathlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from tljax import checkpoint, data, evaluate, freezing, optim, plots, preemption, prefix
+from tljax import reporting
+from tljax import sharding, steps, weights
+from tljax.models import mobilenet_v2
+from tljax.models.mobilenet_v2 import MobileNetV2
+
+BATCHNORM_MODES = ("inference", "batch_stats")
+CACHE_MODES = ("auto", "off")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect from a process they stopped.
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """A phase's compiled-in choices, derived from its config and the model."""
+  index: int
+  config: ml_collections.ConfigDict
+  labels: Any                    # "train"/"freeze" per parameter.
+  reports: tuple                 # freezing.RuleReport per rule.
+  tx: Any                        # The masked optimizer.
+  train_bn: frozenset[str]       # BatchNorm layers in batch-statistics mode.
+  cut: int                       # First layer the train step runs (0: from the images).
+  steps_per_epoch: int
+
+  @property
+  def total_steps(self) -> int:
+    return self.config.epochs * self.steps_per_epoch
+
+  @property
+  def name(self) -> str:
+    return self.config.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration checks: every user mistake fails here, before data, weights or compilation.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_config(config: ml_collections.ConfigDict, mesh) -> None:
+  """Raises ValueError naming the first bad setting and how to fix it."""
+  def expect(ok: bool, message: str):
+    if not ok:
+      raise ValueError(message)
+
+  sharding.check_batch_size(config.batch_size, mesh)
+  sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  expect(config.steps_per_dispatch >= 1,
+         f"steps_per_dispatch={config.steps_per_dispatch} must be at least 1.")
+  expect(config.data.train_examples >= 0,
+         f"data.train_examples={config.data.train_examples} must be >= 0 (0 = all).")
+  expect(0 <= config.data.validation_split < 1,
+         f"data.validation_split={config.data.validation_split} must be in [0, 1).")
+  expect(config.data.augment_shift >= 0,
+         f"data.augment_shift={config.data.augment_shift} must be >= 0.")
+  expect(config.model.alpha in mobilenet_v2.ALPHAS,
+         f"model.alpha={config.model.alpha} is not one of {mobilenet_v2.ALPHAS}.")
+  expect(config.model.input_size >= mobilenet_v2.MIN_INPUT_SIZE,
+         f"model.input_size={config.model.input_size} is below MobileNetV2's minimum of "
+         f"{mobilenet_v2.MIN_INPUT_SIZE}.")
+  expect(config.model.dtype in DTYPES,
+         f"model.dtype={config.model.dtype!r} is not one of {tuple(DTYPES)}.")
+  expect(len(config.phases) >= 1, "config.phases is empty: give at least one phase.")
+  for i, phase in enumerate(config.phases):
+    where = f"phases[{i}] ({phase.name!r})"
+    expect(phase.epochs >= 1, f"{where}: epochs={phase.epochs} must be at least 1.")
+    expect(phase.learning_rate > 0,
+           f"{where}: learning_rate={phase.learning_rate} must be positive.")
+    expect(phase.batchnorm in BATCHNORM_MODES,
+           f"{where}: batchnorm={phase.batchnorm!r} is not one of {BATCHNORM_MODES}.")
+    expect(phase.cache_prefix in CACHE_MODES,
+           f"{where}: cache_prefix={phase.cache_prefix!r} is not one of {CACHE_MODES}.")
+    freezing.parse_rules(freezing.expand_presets(phase.rules))
+    optim.make_optimizer(phase, steps_per_epoch=1)
+
+
+def config_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The settings a checkpoint must agree with to be resumed (state shape and data order)."""
+  return {"data.name": config.data.name, "model.alpha": config.model.alpha,
+          "batch_size": config.batch_size, "seed": config.seed,
+          "phases": [[p.name, list(p.rules), p.optimizer] for p in config.phases]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase construction.
+# ---------------------------------------------------------------------------------------------
+
+
+def build_phase(config: ml_collections.ConfigDict, index: int, model: MobileNetV2,
+                params: Any, num_train: int) -> Phase:
+  """Labels, optimizer, BatchNorm mode and prefix cut of phase ``index``."""
+  phase_config = config.phases[index]
+  steps_per_epoch = num_train // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"the training split has {num_train} examples, fewer than one batch of "
+                     f"{config.batch_size}; lower batch_size or raise data.train_examples.")
+  rules = freezing.parse_rules(freezing.expand_presets(phase_config.rules))
+  base_layers = mobilenet_v2.keras_layers(model.alpha, include_top=False)
+  labels, reports = freezing.label_params(params, rules, base_layers)
+  trainable = freezing.trainable_layers(labels)
+  bn_layers = {l.name for l in model.layers if l.kind == "bn"}
+  train_bn = frozenset(trainable & bn_layers) if phase_config.batchnorm == "batch_stats" \
+      else frozenset()
+  cut = 0
+  if phase_config.cache_prefix == "auto" and not config.data.augment_shift:
+    cut = prefix.first_trainable_layer(model.layers, trainable)
+    cut = cut if cut > 1 else 0
+  tx = freezing.masked_optimizer(optim.make_optimizer(phase_config, steps_per_epoch), labels)
+  return Phase(index, phase_config, labels, reports, tx, train_bn, cut, steps_per_epoch)
+
+
+def init_state(phase: Phase, variables: Mapping[str, Any], seed: int) -> steps.TrainState:
+  """A phase's first state: given weights, a fresh optimizer state for its own mask."""
+  return steps.TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables["params"],
+      batch_stats=variables["batch_stats"], opt_state=phase.tx.init(variables["params"]),
+      rng=jax.random.fold_in(jax.random.PRNGKey(seed), phase.index),
+      bad_steps=jnp.zeros((), jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: images (preprocessed inside the step) or the cached frozen-prefix frontier.
+# ---------------------------------------------------------------------------------------------
+
+
+def _model_inputs(batch: Mapping[str, jax.Array], rng: jax.Array, *, cut: int, size: int,
+                  scale: str, augment_shift: int):
+  """What the model reads at layer ``cut`` for one gathered batch."""
+  if cut:
+    return dict(batch)
+  images = data.preprocess(batch["images"], size=size, scale=scale)
+  if augment_shift:
+    images = data.augment(rng, images, max_shift=augment_shift)
+  return images
+
+
+def _index_batches(n: int, batch: int, mesh):
+  """Yields ``(indices, valid mask)`` device batches covering ``range(n)``, the last padded."""
+  for start in range(0, n, batch):
+    indices = np.arange(start, start + batch)
+    valid = indices < n
+    yield (jax.device_put(np.where(valid, indices, 0).astype(np.int32),
+                          sharding.batch_sharded(mesh)),
+           jax.device_put(valid, sharding.batch_sharded(mesh)))
+
+
+def _gather(tree, indices):
+  return jax.tree.map(lambda a: a[indices], tree)
+
+
+def build_prefix_cache(variables, inputs: Mapping[str, jax.Array], n: int, *,
+                       model: MobileNetV2, cut: int, config, mesh) -> dict[str, jax.Array]:
+  """Runs ``layers[:cut]`` once over ``inputs["images"]``; returns the frontier on device."""
+  names = prefix.frontier(model.layers, cut)
+  size, scale = config.model.input_size, config.data.scale
+
+  @jax.jit
+  def extract(variables, inputs, indices):
+    x = data.preprocess(inputs["images"][indices], size=size, scale=scale)
+    return model.apply(variables, x, stop=cut, capture=names)
+
+  chunks = [extract(variables, inputs, idx)
+            for idx, _ in _index_batches(n, config.eval_batch_size, mesh)]
+  return {name: jax.device_put(jnp.concatenate([c[name] for c in chunks])[:n],
+                               sharding.replicated(mesh))
+          for name in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled functions of a phase.
+# ---------------------------------------------------------------------------------------------
+
+
+def make_train_chunk(phase: Phase, model: MobileNetV2, config, mesh):
+  """``(state, inputs, labels, indices[K, B]) -> (state, metrics[K])``: K fused steps."""
+  step = functools.partial(
+      steps.train_step, model=model, tx=phase.tx, param_labels=phase.labels,
+      train_bn=phase.train_bn, start=phase.cut,
+      label_smoothing=phase.config.label_smoothing)
+  prepare = functools.partial(_model_inputs, cut=phase.cut, size=config.model.input_size,
+                              scale=config.data.scale,
+                              augment_shift=config.data.augment_shift)
+  batch_sharding = sharding.batch_sharded(mesh)
+
+  def one_step(state, inputs, labels, indices):
+    indices = jax.lax.with_sharding_constraint(indices, batch_sharding)
+    rng = jax.random.fold_in(state.rng, state.step)
+    return step(state, prepare(_gather(inputs, indices), rng), labels[indices])
+
+  def chunk(state, inputs, labels, indices):
+    return jax.lax.scan(lambda s, idx: one_step(s, inputs, labels, idx), state, indices)
+
+  return jax.jit(chunk, donate_argnums=0, out_shardings=sharding.replicated(mesh))
+
+
+def make_eval_batch(model: MobileNetV2, cut: int, config):
+  """``(variables, inputs, labels, indices, mask) -> summed metrics and predictions``."""
+  prepare = functools.partial(_model_inputs, cut=cut, size=config.model.input_size,
+                              scale=config.data.scale, augment_shift=0)
+
+  @jax.jit
+  def eval_batch(variables, inputs, labels, indices, mask):
+    x = prepare(_gather(inputs, indices), None)
+    return steps.eval_step(variables, x, labels[indices], mask, model=model, start=cut)
+
+  return eval_batch
+
+
+def evaluate_split(eval_batch, variables, inputs, labels: jax.Array, n: int, config,
+                   mesh) -> tuple[float, float, np.ndarray]:
+  """Mean loss, accuracy and every prediction over ``n`` examples."""
+  loss_sum, correct, predictions = 0.0, 0, []
+  for indices, mask in _index_batches(n, config.eval_batch_size, mesh):
+    out = eval_batch(variables, inputs, labels, indices, mask)
+    loss_sum, correct = loss_sum + out["loss_sum"], correct + out["correct"]
+    predictions.append(out["predictions"])
+  predictions = np.concatenate(jax.device_get(predictions))[:n]
+  return float(loss_sum) / n, int(correct) / n, predictions
+
+
+# ---------------------------------------------------------------------------------------------
+# The phase loop.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunContext:
+  """What every phase shares: config, mesh, model, data on device, outputs, checkpoints."""
+  config: ml_collections.ConfigDict
+  mesh: Any
+  model: MobileNetV2
+  splits: Mapping[str, data.Split]
+  device_images: Mapping[str, Mapping[str, jax.Array]]  # split -> {"images": uint8}
+  device_labels: Mapping[str, jax.Array]
+  checkpointer: checkpoint.Checkpointer
+  metrics: reporting.MetricsWriter
+  stop: Any                                            # preemption.StopSignal
+  meta: dict                                           # What checkpoints carry beside state.
+
+
+def _save(ctx: RunContext, phase: Phase, state: steps.TrainState, global_step: int) -> None:
+  ctx.meta.update(phase=phase.index, phase_step=int(state.step), global_step=global_step)
+  ctx.checkpointer.save(global_step, state, ctx.meta)
+
+
+def _chunk_sizes(total: int, target: int) -> int:
+  """The largest divisor of ``total`` in [target/2, target], else ``target``: fewer compiles."""
+  target = min(target, total)
+  return next((k for k in range(target, max(1, target // 2) - 1, -1) if total % k == 0), target)
+
+
+def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
+                global_step: int) -> tuple[steps.TrainState, dict[str, Any]]:
+  """Trains ``phase`` from ``state.step`` to its end; returns the final state and results."""
+  config, mesh, model = ctx.config, ctx.mesh, ctx.model
+  started = time.perf_counter()
+  n_train, n_val = len(ctx.splits["train"].labels), len(ctx.splits["validation"].labels)
+  train_inputs, val_inputs = ctx.device_images["train"], ctx.device_images["validation"]
+  frontier = None
+  if phase.cut:
+    frontier = prefix.frontier(model.layers, phase.cut)
+    per_example = _frontier_bytes_per_example(model, phase.cut, frontier, state, config)
+    if per_example * (n_train + n_val) > config.cache_max_gb * 2**30:
+      logging.info("phase %s: prefix cache would need %.1f GB > cache_max_gb; not caching",
+                   phase.name, per_example * (n_train + n_val) / 2**30)
+      phase = dataclasses.replace(phase, cut=0)
+      frontier = None
+  if phase.cut:
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logging.info("phase %s: caching layers[:%d] (%s) for %d examples", phase.name, phase.cut,
+                 ", ".join(frontier), n_train + n_val)
+    t0 = time.perf_counter()
+    train_inputs = build_prefix_cache(variables, train_inputs, n_train, model=model,
+                                      cut=phase.cut, config=config, mesh=mesh)
+    if n_val:
+      val_inputs = build_prefix_cache(variables, val_inputs, n_val, model=model,
+                                      cut=phase.cut, config=config, mesh=mesh)
+    jax.block_until_ready(train_inputs)
+    logging.info("phase %s: prefix cache built in %.1f s", phase.name, time.perf_counter() - t0)
+
+  chunk_size = _chunk_sizes(phase.steps_per_epoch, config.steps_per_dispatch)
+  train_chunk = make_train_chunk(phase, model, config, mesh)
+  eval_batch = make_eval_batch(model, phase.cut, config)
+  batch = config.batch_size
+  train_time, train_images, compiled = 0.0, 0, False
+  step = int(state.step)
+  while step < phase.total_steps:
+    epoch, position = divmod(step, phase.steps_per_epoch)
+    order = data.epoch_permutation(config.seed, phase.index, epoch, n_train)
+    order = np.asarray(order)[:phase.steps_per_epoch * batch].reshape(-1, batch)
+    loss_sum, correct, finite_steps, skipped = 0.0, 0, 0, 0
+    desc = f"{phase.name} epoch {epoch + 1}/{phase.config.epochs}"
+    with reporting.Progress(phase.steps_per_epoch, desc, batch_size=batch) as progress:
+      progress.update(position)
+      while position < phase.steps_per_epoch:
+        k = min(chunk_size, phase.steps_per_epoch - position)
+        indices = jax.device_put(order[position:position + k], sharding.batch_sharded(mesh, 1))
+        t0 = time.perf_counter()
+        state, metrics = train_chunk(state, train_inputs, ctx.device_labels["train"], indices)
+        metrics = jax.device_get(metrics)
+        if compiled:  # The first call's time is mostly compilation.
+          train_time += time.perf_counter() - t0
+          train_images += k * batch
+        compiled = True
+        position, step, global_step = position + k, step + k, global_step + k
+        finite = metrics["finite"]
+        loss_sum += float(np.sum(metrics["loss"][finite]))
+        correct += int(np.sum(metrics["correct"]))
+        finite_steps += int(finite.sum())
+        skipped += int((~finite).sum())
+        _check_bad_steps(state, config, phase, step)
+        chunk_loss = float(np.mean(metrics["loss"][finite])) if finite.any() else float("nan")
+        chunk_acc = float(np.sum(metrics["correct"])) / (k * batch)
+        progress.update(k, loss=chunk_loss, accuracy=chunk_acc)
+        ctx.metrics.write({"kind": "step", "phase": phase.index, "phase_name": phase.name,
+                           "epoch": epoch + 1, "step": global_step, "loss": chunk_loss,
+                           "accuracy": chunk_acc, "skipped_steps": int((~finite).sum()),
+                           "images_per_s": k * batch / (time.perf_counter() - t0)})
+        every = config.checkpoint_every_steps
+        if ctx.stop.requested:
+          _save(ctx, phase, state, global_step)
+          ctx.checkpointer.wait()
+          raise preemption.Preempted(f"stopped at phase {phase.name} step {step}")
+        if (every and global_step // every != (global_step - k) // every
+            and step < phase.total_steps):
+          _save(ctx, phase, state, global_step)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    val_loss = val_acc = None
+    if n_val:
+      val_loss, val_acc, _ = evaluate_split(eval_batch, variables, val_inputs,
+                                            ctx.device_labels["validation"], n_val, config, mesh)
+    record = {"kind": "epoch", "phase": phase.index, "phase_name": phase.name,
+              "epoch": epoch + 1, "step": global_step,
+              "loss": loss_sum / max(1, finite_steps),
+              "accuracy": correct / max(1, (finite_steps + skipped) * batch),
+              "val_loss": val_loss, "val_accuracy": val_acc, "skipped_steps": skipped,
+              "images_per_s": train_images / train_time if train_time else None}
+    ctx.metrics.write(record)
+    logging.info("%s: loss %.4f accuracy %.4f%s", desc, record["loss"], record["accuracy"],
+                 f" val_loss {val_loss:.4f} val_accuracy {val_acc:.4f}" if n_val else "")
+    if step < phase.total_steps:  # The phase's last checkpoint is written by run().
+      _save(ctx, phase, state, global_step)
+  trainable = sum(r.size for r in phase.reports if r.rule.action == freezing.TRAIN)
+  frozen = sum(r.size for r in phase.reports if r.rule.action == freezing.FREEZE)
+  results = {"name": phase.name, "epochs": phase.config.epochs,
+             "wall_s": time.perf_counter() - started,
+             "train_images_per_s": train_images / train_time if train_time else None,
+             "trainable_params": trainable, "frozen_params": frozen,
+             "cached_prefix": list(frontier) if phase.cut else None,
+             "batchnorm": phase.config.batchnorm}
+  return state, results
+
+
+def _frontier_bytes_per_example(model, cut, names, state, config) -> int:
+  x = jax.ShapeDtypeStruct((1, config.model.input_size, config.model.input_size, 3),
+                           jnp.float32)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  shapes = jax.eval_shape(lambda v, x: model.apply(v, x, stop=cut, capture=names),
+                          variables, x)
+  return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
+
+
+def _check_bad_steps(state, config, phase, step) -> None:
+  bad = int(state.bad_steps)
+  if bad >= config.max_bad_steps:
+    raise NonFiniteError(
+        f"phase {phase.name}: steps {step - bad + 1}..{step} of the phase all had a "
+        f"non-finite loss or gradient (max_bad_steps={config.max_bad_steps}); they were "
+        "skipped. Lower the learning rate or check the inputs.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+# ---------------------------------------------------------------------------------------------
+
+
+def load_splits(config) -> tuple[data.Dataset, dict[str, data.Split]]:
+  """The dataset, and its train / validation / test splits as this config cuts them."""
+  dataset = data.load_dataset(config.data.name, config.data.dir or None)
+  train = data.take(dataset.train, config.data.train_examples)
+  train, validation = data.holdout_split(train, config.data.validation_split)
+  return dataset, {"train": train, "validation": validation, "test": dataset.test}
+
+
+def create_model(config, num_classes: int) -> MobileNetV2:
+  return MobileNetV2(alpha=config.model.alpha, include_top=True, num_classes=num_classes,
+                     dtype=DTYPES[config.model.dtype], depthwise=config.model.depthwise)
+
+
+def _replicate(tree, mesh):
+  return jax.device_put(tree, sharding.replicated(mesh))
+
+
+def _restore(checkpointer, step, config, model, abstract_variables, num_train, mesh):
+  """The saved meta, phase and state of checkpoint ``step``, checked against the config."""
+  meta = checkpointer.restore_meta(step)
+  fingerprint = config_fingerprint(config)
+  if meta.get("fingerprint") != fingerprint:
+    differs = sorted(k for k in fingerprint if meta.get("fingerprint", {}).get(k) != fingerprint[k])
+    raise checkpoint.CheckpointError(
+        f"{checkpointer.directory} holds checkpoints of another config (differs in "
+        f"{differs}); they are left untouched. Use another --workdir, or rerun with the "
+        "config that wrote them.")
+  phase = build_phase(config, meta["phase"], model, abstract_variables["params"], num_train)
+  abstract_state = jax.eval_shape(
+      lambda v: init_state(phase, v, config.seed), abstract_variables)
+  abstract_state = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.replicated(mesh)),
+      abstract_state)
+  return meta, phase, checkpointer.restore_state(step, abstract_state)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Trains every phase of ``config`` in ``workdir`` (resuming if it holds checkpoints),
+  evaluates on the test split, and writes the outputs there. Returns the summary."""
+  reporting.setup_logging()
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.data_mesh()
+  check_config(config, mesh)
+  dataset, splits = load_splits(config)
+  model = create_model(config, dataset.num_classes)
+  size = config.model.input_size
+  sample = jnp.zeros((1, size, size, 3), jnp.float32)
+  abstract_variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), sample)
+  checkpointer = checkpoint.Checkpointer(workdir, max_to_keep=config.max_to_keep)
+  latest = checkpointer.latest_step()
+  state, variables = None, None
+  if latest is None:
+    meta = {"fingerprint": config_fingerprint(config), "results": [], "global_step": 0,
+            "phase": 0, "phase_step": 0}
+    start_phase = 0
+    variables = _replicate(weights.load_pretrained(
+        config.model.weights, model, input_size=size,
+        rng=jax.random.PRNGKey(config.seed), cache_dir=config.model.cache_dir or None), mesh)
+  else:
+    meta, phase, state = _restore(checkpointer, latest, config, model, abstract_variables,
+                                  len(splits["train"].labels), mesh)
+    logging.info("resuming from checkpoint %d: phase %s, step %d of %d", latest, phase.name,
+                 meta["phase_step"], phase.total_steps)
+    start_phase = meta["phase"]
+    if meta["phase_step"] >= phase.total_steps:
+      variables = {"params": state.params, "batch_stats": state.batch_stats}
+      state, start_phase = None, start_phase + 1
+
+  device_images = {k: _replicate({"images": s.images}, mesh) for k, s in splits.items()}
+  device_labels = {k: _replicate(s.labels, mesh) for k, s in splits.items()}
+  stop = preemption.StopSignal()
+  with reporting.MetricsWriter(workdir / "metrics.jsonl") as metrics, stop.installed():
+    ctx = RunContext(config, mesh, model, splits, device_images, device_labels, checkpointer,
+                     metrics, stop, meta)
+    for index in range(start_phase, len(config.phases)):
+      current = variables if state is None else {"params": state.params}
+      phase = build_phase(config, index, model, current["params"], len(splits["train"].labels))
+      logging.info("phase %d (%s): %d epochs of %d steps, BatchNorm %s\n%s", index, phase.name,
+                   phase.config.epochs, phase.steps_per_epoch, phase.config.batchnorm,
+                   freezing.format_report(phase.reports))
+      if state is None:
+        state = _replicate(init_state(phase, variables, config.seed), mesh)
+      global_step = meta["global_step"] + phase.total_steps - int(state.step)
+      state, results = train_phase(ctx, phase, state, meta["global_step"])
+      meta["results"].append(results)
+      _save(ctx, phase, state, global_step)
+      variables, state = {"params": state.params, "batch_stats": state.batch_stats}, None
+    checkpointer.wait()
+
+  summary = write_outputs(workdir, config, dataset, splits, model, variables, device_images,
+                          device_labels, mesh, meta["results"])
+  checkpointer.close()
+  return summary
+
+
+def write_outputs(workdir, config, dataset, splits, model, variables, device_images,
+                  device_labels, mesh, phase_results) -> dict[str, Any]:
+  """Test evaluation, confusion matrix, sample grid, curves and summary.json."""
+  test = splits["test"]
+  eval_batch = make_eval_batch(model, 0, config)
+  loss, accuracy, predictions = evaluate_split(eval_batch, variables, device_images["test"],
+                                               device_labels["test"], len(test.labels),
+                                               config, mesh)
+  logging.info("test loss %.4f, test accuracy %.4f", loss, accuracy)
+  np.savez(workdir / "test_predictions.npz", labels=test.labels, predictions=predictions)
+  cm = evaluate.confusion_matrix(test.labels, predictions, dataset.num_classes)
+  plots.plot_confusion_matrix(cm, dataset.class_names, workdir / "confusion_matrix.png")
+  picked = evaluate.pick_samples(test.labels, predictions, n=9, seed=config.seed)
+  plots.plot_samples(test.images[picked], test.labels[picked], predictions[picked],
+                     dataset.class_names, workdir / "samples.png")
+  epochs = [r for r in reporting.read_metrics(workdir / "metrics.jsonl") if r["kind"] == "epoch"]
+  plots.plot_curves(epochs, workdir / "curves.png")
+  summary = {"test_loss": loss, "test_accuracy": accuracy, "test_examples": len(test.labels),
+             "phases": phase_results, "devices": [str(d) for d in jax.devices()],
+             "config": json.loads(config.to_json_best_effort())}
+  reporting.write_json(workdir / "summary.json", summary)
+  return summary

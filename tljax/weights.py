@@ -1,0 +1,432 @@
+"""Keras MobileNetV2 weights (legacy HDF5) as Flax variables; download, cache and checksum.
+
+The files ``keras.applications.MobileNetV2`` publishes hold one HDF5 group per layer, whose
+``weight_names`` attribute lists names such as ``block_1_depthwise/depthwise_kernel:0``. The Flax
+model keeps every variable under its Keras layer name, so the port is a mapping by layer name
+and by the last component of the weight name (``_KERAS_TO_FLAX``), checked strictly both ways.
+
+Typical use, the one call the trainer makes::
+
+  variables = load_pretrained("imagenet", model, input_size=96, rng=jax.random.key(0))
+"""
+
+import functools
+import hashlib
+import http.client
+import logging
+import os
+import pathlib
+import re
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from typing import BinaryIO
+
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from tljax.models import mobilenet_v2
+from tljax.models.mobilenet_v2 import MobileNetV2
+
+BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+KERAS_ROWS = (96, 128, 160, 192, 224)  # Input sizes Keras publishes weights for.
+# sha256 of the published files, by file name. Keras publishes none and none are recorded here
+# until verified against a download; files without an entry are cached without a check.
+KNOWN_SHA256: dict[str, str] = {}
+TIMEOUT_S = 10.0
+_CHUNK = 1 << 20
+_MAX_LISTED = 12
+
+# Keras weight name (last path component) -> (Flax collection, variable), by layer kind.
+_KERAS_TO_FLAX = {
+    "conv": {"kernel": ("params", "kernel")},
+    # tf.keras calls it depthwise_kernel; Keras 3's legacy writer calls it kernel.
+    "depthwise": {"depthwise_kernel": ("params", "depthwise_kernel"),
+                  "kernel": ("params", "depthwise_kernel")},
+    "bn": {"gamma": ("params", "scale"), "beta": ("params", "bias"),
+           "moving_mean": ("batch_stats", "mean"), "moving_variance": ("batch_stats", "var")},
+    "dense": {"kernel": ("params", "kernel"), "bias": ("params", "bias")},
+}
+
+KerasWeights = dict[str, dict[str, np.ndarray]]  # {layer name: {weight name: array}}
+Variables = dict[str, dict[str, dict[str, jax.Array]]]  # {collection: {layer: {name: array}}}
+
+
+class WeightsError(ValueError):
+  """A weights file that cannot be found, downloaded, read or mapped onto the model."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the legacy HDF5 layout.
+
+
+def read_keras_h5(path: str | os.PathLike) -> KerasWeights:
+  """Reads a Keras legacy-HDF5 weights file into ``{layer: {weight: array}}``.
+
+  Only layers that hold weights appear, in file order; weight names are reduced to their last
+  component without ``:0``, e.g. ``{"bn_Conv1": {"gamma": ..., "moving_mean": ...}}``.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise WeightsError(f"weights file {path} does not exist; pass the path of a Keras "
+                       "MobileNetV2 .h5 weights file, 'imagenet' or 'none'.")
+  if not h5py.is_hdf5(path):
+    looks_html = path.read_bytes()[:512].lstrip().startswith(b"<")
+    raise WeightsError(
+        f"{path} is not an HDF5 file"
+        f"{' (it looks like an HTML page, e.g. a saved download error)' if looks_html else ''}; "
+        "delete it and download the weights again, or pass a valid Keras .h5 weights file.")
+  try:
+    with h5py.File(path, "r") as f:
+      return _read_layers(f, path)
+  except (OSError, KeyError, RuntimeError) as e:  # h5py's errors for damaged files.
+    raise WeightsError(f"{path} is a corrupt or truncated HDF5 file ({e}); delete it and "
+                       "download it again, or pass a valid Keras .h5 weights file.") from e
+
+
+def _read_layers(f: h5py.File, path: pathlib.Path) -> KerasWeights:
+  group = f["model_weights"] if "model_weights" in f and "layer_names" not in f.attrs else f
+  layer_names = _string_list_attr(group, "layer_names")
+  if layer_names is None:
+    raise WeightsError(
+        f"{path} is HDF5 but not a Keras legacy weights file (no 'layer_names' attribute). "
+        "Keras 3 '.weights.h5' files are not supported; pass a keras.applications file such as "
+        f"{weights_file_name(1.0, 224, include_top=False)}.")
+  weights = {}
+  for layer in layer_names:
+    if layer not in group:  # Listed without a group: no weights to read.
+      continue
+    layer_weights = {}
+    for name in _string_list_attr(group[layer], "weight_names") or ():
+      short = name.split("/")[-1].removesuffix(":0")
+      if short in layer_weights:
+        raise WeightsError(f"{path}: layer {layer!r} holds two weights called {short!r}.")
+      layer_weights[short] = np.asarray(group[layer][name])
+    if layer_weights:
+      weights[layer] = layer_weights
+  return weights
+
+
+def _string_list_attr(group: h5py.Group, name: str) -> list[str] | None:
+  """An attribute of strings, which Keras splits into ``name0``, ``name1``... when large."""
+  if name in group.attrs:
+    values = list(group.attrs[name])
+  elif f"{name}0" in group.attrs:
+    values, i = [], 0
+    while f"{name}{i}" in group.attrs:
+      values.extend(group.attrs[f"{name}{i}"])
+      i += 1
+  else:
+    return None
+  return [v.decode("utf8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+# ---------------------------------------------------------------------------------------------
+# Mapping onto the model.
+
+
+def load_keras_h5(path: str | os.PathLike, model: MobileNetV2, *,
+                  dont_load: Sequence[str] = (), rng: jax.Array | None = None) -> Variables:
+  """Loads a Keras legacy-HDF5 file as ``{"params", "batch_stats"}`` for ``model``.
+
+  Strict: every layer with weights in the file maps onto a model layer, every model variable
+  comes from the file, and every shape matches, except for layers whose name fully matches a
+  regex in ``dont_load``: those are ignored in the file and initialised with ``model.init(rng)``.
+
+  Example: ``load_keras_h5(path, MobileNetV2(num_classes=10), dont_load=("predictions",),
+  rng=jax.random.key(0))`` loads an ImageNet ``_no_top`` file under a fresh 10-class head.
+  """
+  return _to_variables(read_keras_h5(path), model, pathlib.Path(path), dont_load, rng)
+
+
+def _to_variables(weights: KerasWeights, model: MobileNetV2, path: pathlib.Path,
+                  dont_load: Sequence[str], rng: jax.Array | None) -> Variables:
+  dummy = jax.ShapeDtypeStruct((1, mobilenet_v2.MIN_INPUT_SIZE, mobilenet_v2.MIN_INPUT_SIZE, 3),
+                               jnp.float32)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), dummy)
+  kinds = {layer.name: layer.kind for layer in model.layers}
+  skipped = _matcher(dont_load, [*kinds, *weights])
+  variables = {collection: {} for collection in abstract}
+  problems, matched = [], set()
+  for layer, layer_weights in weights.items():
+    if skipped(layer):
+      continue
+    if layer not in kinds:
+      problems.append(f"layer {layer!r} is in the file but not in the model")
+      continue
+    for name, value in layer_weights.items():
+      collection, var = _KERAS_TO_FLAX.get(kinds[layer], {}).get(name, (None, None))
+      expected = abstract.get(collection, {}).get(layer, {}).get(var)
+      if expected is None:
+        problems.append(f"{layer}/{name} (shape {value.shape}) has no counterpart in the model")
+        continue
+      matched.add((collection, layer, var))
+      if value.shape != expected.shape:
+        problems.append(f"{layer}/{name}: shape {value.shape} in the file, {expected.shape} in "
+                        f"the model ({collection}/{layer}/{var})")
+      else:
+        variables[collection].setdefault(layer, {})[var] = jnp.asarray(value, expected.dtype)
+  wanted = [(c, layer, var) for layer in kinds for c in abstract
+            for var in abstract[c].get(layer, {}) if not skipped(layer)]
+  missing = list(dict.fromkeys(layer for _, layer, _ in wanted if layer not in weights))
+  if missing:
+    problems.append(f"{len(missing)} model layers are not in the file: {missing}")
+  problems += [f"{layer} lacks {c}/{var} in the file" for c, layer, var in wanted
+               if layer in weights and (c, layer, var) not in matched]
+  if problems:
+    raise WeightsError(_mapping_message(path, model, problems, weights))
+  loaded = len({layer for c in variables for layer in variables[c]})
+  initialised = [layer for layer in kinds if skipped(layer)
+                 and any(layer in abstract[c] for c in abstract)]
+  if initialised:
+    _fill_from_init(variables, model, rng, abstract, dummy, initialised)
+  logging.info("Loaded %d layers from %s; initialised %s.", loaded, path,
+               initialised or "none")
+  return variables
+
+
+def _matcher(patterns: Sequence[str], names: Sequence[str]):
+  """``name -> bool`` for the names that fully match one of ``patterns``; each must match one."""
+  if isinstance(patterns, str):
+    raise TypeError(f"dont_load must be a sequence of regexes, got the string {patterns!r}; "
+                    f"write ({patterns!r},).")
+  compiled = [re.compile(p) for p in patterns]
+  for pattern in compiled:
+    if not any(pattern.fullmatch(n) for n in names):
+      raise ValueError(f"dont_load pattern {pattern.pattern!r} matches no layer of the model or "
+                       "the file; patterns must match a whole Keras layer name, e.g. "
+                       "'predictions' or 'block_16_.*'.")
+  return lambda name: any(p.fullmatch(name) for p in compiled)
+
+
+def _fill_from_init(variables: Variables, model: MobileNetV2, rng: jax.Array | None,
+                    abstract: Variables, dummy: jax.ShapeDtypeStruct,
+                    layers: Sequence[str]) -> None:
+  """Sets ``layers`` to their ``model.init(rng, ...)`` values.
+
+  Only the slice of the network that spans ``layers`` is initialised (``start``/``stop``):
+  Flax derives each layer's initial values from ``rng`` and the layer's name alone, so they are
+  the same as a full ``model.init`` gives, without compiling the whole network.
+  """
+  if rng is None:
+    raise ValueError(f"load_keras_h5 initialises {list(layers)} (dont_load) and needs "
+                     "rng=jax.random.key(seed) for that.")
+  names = [layer.name for layer in model.layers]
+  start = min(names.index(layer) for layer in layers)
+  stop = max(names.index(layer) for layer in layers) + 1
+  reads = sorted({n for layer in model.layers[start:stop] for n in layer.inputs
+                  if names.index(n) < start})
+  shapes = jax.eval_shape(functools.partial(model.apply, stop=start, capture=reads),
+                          abstract, dummy) if start > 1 else {reads[0]: dummy}
+  inputs = {name: jnp.zeros(s.shape, s.dtype) for name, s in shapes.items()}
+  fresh = jax.jit(functools.partial(model.init, start=start, stop=stop))(rng, inputs)
+  for collection in variables:
+    for layer in layers:
+      if layer in fresh.get(collection, {}):
+        variables[collection][layer] = fresh[collection][layer]
+
+
+def _mapping_message(path: pathlib.Path, model: MobileNetV2, problems: Sequence[str],
+                     weights: KerasWeights) -> str:
+  listed = problems[:_MAX_LISTED]
+  more = len(problems) - len(listed)
+  lines = [f"{path} does not fit MobileNetV2(alpha={model.alpha}, include_top="
+           f"{model.include_top}, num_classes={model.num_classes}):",
+           *(f"  - {p}" for p in listed), *([f"  ... and {more} more"] if more else [])]
+  lines += [f"Hint: {hint}" for hint in _hints(model, weights)]
+  return "\n".join(lines)
+
+
+def _hints(model: MobileNetV2, weights: KerasWeights) -> list[str]:
+  hints = []
+  file_alpha = infer_alpha(weights)
+  if file_alpha is not None and file_alpha != model.alpha:
+    hints.append(f"the file is for alpha={file_alpha}; set model.alpha={file_alpha} to match, "
+                 f"or use the file for alpha={model.alpha}.")
+  head = weights.get("predictions", {}).get("kernel")
+  if head is not None and not model.include_top:
+    hints.append("the file has a classification head ('predictions'); use a _no_top file, set "
+                 "include_top=True, or pass dont_load=('predictions',).")
+  elif head is None and model.include_top:
+    hints.append("the file has no classification head; pass dont_load=('predictions',) to "
+                 "initialise the model's head.")
+  elif head is not None and head.shape[-1] != model.num_classes:
+    hints.append(f"the file's head has {head.shape[-1]} classes and the model "
+                 f"{model.num_classes}; set num_classes={head.shape[-1]} or pass "
+                 "dont_load=('predictions',) to initialise a new head.")
+  return hints
+
+
+def infer_alpha(weights: KerasWeights) -> float | None:
+  """The width multiplier whose convolution widths all match the file's, if any.
+
+  Example: a file whose ``block_16_project`` kernel has 112 output channels is for alpha 0.35.
+  """
+  kernels = {layer: w["kernel"].shape for layer, w in weights.items() if "kernel" in w}
+  for alpha in mobilenet_v2.ALPHAS:
+    widths = {l.name: l.features for l in mobilenet_v2.keras_layers(alpha) if l.kind == "conv"}
+    common = [name for name in widths if name in kernels]
+    if common and all(kernels[name][-1] == widths[name] for name in common):
+      return alpha
+  return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Download and cache.
+
+
+def keras_rows(input_size: int | tuple[int, int]) -> int:
+  """The input size whose Keras weights serve ``input_size``: itself if published, else 224."""
+  rows, cols = (input_size, input_size) if isinstance(input_size, int) else input_size
+  return rows if rows == cols and rows in KERAS_ROWS else 224
+
+
+def weights_file_name(alpha: float, rows: int, include_top: bool) -> str:
+  """The file name keras.applications uses, e.g. ``..._kernels_1.0_224_no_top.h5``."""
+  if alpha not in mobilenet_v2.ALPHAS or rows not in KERAS_ROWS:
+    raise ValueError(f"Keras publishes MobileNetV2 weights for alpha in {mobilenet_v2.ALPHAS} "
+                     f"and rows in {KERAS_ROWS}; got alpha={alpha}, rows={rows}.")
+  suffix = "" if include_top else "_no_top"
+  return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{rows}{suffix}.h5"
+
+
+def keras_weights_url(alpha: float, rows: int, include_top: bool) -> str:
+  """The address keras.applications downloads these ImageNet weights from."""
+  return BASE_URL + weights_file_name(alpha, rows, include_top)
+
+
+def default_cache_dir() -> pathlib.Path:
+  """``$TLJAX_CACHE``, else ``~/.cache/tljax``."""
+  return pathlib.Path(os.environ.get("TLJAX_CACHE") or "~/.cache/tljax").expanduser()
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(_CHUNK), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def fetch(url: str, cache_dir: str | os.PathLike | None = None, sha256: str | None = None, *,
+          timeout: float = TIMEOUT_S) -> pathlib.Path:
+  """Returns the cached copy of ``url``, downloading it first if absent or not as expected.
+
+  The expected sha256 is ``sha256``, else ``KNOWN_SHA256`` by file name; a cached file that
+  differs from it is downloaded again. A download goes to a temporary file in ``cache_dir``
+  that replaces the cached one only once complete and verified.
+  """
+  name = pathlib.PurePosixPath(urllib.parse.urlparse(url).path).name
+  cache_dir = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
+  target = cache_dir / name
+  sha256 = sha256 or KNOWN_SHA256.get(name)
+  if target.is_file():
+    if sha256 is None or sha256_of(target) == sha256:
+      return target
+    logging.warning("%s does not have the expected sha256 %s; downloading it again.",
+                    target, sha256)
+  cache_dir.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{name}.", suffix=".part")
+  try:
+    with os.fdopen(fd, "wb") as out:
+      _download(url, out, name, timeout)
+    if sha256 is not None and (actual := sha256_of(tmp)) != sha256:
+      raise WeightsError(f"{url} downloaded with sha256 {actual}, expected {sha256}; nothing "
+                         f"was cached. Retry later, or download it yourself and pass "
+                         f"--config.model.weights=/path/to/{name}.")
+    os.replace(tmp, target)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+  return target
+
+
+def _download(url: str, out: BinaryIO, name: str, timeout: float) -> None:
+  """Streams ``url`` into ``out`` with a progress bar; an unreachable host or a short body raises."""
+  local_hint = (f"Download {url} elsewhere and pass it with "
+                f"--config.model.weights=/path/to/{name}.")
+  try:
+    response = urllib.request.urlopen(url, timeout=timeout)
+  except urllib.error.HTTPError as e:
+    raise WeightsError(f"{url} answered HTTP {e.code} ({e.reason}). {local_hint}") from e
+  except OSError as e:  # URLError (DNS, refused), timeouts, resets.
+    host = urllib.parse.urlparse(url).netloc or url
+    raise WeightsError(f"the weights host {host} could not be reached "
+                       f"({getattr(e, 'reason', e)}); are you offline? {local_hint}") from e
+  length = response.headers.get("Content-Length")
+  total = int(length) if length else None
+  received = 0
+  with response, tqdm.tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                           desc=name) as bar:
+    try:
+      while chunk := response.read(_CHUNK):
+        out.write(chunk)
+        received += len(chunk)
+        bar.update(len(chunk))
+    except (OSError, http.client.HTTPException) as e:
+      raise WeightsError(f"the download of {url} broke off after {received} bytes ({e!r}). "
+                         f"Retry, or: {local_hint}") from e
+  if total is not None and received != total:
+    raise WeightsError(f"the download of {url} broke off after {received} of {total} bytes. "
+                       f"Retry, or: {local_hint}")
+
+
+def _keras_cached(name: str) -> pathlib.Path | None:
+  """The copy keras.applications already cached (``$KERAS_HOME/models``), if it verifies."""
+  keras_home = pathlib.Path(os.environ.get("KERAS_HOME") or "~/.keras").expanduser()
+  path = keras_home / "models" / name
+  if path.is_file() and (name not in KNOWN_SHA256 or sha256_of(path) == KNOWN_SHA256[name]):
+    return path
+  return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's entry points.
+
+
+def resolve_weights(spec: str, *, alpha: float, input_size: int | tuple[int, int],
+                    include_top_file: bool,
+                    cache_dir: str | os.PathLike | None = None) -> pathlib.Path | None:
+  """The weights file for ``spec``: "imagenet" (downloaded, cached), "none" (None) or a path.
+
+  For "imagenet", the file Keras would load for ``input_size``: its own size when Keras
+  publishes one (96, 128, 160, 192, 224), else 224.
+  """
+  if spec == "none":
+    return None
+  if spec == "imagenet":
+    url = keras_weights_url(alpha, keras_rows(input_size), include_top_file)
+    name = url.rsplit("/", 1)[-1]
+    if not cache_dir and not (default_cache_dir() / name).is_file():
+      if (cached := _keras_cached(name)) is not None:
+        return cached
+    return fetch(url, cache_dir)
+  path = pathlib.Path(spec).expanduser()
+  if not path.is_file():
+    raise WeightsError(f"model.weights={spec!r}: no such file. Pass 'imagenet' (downloaded and "
+                       "cached), 'none' (random initialisation) or the path of a Keras "
+                       "MobileNetV2 .h5 weights file.")
+  return path
+
+
+def load_pretrained(spec: str, model: MobileNetV2, *, input_size: int | tuple[int, int],
+                    rng: jax.Array, cache_dir: str | os.PathLike | None = None) -> Variables:
+  """Variables for ``model`` from ``spec`` ("imagenet", "none" or a .h5 path).
+
+  A model with a top of 1000 classes takes the ImageNet classifier; any other top is initialised
+  from ``rng`` over the ``_no_top`` weights.
+  """
+  include_top_file = model.include_top and model.num_classes == 1000
+  path = resolve_weights(spec, alpha=model.alpha, input_size=input_size,
+                         include_top_file=include_top_file, cache_dir=cache_dir)
+  if path is None:
+    size = mobilenet_v2.MIN_INPUT_SIZE
+    return dict(jax.jit(model.init)(rng, jnp.zeros((1, size, size, 3), jnp.float32)))
+  weights = read_keras_h5(path)
+  dont_load = ("predictions",) if model.include_top and "predictions" not in weights else ()
+  return _to_variables(weights, model, path, dont_load, rng)
