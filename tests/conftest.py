@@ -40,3 +40,30 @@ def fashion_mnist_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def imagenet_weights_path() -> pathlib.Path:
   return _shared_path("weights/mobilenet_v2_1.0_imagenet_no_top.h5")
+
+
+def write_idx(path: pathlib.Path, array) -> None:
+  """Writes ``array`` (uint8, 1-D labels or 3-D images) as a gzipped IDX file."""
+  import gzip
+  import numpy as np
+  magic = {1: 0x801, 3: 0x803}[array.ndim]
+  header = np.array([magic, *array.shape], ">u4").tobytes()
+  with gzip.open(path, "wb") as f:
+    f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def tiny_idx_dir(tmp_path_factory) -> pathlib.Path:
+  """A learnable 10-class IDX dataset: 160 train and 40 test 28x28 images (a bright bar
+  whose position is the class), in the MNIST file layout."""
+  import numpy as np
+  rng = np.random.default_rng(0)
+  folder = tmp_path_factory.mktemp("tiny_idx")
+  for prefix, n in (("train", 160), ("t10k", 40)):
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+    for i, label in enumerate(labels):
+      images[i, 2 + 2 * label:4 + 2 * label, 4:24] = 255
+    write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+    write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+  return folder

@@ -7,7 +7,6 @@ writes each checkpoint to a temporary directory and renames it when complete, so
 killed mid-write leaves no checkpoint that a restart could read.
 """
 
-import logging
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -29,8 +28,10 @@ class Checkpointer:
     self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=(_STATE, _META))
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={_STATE: ocp.StandardCheckpointHandler(),
+                       _META: ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -71,11 +72,17 @@ class Checkpointer:
     self._manager.close()
 
 
+def _shapes(tree: Any) -> dict[str, tuple | None]:
+  """``"params/Conv1/kernel" -> shape`` for the model's variables in a state-like tree."""
+  def key(entry):
+    return str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))))
+  return {"/".join(key(k) for k in path): getattr(leaf, "shape", None)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+          if key(path[0]) in ("params", "batch_stats")}
+
+
 def _check_compatible(saved: Any, target: Any, where: pathlib.Path) -> None:
-  saved_shapes = {jax.tree_util.keystr(k): getattr(v, "shape", None)
-                  for k, v in jax.tree_util.tree_leaves_with_path(saved)}
-  target_shapes = {jax.tree_util.keystr(k): getattr(v, "shape", None)
-                   for k, v in jax.tree_util.tree_leaves_with_path(target)}
+  saved_shapes, target_shapes = _shapes(saved), _shapes(target)
   missing = sorted(set(target_shapes) - set(saved_shapes))
   extra = sorted(set(saved_shapes) - set(target_shapes))
   if missing or extra:
@@ -84,9 +91,8 @@ def _check_compatible(saved: Any, target: Any, where: pathlib.Path) -> None:
         f"which the checkpoint lacks, and the checkpoint has {extra[:4]} which the run "
         "lacks. Use another --workdir, or the config that wrote it.")
   for path, shape in target_shapes.items():
-    if saved_shapes[path] is not None and tuple(saved_shapes[path]) != tuple(shape):
+    if tuple(saved_shapes[path] or ()) != tuple(shape or ()):
       raise CheckpointError(
           f"checkpoint {where} does not fit this run: {path} has shape "
           f"{tuple(saved_shapes[path])} there but {tuple(shape)} here (another number of "
           "classes, alpha or model?). Use another --workdir, or the config that wrote it.")
-  logging.debug("checkpoint %s fits the run (%d arrays)", where, len(target_shapes))

@@ -10,8 +10,9 @@ Two sources, chosen by :func:`load_dataset`:
 
 * a folder holding the four classic IDX files (``train-images-idx3-ubyte.gz``, ...), as
   published for MNIST and Fashion-MNIST; works offline;
-* tensorflow-datasets, read through ``tfds.data_source`` (no TensorFlow needed); the dataset is
-  downloaded and prepared in ArrayRecord format on first use.
+* tensorflow-datasets, read through its random-access data source (``builder.as_data_source``,
+  what ``tfds.data_source`` returns; no TensorFlow needed); the dataset is downloaded and
+  prepared in ArrayRecord format on first use, or the call fails at once when offline.
 """
 
 import dataclasses
@@ -185,7 +186,7 @@ def _host_reachable(host: str, port: int) -> bool:
     return False
 
 
-def _tfds_builder(name: str, data_dir):
+def _tfds_builder(name: str, data_dir: str | pathlib.Path | None):
   import tensorflow_datasets as tfds  # Imported on use: it takes a while.
   try:
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
@@ -286,7 +287,8 @@ def holdout_split(split: Split, fraction: float) -> tuple[Split, Split]:
   """Splits off the last ``fraction`` of ``split`` as validation, like Keras's
   ``model.fit(validation_split=fraction)`` (before any shuffling, same rounding).
 
-  >>> train, val = holdout_split(split_of_10, 0.25)   # 7 and 3 examples: floor(10 * 0.75) = 7
+  Example: 10 examples and fraction 0.25 give train = the first floor(10 * 0.75) = 7 and
+  validation = the last 3. Fraction 0 gives ``(split, <empty split>)``.
   """
   if not 0.0 <= fraction < 1.0:
     raise ValueError(f"validation fraction {fraction} must be in [0, 1).")
@@ -359,5 +361,8 @@ def augment(rng: jax.Array, images: jax.Array, *, max_shift: int) -> jax.Array:
   m = max_shift
   padded = jnp.pad(images, ((0, 0), (m, m), (m, m), (0, 0)))
   corners = jax.random.randint(rng, (b, 2), 0, 2 * m + 1)
-  crop = lambda image, corner: jax.lax.dynamic_slice(image, (corner[0], corner[1], 0), (h, w, c))
+
+  def crop(image_HWC, corner):
+    return jax.lax.dynamic_slice(image_HWC, (corner[0], corner[1], 0), (h, w, c))
+
   return jax.vmap(crop)(padded, corners)

@@ -348,7 +348,7 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
           ctx.checkpointer.wait()
           raise preemption.Preempted(f"stopped at phase {phase.name} step {step}")
         if (every and global_step // every != (global_step - k) // every
-            and step < phase.total_steps):
+            and position < phase.steps_per_epoch):  # Epoch ends are saved below.
           _save(ctx, phase, state, global_step)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     val_loss = val_acc = None
@@ -472,27 +472,28 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   device_images = {k: _replicate({"images": s.images}, mesh) for k, s in splits.items()}
   device_labels = {k: _replicate(s.labels, mesh) for k, s in splits.items()}
   stop = preemption.StopSignal()
-  with reporting.MetricsWriter(workdir / "metrics.jsonl") as metrics, stop.installed():
-    ctx = RunContext(config, mesh, model, splits, device_images, device_labels, checkpointer,
-                     metrics, stop, meta)
-    for index in range(start_phase, len(config.phases)):
-      current = variables if state is None else {"params": state.params}
-      phase = build_phase(config, index, model, current["params"], len(splits["train"].labels))
-      logging.info("phase %d (%s): %d epochs of %d steps, BatchNorm %s\n%s", index, phase.name,
-                   phase.config.epochs, phase.steps_per_epoch, phase.config.batchnorm,
-                   freezing.format_report(phase.reports))
-      if state is None:
-        state = _replicate(init_state(phase, variables, config.seed), mesh)
-      global_step = meta["global_step"] + phase.total_steps - int(state.step)
-      state, results = train_phase(ctx, phase, state, meta["global_step"])
-      meta["results"].append(results)
-      _save(ctx, phase, state, global_step)
-      variables, state = {"params": state.params, "batch_stats": state.batch_stats}, None
-    checkpointer.wait()
-
-  summary = write_outputs(workdir, config, dataset, splits, model, variables, device_images,
-                          device_labels, mesh, meta["results"])
-  checkpointer.close()
+  try:
+    with reporting.MetricsWriter(workdir / "metrics.jsonl") as metrics, stop.installed():
+      ctx = RunContext(config, mesh, model, splits, device_images, device_labels,
+                       checkpointer, metrics, stop, meta)
+      for index in range(start_phase, len(config.phases)):
+        current = variables if state is None else {"params": state.params}
+        phase = build_phase(config, index, model, current["params"],
+                            len(splits["train"].labels))
+        logging.info("phase %d (%s): %d epochs of %d steps, BatchNorm %s\n%s", index,
+                     phase.name, phase.config.epochs, phase.steps_per_epoch,
+                     phase.config.batchnorm, freezing.format_report(phase.reports))
+        if state is None:
+          state = _replicate(init_state(phase, variables, config.seed), mesh)
+        global_step = meta["global_step"] + phase.total_steps - int(state.step)
+        state, results = train_phase(ctx, phase, state, meta["global_step"])
+        meta["results"].append(results)
+        _save(ctx, phase, state, global_step)
+        variables, state = {"params": state.params, "batch_stats": state.batch_stats}, None
+    summary = write_outputs(workdir, config, dataset, splits, model, variables,
+                            device_images, device_labels, mesh, meta["results"])
+  finally:
+    checkpointer.close()  # Whatever happened, a checkpoint being written is finished.
   return summary
 
 

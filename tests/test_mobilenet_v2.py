@@ -1,0 +1,142 @@
+"""Tests of tljax.models.mobilenet_v2 against keras.applications.MobileNetV2 (the reference).
+
+Keras models get random weights, BatchNorm moving statistics included, saved in the legacy .h5
+layout; tljax loads them through ``weights.load_keras_h5`` and must compute the same features.
+"""
+
+import dataclasses
+import functools
+import gzip
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tljax import weights
+from tljax.models import mobilenet_v2
+from tljax.models.mobilenet_v2 import MobileNetV2
+
+keras = pytest.importorskip("keras")
+legacy_h5_format = pytest.importorskip("keras.src.legacy.saving.legacy_h5_format")
+
+# float32 rounding differs with the order of summation: |tljax - keras| <= 1e-4 * (1 + |keras|).
+TOLERANCE = 1e-4
+NUM_CLASSES = 10
+# Intermediate features compared before the output, so that a mismatch is located.
+FEATURES = ("block_2_add", "block_6_project_BN", "block_13_depthwise_relu", "out_relu")
+# (alpha, (height, width), include_top): each value of each setting at least once.
+CASES = [(0.35, (32, 32), True), (0.35, (96, 96), False), (1.0, (32, 48), True),
+         (1.0, (96, 96), False)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  """A random Keras model, its weights as a legacy .h5 file, and its outputs on ``x``."""
+  keras_model: object
+  model: MobileNetV2
+  path: pathlib.Path
+  x: np.ndarray
+  outputs: dict
+
+
+def _randomise_batch_norm(keras_model, rng):
+  """Moving statistics away from (0, 1) and a non-zero head bias, so a mix-up shows."""
+  for layer in keras_model.layers:
+    if isinstance(layer, keras.layers.BatchNormalization):
+      n = layer.gamma.shape[0]
+      layer.set_weights([1 + 0.1 * rng.standard_normal(n), 0.1 * rng.standard_normal(n),
+                         0.1 * rng.standard_normal(n), 1 + 0.1 * np.abs(rng.standard_normal(n))])
+    elif isinstance(layer, keras.layers.Dense):
+      layer.bias.assign(0.1 * rng.standard_normal(layer.bias.shape))
+
+
+@pytest.fixture(scope="module", params=CASES,
+                ids=[f"alpha{a}-{h}x{w}-{'top' if t else 'no_top'}" for a, (h, w), t in CASES])
+def reference(request, tmp_path_factory):
+  alpha, (height, width), include_top = request.param
+  keras.backend.clear_session()  # Keras numbers unnamed layers per session.
+  keras.utils.set_random_seed(0)
+  rng = np.random.default_rng(0)
+  keras_model = keras.applications.MobileNetV2(
+      input_shape=(height, width, 3), alpha=alpha, include_top=include_top, weights=None,
+      classes=NUM_CLASSES, classifier_activation=None)
+  _randomise_batch_norm(keras_model, rng)
+  path = tmp_path_factory.mktemp("keras") / "weights.h5"
+  import h5py  # noqa: PLC0415 (only the writer needs it)
+  with h5py.File(path, "w") as f:
+    legacy_h5_format.save_weights_to_hdf5_group(f, keras_model)
+  names = FEATURES + (keras_model.layers[-1].name,) * include_top
+  probe = keras.Model(keras_model.inputs, [keras_model.get_layer(n).output for n in names])
+  x = rng.uniform(-1, 1, (2, height, width, 3)).astype(np.float32)
+  outputs = dict(zip(names, probe.predict(x, verbose=0)))
+  model = MobileNetV2(alpha=alpha, include_top=include_top, num_classes=NUM_CLASSES)
+  return Reference(keras_model, model, path, x, outputs)
+
+
+@pytest.mark.parametrize("impl", ["shifted", "xla"])
+def test_ported_weights_compute_what_keras_computes(reference, impl):
+  model = reference.model.clone(depthwise=impl)
+  variables = weights.load_keras_h5(reference.path, model)
+  apply = jax.jit(functools.partial(model.apply, capture=tuple(reference.outputs)))
+  outputs = apply(variables, reference.x)
+  for name, expected in reference.outputs.items():  # In network order: the first is to blame.
+    assert outputs[name].shape == expected.shape, name
+    np.testing.assert_allclose(outputs[name], expected, rtol=TOLERANCE, atol=TOLERANCE,
+                               err_msg=f"{name} differs from Keras ({impl} depthwise)")
+  assert float(np.std(reference.outputs["out_relu"])) > 0.1  # Not a trivially equal output.
+
+
+def test_layers_are_keras_layers(reference):
+  keras_names = [layer.name for layer in reference.keras_model.layers]
+  names = [layer.name for layer in reference.model.layers]
+  assert names[1:] == keras_names[1:]  # The input layer's name differs between Keras versions.
+  assert names[0] == mobilenet_v2.INPUT_NAME
+
+
+def test_parameter_counts_equal_keras(reference):
+  model = reference.model
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  count = lambda tree: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+  keras_trainable = sum(int(np.prod(w.shape)) for w in reference.keras_model.trainable_weights)
+  assert count(shapes) == reference.keras_model.count_params()
+  assert count(shapes["params"]) == keras_trainable
+
+
+def test_keras_layer_indices():
+  layers = mobilenet_v2.keras_layers()
+  assert len(layers) == 154
+  assert layers[100].name == "block_11_expand_relu"
+  assert [l.name for l in mobilenet_v2.keras_layers(include_top=True)[-2:]] == [
+      "global_average_pooling2d", "predictions"]
+
+
+def _mnist_images(mnist_dir: pathlib.Path, count: int) -> np.ndarray:
+  """The first ``count`` test digits, ``[count, 28, 28]`` uint8, from the IDX file."""
+  with gzip.open(mnist_dir / "t10k-images-idx3-ubyte.gz", "rb") as f:
+    data = f.read(16 + count * 28 * 28)
+  assert int.from_bytes(data[:4], "big") == 2051, "not an IDX image file"
+  return np.frombuffer(data[16:], np.uint8).reshape(count, 28, 28)
+
+
+@pytest.mark.parametrize("impl", ["shifted", "xla"])
+def test_imagenet_features_of_mnist_digits_match_keras(imagenet_weights_path, mnist_dir, impl):
+  grey = jnp.asarray(_mnist_images(mnist_dir, 8), jnp.float32)
+  rgb = jnp.repeat(grey[..., None], 3, axis=-1)
+  x = jax.image.resize(rgb, (8, 96, 96, 3), "bilinear") / 127.5 - 1
+  keras_model = _keras_imagenet_model(str(imagenet_weights_path))
+  expected = keras_model.predict(np.asarray(x), verbose=0)
+
+  model = MobileNetV2(alpha=1.0, include_top=False, depthwise=impl)
+  variables = weights.load_keras_h5(imagenet_weights_path, model)
+  features = np.asarray(jax.jit(model.apply)(variables, x))
+  assert features.shape == expected.shape == (8, 3, 3, 1280)
+  np.testing.assert_allclose(features, expected, rtol=TOLERANCE, atol=TOLERANCE)
+  assert float(np.std(expected)) > 0.1
+
+
+@functools.cache
+def _keras_imagenet_model(path: str):
+  keras.backend.clear_session()
+  return keras.applications.MobileNetV2(weights=path, include_top=False, input_shape=(96, 96, 3))

@@ -1,0 +1,104 @@
+"""End-to-end runs on a tiny dataset: outputs, resume, and the cached-prefix fast path."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import default
+from tljax import checkpoint, train
+
+
+def tiny_config(data_dir, **overrides):
+  config = default.get_config()
+  config.data.dir = str(data_dir)
+  config.data.name = "mnist"
+  config.model.alpha = 0.35
+  config.model.weights = "none"
+  config.batch_size = 16
+  config.eval_batch_size = 40
+  config.steps_per_dispatch = 4
+  config.checkpoint_every_steps = 4
+  config.phases[0].epochs = 2
+  config.phases[1].epochs = 1
+  config.phases[1].learning_rate = 1e-3
+  config.phases[1].batchnorm = "batch_stats"
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[int(p)] if p.isdigit() else target[p]
+    target[leaf] = value
+  return config
+
+
+def final_state(workdir):
+  ckpt = checkpoint.Checkpointer(workdir)
+  step = ckpt.latest_step()
+  meta = ckpt.restore_meta(step)
+  restored = ckpt._manager.restore(step)  # Raw arrays, for comparison only.
+  ckpt.close()
+  return meta, restored["state"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_idx_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  summary = train.run(tiny_config(tiny_idx_dir), workdir)
+  return workdir, summary
+
+
+def test_run_writes_every_output(uninterrupted):
+  workdir, summary = uninterrupted
+  for name in ("metrics.jsonl", "summary.json", "confusion_matrix.png", "samples.png",
+               "curves.png", "test_predictions.npz"):
+    assert (workdir / name).stat().st_size > 0, name
+  saved = json.loads((workdir / "summary.json").read_text())
+  recount = np.load(workdir / "test_predictions.npz")
+  assert saved["test_accuracy"] == pytest.approx(
+      np.mean(recount["labels"] == recount["predictions"]), abs=1e-12)
+  assert len(recount["labels"]) == saved["test_examples"] == 40
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  epochs = [(r["phase"], r["epoch"]) for r in records if r["kind"] == "epoch"]
+  assert epochs == [(0, 1), (0, 2), (1, 1)]
+  assert all(r["val_accuracy"] is not None for r in records if r["kind"] == "epoch")
+  assert [p["name"] for p in saved["phases"]] == ["frozen_base", "fine_tune"]
+  assert saved["phases"][0]["trainable_params"] == 1280 * 10 + 10
+  assert saved["phases"][0]["cached_prefix"] == ["global_average_pooling2d"]
+
+
+def test_restart_after_phase_one_continues_in_phase_two(uninterrupted, tiny_idx_dir,
+                                                        tmp_path, monkeypatch):
+  workdir = tmp_path / "interrupted"
+  original = train.train_phase
+
+  def stop_before_phase_two(ctx, phase, state, global_step):
+    if phase.index == 1:
+      raise KeyboardInterrupt("simulated crash after the phase-1 checkpoint")
+    return original(ctx, phase, state, global_step)
+
+  monkeypatch.setattr(train, "train_phase", stop_before_phase_two)
+  with pytest.raises(KeyboardInterrupt):
+    train.run(tiny_config(tiny_idx_dir), workdir)
+  monkeypatch.setattr(train, "train_phase", original)
+  calls = []
+  monkeypatch.setattr(train.weights, "load_pretrained",
+                      lambda *a, **k: calls.append(a) or pytest.fail("weights reloaded"))
+  train.run(tiny_config(tiny_idx_dir), workdir)
+  assert not calls
+  meta_a, state_a = final_state(uninterrupted[0])
+  meta_b, state_b = final_state(workdir)
+  assert meta_a["global_step"] == meta_b["global_step"]
+  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["phase"] for r in records if r["kind"] == "epoch"] == [0, 0, 1]
+
+
+def test_incompatible_checkpoints_are_refused(uninterrupted, tiny_idx_dir):
+  config = tiny_config(tiny_idx_dir)
+  config.phases[1].rules = ("freeze:layers[:50]", "train:.*")
+  with pytest.raises(checkpoint.CheckpointError, match="another config.*phases"):
+    train.run(config, uninterrupted[0])
