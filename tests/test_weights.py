@@ -1,9 +1,9 @@
 """Tests of tljax.weights: the .h5 mapping, its errors, and download and cache, all offline."""
 
+import functools
 import hashlib
 import http.server
 import os
-import pathlib
 import shutil
 import socket
 import threading
@@ -33,13 +33,18 @@ TOP = MobileNetV2(alpha=0.35, include_top=True, num_classes=10)
 NO_TOP_NAME = weights.weights_file_name(0.35, 96, include_top=False)
 
 
+@functools.cache
+def _abstract(model):
+  return jax.eval_shape(model.init, jax.random.key(0), DUMMY)
+
+
 def write_keras_h5(path, model, *, style="tf.keras", seed=0, group_name=None):
   """Writes random weights for ``model`` in the legacy layout; returns {layer: {name: array}}.
 
   ``style`` "tf.keras" names weights ``Conv1/kernel:0`` and ``.../depthwise_kernel:0`` (the
   published files); "keras3" writes ``Conv1/kernel`` and ``.../kernel`` for depthwise layers.
   """
-  abstract = jax.eval_shape(model.init, jax.random.key(0), DUMMY)
+  abstract = _abstract(model)
   rng = np.random.default_rng(seed)
   written = {}
   with h5py.File(path, "w") as f:
@@ -64,6 +69,13 @@ def write_keras_h5(path, model, *, style="tf.keras", seed=0, group_name=None):
   return written
 
 
+@pytest.fixture(autouse=True)
+def _isolated_caches(tmp_path, monkeypatch):
+  """No test reads or writes the real download caches."""
+  monkeypatch.setenv("TLJAX_CACHE", str(tmp_path / "tljax_cache"))
+  monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   """Legacy .h5 files of random weights: alpha 0.35 with and without a 10-class top."""
@@ -82,9 +94,8 @@ def init_variables():
 
 
 def _assert_loaded(variables, model, written):
-  abstract = jax.eval_shape(model.init, jax.random.key(0), DUMMY)
   assert jax.tree.map(lambda a: (a.shape, a.dtype), variables) == \
-      jax.tree.map(lambda a: (a.shape, a.dtype), abstract)
+      jax.tree.map(lambda a: (a.shape, a.dtype), _abstract(model))
   kinds = {layer.name: layer.kind for layer in model.layers}
   for layer, values in written.items():
     for keras_name, collection, var in EXPECTED_MAPPING[kinds[layer]]:
@@ -116,7 +127,7 @@ def test_load_reads_weights_under_a_model_weights_group(tmp_path):
 
 def test_read_keras_h5_skips_weightless_layers_and_strips_suffixes(files):
   read = weights.read_keras_h5(files["no_top"])
-  assert list(read) == [layer for layer in files["no_top_values"]]
+  assert list(read) == list(files["no_top_values"])
   assert set(read["bn_Conv1"]) == {"gamma", "beta", "moving_mean", "moving_variance"}
   assert set(read["expanded_conv_depthwise"]) == {"depthwise_kernel"}
   assert "Conv1_relu" not in read and "block_1_pad" not in read
@@ -262,9 +273,8 @@ def test_dont_load_several_layers_matches_a_full_init(files, init_variables):
 
 
 def test_load_pretrained_none_is_model_init(init_variables):
-  abstract = jax.eval_shape(TOP.init, jax.random.key(0), DUMMY)
   assert jax.tree.map(lambda a: a.shape, init_variables) == \
-      jax.tree.map(lambda a: a.shape, abstract)
+      jax.tree.map(lambda a: a.shape, _abstract(TOP))
   np.testing.assert_array_equal(init_variables["batch_stats"]["bn_Conv1"]["var"], np.ones(16))
   assert float(jnp.std(init_variables["params"]["Conv1"]["kernel"])) > 0.05
 
@@ -349,6 +359,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
   files: dict[str, bytes] = {}
   cut_short: set[str] = set()
   requests: list[str] = []
+  url = ""
 
   def do_GET(self):  # noqa: N802 (http.server's name)
     self.requests.append(self.path)
@@ -502,10 +513,12 @@ def test_resolve_imagenet_uses_the_keras_cache(tmp_path, monkeypatch):
   keras_copy.parent.mkdir(parents=True)
   keras_copy.write_bytes(b"keras cached")
   monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
-  monkeypatch.setenv("TLJAX_CACHE", str(tmp_path / "tljax"))
   monkeypatch.setattr(weights, "BASE_URL", f"http://127.0.0.1:{_closed_port()}/")
-  path = weights.resolve_weights("imagenet", alpha=0.35, input_size=96, include_top_file=False)
-  assert path == keras_copy
+  kwargs = dict(alpha=0.35, include_top_file=False, cache_dir=tmp_path / "tljax")
+  assert weights.resolve_weights("imagenet", input_size=96, **kwargs) == keras_copy
   with pytest.raises(weights.WeightsError, match="could not be reached"):
-    weights.resolve_weights("imagenet", alpha=0.35, input_size=128, include_top_file=False)
-  assert not pathlib.Path(tmp_path / "tljax").exists() or not os.listdir(tmp_path / "tljax")
+    weights.resolve_weights("imagenet", input_size=128, **kwargs)
+  assert os.listdir(tmp_path / "tljax") == []
+  (tmp_path / "tljax" / NO_TOP_NAME).write_bytes(b"own cache")  # Takes precedence.
+  assert weights.resolve_weights("imagenet", input_size=96, **kwargs) == \
+      tmp_path / "tljax" / NO_TOP_NAME

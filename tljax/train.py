@@ -206,17 +206,16 @@ def make_train_chunk(phase: Phase, model: MobileNetV2, config, mesh):
   prepare = functools.partial(_model_inputs, cut=phase.cut, size=config.model.input_size,
                               scale=config.data.scale,
                               augment_shift=config.data.augment_shift)
-  batch_sharding = sharding.batch_sharded(mesh)
 
   def one_step(state, inputs, labels, indices):
-    indices = jax.lax.with_sharding_constraint(indices, batch_sharding)
     rng = jax.random.fold_in(state.rng, state.step)
     return step(state, prepare(_gather(inputs, indices), rng), labels[indices])
 
   def chunk(state, inputs, labels, indices):
     return jax.lax.scan(lambda s, idx: one_step(s, inputs, labels, idx), state, indices)
 
-  return jax.jit(chunk, donate_argnums=0, out_shardings=sharding.replicated(mesh))
+  # The batch is split over devices by the sharding of ``indices`` (see ``train_phase``).
+  return jax.jit(chunk, donate_argnums=0)
 
 
 def make_eval_batch(model: MobileNetV2, cut: int, config):

@@ -21,7 +21,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 import h5py
@@ -35,8 +35,9 @@ from tljax.models.mobilenet_v2 import MobileNetV2
 
 BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
 KERAS_ROWS = (96, 128, 160, 192, 224)  # Input sizes Keras publishes weights for.
-# sha256 of the published files, by file name. Keras publishes none and none are recorded here
-# until verified against a download; files without an entry are cached without a check.
+# sha256 of the published files, by file name. keras.applications checks none for MobileNetV2
+# and none is recorded here until verified against a download; files without one are cached
+# unchecked (a damaged file then fails to load with a message saying to delete it).
 KNOWN_SHA256: dict[str, str] = {}
 TIMEOUT_S = 10.0
 _CHUNK = 1 << 20
@@ -76,7 +77,8 @@ def read_keras_h5(path: str | os.PathLike) -> KerasWeights:
     raise WeightsError(f"weights file {path} does not exist; pass the path of a Keras "
                        "MobileNetV2 .h5 weights file, 'imagenet' or 'none'.")
   if not h5py.is_hdf5(path):
-    looks_html = path.read_bytes()[:512].lstrip().startswith(b"<")
+    with open(path, "rb") as f:
+      looks_html = f.read(512).lstrip().startswith(b"<")
     raise WeightsError(
         f"{path} is not an HDF5 file"
         f"{' (it looks like an HTML page, e.g. a saved download error)' if looks_html else ''}; "
@@ -149,8 +151,23 @@ def _to_variables(weights: KerasWeights, model: MobileNetV2, path: pathlib.Path,
   dummy = jax.ShapeDtypeStruct((1, mobilenet_v2.MIN_INPUT_SIZE, mobilenet_v2.MIN_INPUT_SIZE, 3),
                                jnp.float32)
   abstract = jax.eval_shape(model.init, jax.random.key(0), dummy)
+  skipped = _matcher(dont_load, [*(layer.name for layer in model.layers), *weights])
+  variables, problems = _match(weights, model, abstract, skipped)
+  if problems:
+    raise WeightsError(_mapping_message(path, model, problems, weights))
+  initialised = [layer.name for layer in model.layers
+                 if skipped(layer.name) and any(layer.name in abstract[c] for c in abstract)]
+  if initialised:
+    _fill_from_init(variables, model, rng, abstract, dummy, initialised)
+  logging.info("Loaded %s into MobileNetV2(alpha=%s); initialised %s.", path, model.alpha,
+               initialised or "nothing")
+  return variables
+
+
+def _match(weights: KerasWeights, model: MobileNetV2, abstract: Variables,
+           skipped: Callable[[str], bool]) -> tuple[Variables, list[str]]:
+  """Places the file's arrays by layer name and kind; lists everything that does not fit."""
   kinds = {layer.name: layer.kind for layer in model.layers}
-  skipped = _matcher(dont_load, [*kinds, *weights])
   variables = {collection: {} for collection in abstract}
   problems, matched = [], set()
   for layer, layer_weights in weights.items():
@@ -171,26 +188,17 @@ def _to_variables(weights: KerasWeights, model: MobileNetV2, path: pathlib.Path,
                         f"the model ({collection}/{layer}/{var})")
       else:
         variables[collection].setdefault(layer, {})[var] = jnp.asarray(value, expected.dtype)
-  wanted = [(c, layer, var) for layer in kinds for c in abstract
-            for var in abstract[c].get(layer, {}) if not skipped(layer)]
+  wanted = [(c, layer, var) for layer in kinds if not skipped(layer) for c in abstract
+            for var in abstract[c].get(layer, {})]
   missing = list(dict.fromkeys(layer for _, layer, _ in wanted if layer not in weights))
   if missing:
     problems.append(f"{len(missing)} model layers are not in the file: {missing}")
   problems += [f"{layer} lacks {c}/{var} in the file" for c, layer, var in wanted
                if layer in weights and (c, layer, var) not in matched]
-  if problems:
-    raise WeightsError(_mapping_message(path, model, problems, weights))
-  loaded = len({layer for c in variables for layer in variables[c]})
-  initialised = [layer for layer in kinds if skipped(layer)
-                 and any(layer in abstract[c] for c in abstract)]
-  if initialised:
-    _fill_from_init(variables, model, rng, abstract, dummy, initialised)
-  logging.info("Loaded %d layers from %s; initialised %s.", loaded, path,
-               initialised or "none")
-  return variables
+  return variables, problems
 
 
-def _matcher(patterns: Sequence[str], names: Sequence[str]):
+def _matcher(patterns: Sequence[str], names: Sequence[str]) -> Callable[[str], bool]:
   """``name -> bool`` for the names that fully match one of ``patterns``; each must match one."""
   if isinstance(patterns, str):
     raise TypeError(f"dont_load must be a sequence of regexes, got the string {patterns!r}; "
@@ -306,6 +314,7 @@ def default_cache_dir() -> pathlib.Path:
 
 
 def sha256_of(path: str | os.PathLike) -> str:
+  """The hex sha256 of the file at ``path``."""
   digest = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(_CHUNK), b""):
@@ -347,7 +356,7 @@ def fetch(url: str, cache_dir: str | os.PathLike | None = None, sha256: str | No
 
 
 def _download(url: str, out: BinaryIO, name: str, timeout: float) -> None:
-  """Streams ``url`` into ``out`` with a progress bar; an unreachable host or a short body raises."""
+  """Streams ``url`` into ``out`` with a progress bar; an unreachable host or short body raises."""
   local_hint = (f"Download {url} elsewhere and pass it with "
                 f"--config.model.weights=/path/to/{name}.")
   try:
@@ -395,16 +404,17 @@ def resolve_weights(spec: str, *, alpha: float, input_size: int | tuple[int, int
   """The weights file for ``spec``: "imagenet" (downloaded, cached), "none" (None) or a path.
 
   For "imagenet", the file Keras would load for ``input_size``: its own size when Keras
-  publishes one (96, 128, 160, 192, 224), else 224.
+  publishes one (96, 128, 160, 192, 224), else 224; taken from ``cache_dir``, else from Keras's
+  own cache (``$KERAS_HOME/models``), else downloaded into ``cache_dir``.
   """
   if spec == "none":
     return None
   if spec == "imagenet":
     url = keras_weights_url(alpha, keras_rows(input_size), include_top_file)
+    cache_dir = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
     name = url.rsplit("/", 1)[-1]
-    if not cache_dir and not (default_cache_dir() / name).is_file():
-      if (cached := _keras_cached(name)) is not None:
-        return cached
+    if not (cache_dir / name).is_file() and (keras_copy := _keras_cached(name)) is not None:
+      return keras_copy
     return fetch(url, cache_dir)
   path = pathlib.Path(spec).expanduser()
   if not path.is_file():
