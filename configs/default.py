@@ -61,6 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.cache_dir = ""        # Download cache; "" = $TLJAX_CACHE or ~/.cache/tljax.
   config.model.depthwise = "auto"    # auto (shifted on CPU, XLA elsewhere) | shifted | xla.
   config.model.dtype = "float32"     # Compute dtype: float32 | bfloat16 (params stay f32).
+  # Moving-average momentum of BatchNorm layers in batch-statistics mode (Keras: 0.999).
+  config.model.bn_momentum = 0.999
 
   config.phases = (
       phase(name="frozen_base", epochs=10, rules=("train:predictions/.*", "freeze:.*")),

@@ -86,6 +86,8 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
          f"{mobilenet_v2.MIN_INPUT_SIZE}.")
   expect(config.model.dtype in DTYPES,
          f"model.dtype={config.model.dtype!r} is not one of {tuple(DTYPES)}.")
+  expect(0 <= config.model.bn_momentum < 1,
+         f"model.bn_momentum={config.model.bn_momentum} must be in [0, 1).")
   expect(len(config.phases) >= 1, "config.phases is empty: give at least one phase.")
   for i, phase in enumerate(config.phases):
     where = f"phases[{i}] ({phase.name!r})"
@@ -409,7 +411,8 @@ def load_splits(config) -> tuple[data.Dataset, dict[str, data.Split]]:
 
 def create_model(config, num_classes: int) -> MobileNetV2:
   return MobileNetV2(alpha=config.model.alpha, include_top=True, num_classes=num_classes,
-                     dtype=DTYPES[config.model.dtype], depthwise=config.model.depthwise)
+                     dtype=DTYPES[config.model.dtype], depthwise=config.model.depthwise,
+                     bn_momentum=config.model.bn_momentum)
 
 
 def _replicate(tree, mesh):

@@ -145,6 +145,7 @@ class MobileNetV2(nn.Module):
     pooling: without a top, None (feature map), "avg" or "max".
     dtype: compute dtype; parameters and BatchNorm statistics stay float32.
     depthwise: "auto", "shifted" or "xla" (see ``tljax.models.depthwise``).
+    bn_momentum: moving-average momentum of BatchNorm layers in batch-statistics mode.
   """
   alpha: float = 1.0
   include_top: bool = True
@@ -152,6 +153,7 @@ class MobileNetV2(nn.Module):
   pooling: str | None = None
   dtype: Any = jnp.float32
   depthwise: str = "auto"
+  bn_momentum: float = BN_MOMENTUM
 
   @property
   def layers(self) -> tuple[Layer, ...]:
@@ -194,7 +196,7 @@ class MobileNetV2(nn.Module):
                      padding="SAME", use_bias=False, dtype=self.dtype,
                      kernel_init=nn.initializers.glorot_uniform(), name=layer.name)(x)
     if layer.kind == "bn":
-      return nn.BatchNorm(use_running_average=not train_bn, momentum=BN_MOMENTUM,
+      return nn.BatchNorm(use_running_average=not train_bn, momentum=self.bn_momentum,
                           epsilon=BN_EPSILON, dtype=self.dtype, use_fast_variance=False,
                           name=layer.name)(x)
     if layer.kind == "relu6":

@@ -1,0 +1,510 @@
+"""Train-step throughput of tljax's compiled train step, by phase kind, batch and input size.
+
+    python benchmarks/step_throughput.py --out step_throughput.json
+    python benchmarks/step_throughput.py --batch_sizes 32,128,512 --sizes 32,224
+    python benchmarks/step_throughput.py --baselines keras_jax,keras_tf
+
+Each case compiles the trainer's own fused step (``tljax.train.make_train_chunk``) for a phase
+built by ``tljax.train.build_phase`` from ``configs/mnist_mnv2.py``: "frozen_base" is its
+phases[0] (only the head trains), "fine_tune" its phases[1] (``layers[:100]`` frozen, BatchNorm
+in batch-statistics mode), "full" phases[1] with every parameter trainable. The step reads
+random uint8 MNIST-shaped images (28x28) and resizes them to the input size, as in training
+("uncached"), or reads the frozen prefix's cached output ("cached"), which the trainer uses by
+default where the prefix is frozen and the cache fits ``cache_max_gb`` for MNIST's 60,000
+images. Weights are random: the step's cost does not depend on their values.
+
+Per case: compile time, median and p90 step time, training images/s, the step's FLOPs from
+XLA's cost analysis, achieved GFLOP/s as a fraction of a large float32 matmul on the same
+machine, and the compiled step's memory. Levers, at the first batch size and input size:
+gradients of every parameter then the same masked optimizer (instead of the trainable
+partition only), and XLA's grouped convolution for depthwise layers. Baselines: the same model
+and trainable set in Keras 3 (``train_on_batch``, Adam), each in its own process. All cases of
+one batch size and input size, baselines included, are timed in alternating rounds, so their
+ratios are measured side by side on a possibly busy machine. Prints tables and writes JSON.
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Callable
+from typing import Any
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # The configs import each other as the package ``configs``.
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tljax import freezing, prefix, sharding, train  # noqa: E402
+
+# Phase kind -> (index into config.phases, rules overriding that phase's, or None).
+PHASES = {"frozen_base": (0, None), "fine_tune": (1, None), "full": (1, ("train:.*",))}
+BASELINES = ("keras_jax", "keras_tf")
+MNIST_SHAPE = (28, 28)
+MNIST_EXAMPLES = 60_000    # Train + validation images the trainer would cache.
+NUM_CLASSES = 10
+RESULT = "RESULT "         # Prefix of a worker's JSON lines on stdout.
+
+
+# ---------------------------------------------------------------------------------------------
+# tljax cases.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One compiled step to time."""
+  phase: str                    # A key of PHASES.
+  cached: bool                  # Step from the cached frozen prefix instead of the images.
+  batch: int
+  size: int
+  grad: str = "partial"         # partial (the trainer's) | everything (then masked).
+  depthwise: str = "auto"       # config.model.depthwise.
+
+  @property
+  def label(self) -> str:
+    return (f"{self.phase} {'cached' if self.cached else 'uncached'}"
+            + ("" if self.grad == "partial" else " grad-everything")
+            + ("" if self.depthwise == "auto" else f" dw-{self.depthwise}"))
+
+
+def load_config(path: str, case: Case, steps_per_dispatch: int):
+  """The config at ``path`` with ``case``'s phase settings, batch, size and depthwise."""
+  spec = importlib.util.spec_from_file_location("step_throughput_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  index, rules = PHASES[case.phase]
+  config.batch_size = case.batch
+  config.steps_per_dispatch = steps_per_dispatch
+  config.model.input_size = case.size
+  config.model.depthwise = case.depthwise
+  config.data.augment_shift = 0
+  if rules is not None:
+    config.phases[index].rules = rules
+  return config, index
+
+
+def random_variables(model, size: int, seed: int) -> dict[str, Any]:
+  """He-normal kernels, unit BatchNorm: finite activations of a realistic scale, no compile."""
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, s):
+    name = path[-1].key
+    if name in ("scale", "var"):
+      return np.ones(s.shape, np.float32)
+    if name in ("bias", "mean"):
+      return np.zeros(s.shape, np.float32)
+    fan_in = np.prod(s.shape[:2]) if name == "depthwise_kernel" else np.prod(s.shape[:-1])
+    return (rng.standard_normal(s.shape) * np.sqrt(2 / fan_in)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def steps_per_dispatch_for(batch: int, size: int, requested: int) -> int:
+  """``requested``, or (0) about 128 32x32-image-equivalents per dispatch, at least 1."""
+  return requested or max(1, round(128 / batch * (32 / size) ** 2))
+
+
+def build_case(case: Case, args) -> dict[str, Any]:
+  """Compiles ``case``'s fused step; returns a timed callable and its static figures."""
+  mesh = sharding.data_mesh()
+  k = steps_per_dispatch_for(case.batch, case.size, args.steps_per_dispatch)
+  config, index = load_config(args.config, case, k)
+  pool = max(256, 2 * case.batch)  # Examples on device that batches are drawn from.
+  config.eval_batch_size = pool
+  model = train.create_model(config, NUM_CLASSES)
+  variables = jax.device_put(random_variables(model, case.size, args.seed),
+                             sharding.replicated(mesh))
+  phase = train.build_phase(config, index, model, variables["params"], pool)
+  if case.cached and not phase.cut:
+    raise ValueError(f"{case.label}: the phase has no frozen prefix to cache.")
+  trainer_caches = bool(phase.cut) and cache_fits(model, phase.cut, variables, config)
+  rng = np.random.default_rng(args.seed)
+  inputs = {"images": jnp.asarray(rng.integers(0, 256, (pool, *MNIST_SHAPE), np.uint8))}
+  labels = jnp.asarray(rng.integers(0, NUM_CLASSES, pool, np.int32))
+  cache_s = None
+  if case.cached:
+    t0 = time.perf_counter()
+    inputs = jax.block_until_ready(train.build_prefix_cache(
+        variables, inputs, pool, model=model, cut=phase.cut, config=config, mesh=mesh))
+    cache_s = time.perf_counter() - t0
+  else:
+    phase = dataclasses.replace(phase, cut=0)  # What the trainer does when it cannot cache.
+  if case.grad == "everything":  # Every parameter in the gradient; the optimizer still masks.
+    phase = dataclasses.replace(
+        phase, labels=jax.tree.map(lambda _: freezing.TRAIN, phase.labels))
+  state = train.init_state(phase, jax.tree.map(jnp.copy, variables), config.seed)
+  chunk = train.make_train_chunk(phase, model, config, mesh)
+  indices = [jax.device_put(rng.integers(0, pool, (k, case.batch), np.int32),
+                            sharding.batch_sharded(mesh, 1)) for _ in range(4)]
+  t0 = time.perf_counter()
+  compiled = chunk.lower(state, inputs, labels, indices[0]).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  memory = compiled.memory_analysis()
+  holder = {"state": state, "calls": 0}
+
+  def call():
+    holder["state"], metrics = compiled(holder["state"], inputs, labels,
+                                        indices[holder["calls"] % len(indices)])
+    holder["calls"] += 1
+    jax.device_get(metrics)
+
+  call()  # Warm-up.
+  # XLA's cost analysis counts a loop body once: these are the flops of one step.
+  return {"call": call, "steps_per_call": k, "compile_s": compile_s, "cache_s": cache_s,
+          "trainer_default": case.cached == trainer_caches and case.grad == "partial"
+                             and case.depthwise == "auto",
+          "flops": float(cost.get("flops", 0.0)), "temp_bytes": memory.temp_size_in_bytes,
+          "peak_bytes": (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                         - memory.alias_size_in_bytes + memory.temp_size_in_bytes)}
+
+
+def cache_fits(model, cut: int, variables, config) -> bool:
+  """Whether the trainer would cache ``layers[:cut]`` for all of MNIST (``cache_max_gb``)."""
+  names = prefix.frontier(model.layers, cut)
+  per_example = train._frontier_bytes_per_example(
+      model, cut, names, types.SimpleNamespace(**variables), config)
+  return per_example * MNIST_EXAMPLES <= config.cache_max_gb * 2**30
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing.
+# ---------------------------------------------------------------------------------------------
+
+
+def time_calls(fn: Callable[[], Any], seconds: float, min_calls: int = 2) -> list[float]:
+  times, start = [], time.perf_counter()
+  while time.perf_counter() - start < seconds or len(times) < min_calls:
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def matmul_ceiling(seconds: float, n: int = 2048) -> float:
+  """GFLOP/s of a jitted float32 ``n x n`` matrix product (median call)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  matmul = jax.jit(jnp.dot)
+  jax.block_until_ready(matmul(a, a))
+  times = time_calls(lambda: jax.block_until_ready(matmul(a, a)), seconds, min_calls=5)
+  return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def summarize(step_times: list[float], batch: int) -> dict[str, float]:
+  median = statistics.median(step_times)
+  p90 = statistics.quantiles(step_times, n=10)[-1] if len(step_times) > 1 else median
+  return {"median_ms": median * 1e3, "p90_ms": p90 * 1e3, "images_per_s": batch / median,
+          "calls": len(step_times)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Keras baselines, each in its own process: ``--worker`` builds the model, reports its compile
+# time, then times ``train_on_batch`` for the seconds given on each stdin line.
+# ---------------------------------------------------------------------------------------------
+
+
+def keras_model(keras, phase: str, size: int):
+  """The tutorial's model and trainable set, compiled with Adam."""
+  base = keras.applications.MobileNetV2(weights=None, include_top=False,
+                                        input_shape=(size, size, 3))
+  base.trainable = phase != "frozen_base"
+  if phase == "fine_tune":
+    for layer in base.layers[:100]:
+      layer.trainable = False
+  inputs = keras.Input((size, size, 3))
+  x = keras.layers.GlobalAveragePooling2D()(base(inputs, training=False))
+  model = keras.Model(inputs, keras.layers.Dense(NUM_CLASSES, activation="softmax")(x))
+  learning_rate = 1e-3 if phase == "frozen_base" else 1e-5
+  model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+  return model
+
+
+def run_worker(kind: str, phase: str, batch: int, size: int, seed: int) -> None:
+  """The ``--worker`` process: KERAS_BACKEND is set by the parent before keras is imported."""
+  if kind == "keras_tf":
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    keras, version = tf.keras, f"tensorflow {tf.__version__}"
+  else:
+    import keras  # pylint: disable=import-outside-toplevel
+    version = f"jax {jax.__version__}"
+  rng = np.random.default_rng(seed)
+  x = rng.random((batch, size, size, 3), np.float32)
+  y = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
+  model = keras_model(keras, phase, size)
+  t0 = time.perf_counter()
+  model.train_on_batch(x, y)
+  compile_s = time.perf_counter() - t0
+  model.train_on_batch(x, y)  # Warm-up.
+
+  def emit(record):
+    print(RESULT + json.dumps(record), flush=True)
+
+  emit({"compile_s": compile_s, "version": f"keras {keras.__version__}, {version}",
+        "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights))})
+  for line in sys.stdin:
+    emit({"times": time_calls(lambda: model.train_on_batch(x, y), float(line))})
+
+
+class WorkerError(RuntimeError):
+  """A baseline process failed; the message holds the end of its stderr."""
+
+
+class Worker:
+  """A running ``--worker`` process for one baseline and case."""
+
+  def __init__(self, kind: str, phase: str, batch: int, size: int, args):
+    python = args.tf_python if kind == "keras_tf" else sys.executable
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow" if kind == "keras_tf" else "jax",
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    command = [python, __file__, "--worker", kind, "--phases", phase, "--batch_sizes",
+               str(batch), "--sizes", str(size), "--seed", str(args.seed)]
+    self.kind, self.log = kind, tempfile.TemporaryFile("w+")
+    self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=self.log, text=True, env=env)
+    self.info = self._read()
+
+  def _read(self) -> dict[str, Any]:
+    for line in self.proc.stdout:
+      if line.startswith(RESULT):
+        return json.loads(line[len(RESULT):])
+    code = self.proc.wait()
+    self.log.seek(0)
+    tail = self.log.read().strip().splitlines()[-3:]
+    raise WorkerError(f"{self.kind} process exited with status {code}: " + " | ".join(tail))
+
+  def time(self, seconds: float) -> list[float]:
+    self.proc.stdin.write(f"{seconds}\n")
+    self.proc.stdin.flush()
+    return self._read()["times"]
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.stdin.close()
+      try:
+        self.proc.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()
+    self.log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# One batch size and input size: every case and baseline timed in alternating rounds.
+# ---------------------------------------------------------------------------------------------
+
+
+def group_cases(phases: list[str], batch: int, size: int, levers: bool) -> list[Case]:
+  """Uncached and (where the prefix is frozen) cached steps; the levers if asked."""
+  cases = []
+  for phase in phases:
+    cases.append(Case(phase, False, batch, size))
+    if phase != "full":
+      cases.append(Case(phase, True, batch, size))
+  if levers:
+    cases += [Case(p, False, batch, size, grad="everything")
+              for p in ("frozen_base", "fine_tune") if p in phases]
+    cases += [Case(p, False, batch, size, depthwise="xla") for p in ("fine_tune",) if p in phases]
+  return cases
+
+
+def measure_group(cases: list[Case], baselines: list[str], phases: list[str], args,
+                  failed: dict[str, str]) -> tuple[list[dict], list[dict]]:
+  """Compiles and times ``cases`` and the baselines; returns case rows and baseline rows."""
+  batch, size = cases[0].batch, cases[0].size
+  built = {}
+  for case in cases:
+    print(f"compiling {case.label}, batch {batch}, {size}x{size} ...", flush=True)
+    built[case] = build_case(case, args)
+  workers = {}
+  try:
+    for kind in baselines:
+      for phase in phases:
+        if kind in failed:
+          continue
+        print(f"starting {kind} {phase}, batch {batch}, {size}x{size} ...", flush=True)
+        try:
+          workers[kind, phase] = Worker(kind, phase, batch, size, args)
+        except WorkerError as e:
+          failed[kind] = str(e)
+          print(f"  skipped: {e}", flush=True)
+    times = {key: [] for key in [*built, *workers]}
+    for r in range(args.rounds):
+      print(f"timing round {r + 1}/{args.rounds} ...", flush=True)
+      for case, b in built.items():
+        times[case] += [t / b["steps_per_call"] for t in time_calls(b["call"], args.seconds)]
+      for key, worker in workers.items():
+        times[key] += worker.time(args.seconds)
+  finally:
+    for worker in workers.values():
+      worker.close()
+  rows = []
+  for case, b in built.items():
+    stats = summarize(times[case], batch)
+    gflops = b["flops"] / (stats["median_ms"] / 1e3) / 1e9
+    rows.append({**dataclasses.asdict(case), "label": case.label,
+                 **{k: v for k, v in b.items() if k != "call"}, **stats,
+                 "gflop_per_s": gflops, "ceiling_fraction": gflops / args.ceiling})
+  baseline_rows = [{"framework": kind, "phase": phase, "batch": batch, "size": size,
+                    **workers[kind, phase].info, **summarize(times[kind, phase], batch)}
+                   for kind, phase in workers]
+  return rows, baseline_rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting.
+# ---------------------------------------------------------------------------------------------
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+  """``columns``: (header, key, format spec) per column."""
+  widths = [max(len(h), *(len(format(r[k], f)) for r in rows)) for h, k, f in columns]
+  print("  ".join(h.rjust(w) for (h, _, _), w in zip(columns, widths)))
+  for r in rows:
+    print("  ".join(format(r[k], f).rjust(w) for (_, k, f), w in zip(columns, widths)))
+
+
+def lever_rows(rows: list[dict]) -> list[dict]:
+  """Each lever case against the same case with the trainer's choices."""
+  by_key = {(r["label"], r["batch"], r["size"]): r for r in rows}
+  out = []
+  for r in rows:
+    if r["grad"] == "partial" and r["depthwise"] == "auto":
+      continue
+    base_label = f"{r['phase']} {'cached' if r['cached'] else 'uncached'}"
+    base = by_key[base_label, r["batch"], r["size"]]
+    lever = ("gradient of every parameter, then mask" if r["grad"] != "partial"
+             else f"depthwise {r['depthwise']} instead of auto")
+    out.append({"lever": lever, "case": base_label, "batch": r["batch"], "size": r["size"],
+                "trainer_ms": base["median_ms"], "lever_ms": r["median_ms"],
+                "trainer_speedup": r["median_ms"] / base["median_ms"]})
+  return out
+
+
+def ratio_rows(rows: list[dict], baseline_rows: list[dict]) -> list[dict]:
+  """tljax images/s over each baseline's, for the trainer's default step and uncached."""
+  out = []
+  for b in baseline_rows:
+    same = [r for r in rows if (r["phase"], r["batch"], r["size"]) ==
+            (b["phase"], b["batch"], b["size"]) and r["grad"] == "partial"
+            and r["depthwise"] == "auto"]
+    default = next(r for r in same if r["trainer_default"])
+    uncached = next(r for r in same if not r["cached"])
+    out.append({"phase": b["phase"], "batch": b["batch"], "size": b["size"],
+                "baseline": b["framework"], "baseline_images_per_s": b["images_per_s"],
+                "tljax_images_per_s": default["images_per_s"],
+                "tljax_variant": "cached" if default["cached"] else "uncached",
+                "ratio": default["images_per_s"] / b["images_per_s"],
+                "uncached_ratio": uncached["images_per_s"] / b["images_per_s"]})
+  return out
+
+
+def report(rows, baseline_rows, failed, args) -> dict[str, Any]:
+  for r in rows:
+    r["default"] = "*" if r["trainer_default"] else ""
+    r["mflop"] = r["flops"] / 1e6
+    r["temp_mb"], r["peak_mb"] = r["temp_bytes"] / 2**20, r["peak_bytes"] / 2**20
+  print(f"\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}, "
+        f"float32 matmul ceiling {args.ceiling:.0f} GFLOP/s; * = the trainer's default step")
+  print_table(rows, [("case", "label", ""), ("", "default", ""), ("batch", "batch", "d"),
+                     ("size", "size", "d"), ("K", "steps_per_call", "d"),
+                     ("compile s", "compile_s", ".1f"), ("median ms", "median_ms", ".2f"),
+                     ("p90 ms", "p90_ms", ".2f"), ("images/s", "images_per_s", ".0f"),
+                     ("MFLOP/step", "mflop", ".0f"), ("GFLOP/s", "gflop_per_s", ".1f"),
+                     ("of ceiling", "ceiling_fraction", ".1%"), ("temp MB", "temp_mb", ".0f"),
+                     ("peak MB", "peak_mb", ".0f")])
+  levers = lever_rows(rows)
+  if levers:
+    print("\nlevers (time of the lever's step / time of the trainer's step)")
+    print_table(levers, [("lever", "lever", ""), ("case", "case", ""), ("batch", "batch", "d"),
+                         ("size", "size", "d"), ("trainer ms", "trainer_ms", ".2f"),
+                         ("lever ms", "lever_ms", ".2f"), ("slower", "trainer_speedup", ".1f")])
+  ratios = ratio_rows(rows, baseline_rows)
+  if baseline_rows:
+    print("\nbaselines")
+    print_table(baseline_rows, [("framework", "framework", ""), ("phase", "phase", ""),
+                                ("batch", "batch", "d"), ("size", "size", "d"),
+                                ("compile s", "compile_s", ".1f"),
+                                ("median ms", "median_ms", ".2f"), ("p90 ms", "p90_ms", ".2f"),
+                                ("images/s", "images_per_s", ".0f")])
+    print("\ntljax images/s over the baseline's (default step; uncached step)")
+    print_table(ratios, [("phase", "phase", ""), ("batch", "batch", "d"), ("size", "size", "d"),
+                         ("vs", "baseline", ""), ("tljax", "tljax_variant", ""),
+                         ("ratio", "ratio", ".1f"), ("uncached", "uncached_ratio", ".1f")])
+  for kind, message in failed.items():
+    print(f"\n{kind} not measured: {message}")
+  return {"device": str(jax.devices()[0]), "jax": jax.__version__,
+          "date": time.strftime("%Y-%m-%d"), "matmul_gflop_per_s": args.ceiling,
+          "rows": rows, "levers": levers, "baselines": baseline_rows, "ratios": ratios,
+          "baselines_failed": failed}
+
+
+def parse_args():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--phases", default=",".join(PHASES),
+                      help=f"comma-separated phase kinds: {', '.join(PHASES)}")
+  parser.add_argument("--batch_sizes", default="32", help="comma-separated batch sizes")
+  parser.add_argument("--sizes", default="32", help="comma-separated square input sizes")
+  parser.add_argument("--config", default=str(REPO / "configs" / "mnist_mnv2.py"),
+                      help="config file whose phases[0] and phases[1] are the phase kinds")
+  parser.add_argument("--steps_per_dispatch", type=int, default=0,
+                      help="steps fused per call; 0: about 128 32x32-image-equivalents")
+  parser.add_argument("--no_levers", dest="levers", action="store_false",
+                      help="skip the lever cases (run at the first batch size and size)")
+  parser.add_argument("--baselines", nargs="?", const=",".join(BASELINES), default="",
+                      help=f"comma-separated, of {', '.join(BASELINES)}; bare: all")
+  parser.add_argument("--tf_python", default=sys.executable,
+                      help="Python interpreter with tensorflow for keras_tf")
+  parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
+  parser.add_argument("--seconds", type=float, default=1.0, help="per round and case")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", default="step_throughput.json")
+  parser.add_argument("--worker", choices=BASELINES, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  args.phases = [p for p in args.phases.split(",") if p]
+  args.baselines = [b for b in args.baselines.split(",") if b]
+  bad = [p for p in args.phases if p not in PHASES] + \
+        [b for b in args.baselines if b not in BASELINES]
+  if bad or not args.phases:
+    parser.error(f"unknown or missing --phases/--baselines value(s) {bad}; phases are "
+                 f"{list(PHASES)}, baselines {list(BASELINES)}.")
+  args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+  args.sizes = [int(s) for s in args.sizes.split(",")]
+  return args
+
+
+def main():
+  args = parse_args()
+  if args.worker:
+    run_worker(args.worker, args.phases[0], args.batch_sizes[0], args.sizes[0], args.seed)
+    return
+  args.ceiling = matmul_ceiling(2 * args.seconds)
+  print(f"float32 matmul: {args.ceiling:.0f} GFLOP/s", flush=True)
+  rows, baseline_rows, failed = [], [], {}
+  for i, (size, batch) in enumerate((s, b) for s in args.sizes for b in args.batch_sizes):
+    cases = group_cases(args.phases, batch, size, levers=args.levers and i == 0)
+    group_rows, group_baselines = measure_group(cases, args.baselines, args.phases, args,
+                                                failed)
+    rows += group_rows
+    baseline_rows += group_baselines
+  result = report(rows, baseline_rows, failed, args)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
