@@ -1,19 +1,22 @@
 """Trains and evaluates a transfer-learning run: ``python main.py --config configs/mnist_mnv2.py``.
 
-Exit codes: 0 done; 2 bad configuration or input (the message says which and how to fix it);
-143 stopped by SIGTERM after saving a checkpoint (rerun the same command to resume); 1 any
-other failure.
+Exit codes: 0 done; 2 bad command line, configuration or input (the message says which and
+how to fix it); 143 stopped by SIGTERM after saving a checkpoint (rerun the same command to
+resume); 1 any other failure (a checkpoint write failed, the loss stayed non-finite, a bug).
 """
 
+import difflib
 import logging
 import sys
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
+from ml_collections.config_flags import config_path
 
-from tljax import checkpoint, data, preemption, train, weights
+from tljax import checkpoint, preemption, train
 
-EXIT_BAD_INPUT = 2
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file (see configs/).", lock_config=True)
@@ -23,19 +26,90 @@ _WORKDIR = flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.key=value")
+def run(config: ml_collections.ConfigDict, workdir: str) -> int:
+  """``train.run``; returns the exit code, with a failure logged as one message."""
   try:
-    train.run(_CONFIG.value, _WORKDIR.value)
+    train.run(config, workdir)
   except preemption.Preempted as e:
     logging.warning("%s; rerun the same command to resume.", e)
-    sys.exit(train.EXIT_PREEMPTED)
-  except (ValueError, KeyError, data.DataError, weights.WeightsError,
-          checkpoint.CheckpointError) as e:
-    logging.error("%s", e)
-    sys.exit(EXIT_BAD_INPUT)
+    return train.EXIT_PREEMPTED
+  except (checkpoint.CheckpointWriteError, train.NonFiniteError) as e:
+    return _failed(e, EXIT_FAILED)
+  except (ValueError, checkpoint.CheckpointError) as e:  # Includes DataError, WeightsError.
+    return _failed(e, EXIT_BAD_INPUT)
+  return 0
+
+
+def _failed(error: Exception, code: int) -> int:
+  """Logs ``error`` as one message (with its traceback under --verbosity=1); returns code."""
+  logging.error("%s", error, exc_info=logging.getLogger().isEnabledFor(logging.DEBUG))
+  return code
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing; a bad flag or ``--config.key=value`` exits with one message, code 2."""
+  try:
+    remaining = flags.FLAGS(argv)
+    _CONFIG.value.keys()  # A config file that failed to load raises only when first read.
+    return remaining
+  except flags.Error as e:
+    message = str(e)
+  except OSError as e:
+    message = " ".join(str(e).split())
+  except (AttributeError, KeyError, IndexError, TypeError, ValueError) as e:
+    message = _override_problem(argv) or f"--config: {e}"
+  print(f"{argv[0]}: {message.rstrip('.')}. Run with --helpfull to list the flags.",
+        file=sys.stderr)
+  sys.exit(EXIT_BAD_INPUT)
+
+
+def _override_problem(argv: list[str]) -> str | None:
+  """Which ``--config.<key>`` names no setting: the closest key and the valid ones there."""
+  config_file, overrides = None, []
+  for i, arg in enumerate(argv):
+    name, eq, value = arg.partition("=")
+    if name == "--config":
+      config_file = value if eq else next(iter(argv[i + 1:i + 2]), None)
+    elif name.startswith("--config."):
+      overrides.append(name[len("--config."):])
+  try:
+    config = flags.FLAGS["config"].parser.parse(config_file)
+    return next(filter(None, (_missing_key(config, path) for path in overrides)), None)
+  except Exception:  # noqa: BLE001 - then the parse error itself is reported
+    return None
+
+
+def _missing_key(config: ml_collections.ConfigDict, path: str) -> str | None:
+  """Why ``--config.<path>`` names no setting of ``config``; None if it names one."""
+  fields = config_path.split(path)
+  node, where = config, "config"
+  for i, field in enumerate(fields):
+    if isinstance(node, (list, tuple)):
+      if not isinstance(field, int):
+        return f"--config.{path}: {where} is indexed by number, e.g. {where}[0]."
+      if not -len(node) <= field < len(node):
+        return f"--config.{path}: {where} has {len(node)} entries, so [{field}] does not exist."
+      node, where = node[field], f"{where}[{field}]"
+      continue
+    if not isinstance(node, ml_collections.ConfigDict):
+      return f"--config.{path}: {where} is a single setting, with no {field!r} inside."
+    keys = sorted(node.keys())
+    if field not in keys:
+      close = difflib.get_close_matches(str(field), keys, n=1)
+      rest = "".join(f"[{f}]" if isinstance(f, int) else f".{f}" for f in fields[i + 1:])
+      hint = f" Did you mean --{where}.{close[0]}{rest}?" if close else ""
+      return (f"--config.{path}: {where} has no key {field!r}.{hint} Its keys are: "
+              f"{', '.join(keys)}.")
+    node, where = node[field], f"{where}.{field}"
+  return None
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.key=value",
+                         exitcode=EXIT_BAD_INPUT)
+  sys.exit(run(_CONFIG.value, _WORKDIR.value))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

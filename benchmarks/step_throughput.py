@@ -1,7 +1,7 @@
 """Train-step throughput of tljax's compiled train step, by phase kind, batch and input size.
 
     python benchmarks/step_throughput.py --out step_throughput.json
-    python benchmarks/step_throughput.py --batch_sizes 32,128,512 --sizes 32,224
+    python benchmarks/step_throughput.py --batch_sizes 32,128,512 --sizes 32,224 --extra ""
     python benchmarks/step_throughput.py --baselines keras_jax,keras_tf
 
 Each case compiles the trainer's own fused step (``tljax.train.make_train_chunk``) for a phase
@@ -9,18 +9,18 @@ built by ``tljax.train.build_phase`` from ``configs/mnist_mnv2.py``: "frozen_bas
 phases[0] (only the head trains), "fine_tune" its phases[1] (``layers[:100]`` frozen, BatchNorm
 in batch-statistics mode), "full" phases[1] with every parameter trainable. The step reads
 random uint8 MNIST-shaped images (28x28) and resizes them to the input size, as in training
-("uncached"), or reads the frozen prefix's cached output ("cached"), which the trainer uses by
-default where the prefix is frozen and the cache fits ``cache_max_gb`` for MNIST's 60,000
-images. Weights are random: the step's cost does not depend on their values.
+("uncached"), or reads the frozen prefix's cached output ("cached"), as the trainer does by
+default where the prefix is frozen and the cache of MNIST's 60,000 images fits
+``cache_max_gb``. Weights are random: the step's cost does not depend on their values.
 
 Per case: compile time, median and p90 step time, training images/s, the step's FLOPs from
-XLA's cost analysis, achieved GFLOP/s as a fraction of a large float32 matmul on the same
-machine, and the compiled step's memory. Levers, at the first batch size and input size:
+XLA's cost analysis, achieved GFLOP/s and its fraction of a large float32 matmul timed in the
+same rounds, and the compiled step's memory. Levers, at the first batch size and input size:
 gradients of every parameter then the same masked optimizer (instead of the trainable
-partition only), and XLA's grouped convolution for depthwise layers. Baselines: the same model
-and trainable set in Keras 3 (``train_on_batch``, Adam), each in its own process. All cases of
-one batch size and input size, baselines included, are timed in alternating rounds, so their
-ratios are measured side by side on a possibly busy machine. Prints tables and writes JSON.
+partition only), and the other depthwise implementation. Baselines: the same model and
+trainable set in Keras 3 (``train_on_batch``, Adam), each in its own process. All cases of one
+batch size and input size, baselines included, are timed in alternating rounds, so their ratios
+are measured side by side on a possibly busy machine. Prints tables and writes JSON.
 """
 
 import argparse
@@ -46,14 +46,16 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tljax import freezing, prefix, sharding, train  # noqa: E402
+from tljax.models import depthwise  # noqa: E402
 
-# Phase kind -> (index into config.phases, rules overriding that phase's, or None).
+# Phase kind -> (index into config.phases, rules replacing that phase's, or None).
 PHASES = {"frozen_base": (0, None), "fine_tune": (1, None), "full": (1, ("train:.*",))}
 BASELINES = ("keras_jax", "keras_tf")
 MNIST_SHAPE = (28, 28)
 MNIST_EXAMPLES = 60_000    # Train + validation images the trainer would cache.
 NUM_CLASSES = 10
 RESULT = "RESULT "         # Prefix of a worker's JSON lines on stdout.
+MATMUL_SIZE = 2048
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,14 +74,27 @@ class Case:
   depthwise: str = "auto"       # config.model.depthwise.
 
   @property
+  def is_lever(self) -> bool:
+    return self.grad != "partial" or self.depthwise != "auto"
+
+  @property
   def label(self) -> str:
     return (f"{self.phase} {'cached' if self.cached else 'uncached'}"
             + ("" if self.grad == "partial" else " grad-everything")
             + ("" if self.depthwise == "auto" else f" dw-{self.depthwise}"))
 
 
+def parse_case(text: str) -> Case:
+  """``"phase:cached|uncached:batch:size"``, e.g. ``"fine_tune:cached:128:32"``."""
+  parts = text.split(":")
+  if len(parts) != 4 or parts[0] not in PHASES or parts[1] not in ("cached", "uncached"):
+    raise ValueError(f"--extra case {text!r} is not 'phase:cached|uncached:batch:size' with "
+                     f"phase in {list(PHASES)}, e.g. 'fine_tune:cached:128:32'.")
+  return Case(parts[0], parts[1] == "cached", int(parts[2]), int(parts[3]))
+
+
 def load_config(path: str, case: Case, steps_per_dispatch: int):
-  """The config at ``path`` with ``case``'s phase settings, batch, size and depthwise."""
+  """The config at ``path`` set up for ``case``; also the index of its phase."""
   spec = importlib.util.spec_from_file_location("step_throughput_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -96,7 +111,7 @@ def load_config(path: str, case: Case, steps_per_dispatch: int):
 
 
 def random_variables(model, size: int, seed: int) -> dict[str, Any]:
-  """He-normal kernels, unit BatchNorm: finite activations of a realistic scale, no compile."""
+  """He-normal kernels and unit BatchNorm, made on the host (``model.init`` compiles slowly)."""
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
   rng = np.random.default_rng(seed)
 
@@ -117,8 +132,16 @@ def steps_per_dispatch_for(batch: int, size: int, requested: int) -> int:
   return requested or max(1, round(128 / batch * (32 / size) ** 2))
 
 
+def cache_fits(model, cut: int, variables, config) -> bool:
+  """Whether the trainer would cache ``layers[:cut]`` for all of MNIST (``cache_max_gb``)."""
+  names = prefix.frontier(model.layers, cut)
+  per_example = train._frontier_bytes_per_example(  # pylint: disable=protected-access
+      model, cut, names, types.SimpleNamespace(**variables), config)
+  return per_example * MNIST_EXAMPLES <= config.cache_max_gb * 2**30
+
+
 def build_case(case: Case, args) -> dict[str, Any]:
-  """Compiles ``case``'s fused step; returns a timed callable and its static figures."""
+  """Compiles ``case``'s fused step; returns a call that runs it and its static figures."""
   mesh = sharding.data_mesh()
   k = steps_per_dispatch_for(case.batch, case.size, args.steps_per_dispatch)
   config, index = load_config(args.config, case, k)
@@ -134,27 +157,21 @@ def build_case(case: Case, args) -> dict[str, Any]:
   rng = np.random.default_rng(args.seed)
   inputs = {"images": jnp.asarray(rng.integers(0, 256, (pool, *MNIST_SHAPE), np.uint8))}
   labels = jnp.asarray(rng.integers(0, NUM_CLASSES, pool, np.int32))
-  cache_s = None
   if case.cached:
-    t0 = time.perf_counter()
-    inputs = jax.block_until_ready(train.build_prefix_cache(
-        variables, inputs, pool, model=model, cut=phase.cut, config=config, mesh=mesh))
-    cache_s = time.perf_counter() - t0
+    inputs = train.build_prefix_cache(variables, inputs, pool, model=model, cut=phase.cut,
+                                      config=config, mesh=mesh)
   else:
     phase = dataclasses.replace(phase, cut=0)  # What the trainer does when it cannot cache.
   if case.grad == "everything":  # Every parameter in the gradient; the optimizer still masks.
     phase = dataclasses.replace(
         phase, labels=jax.tree.map(lambda _: freezing.TRAIN, phase.labels))
   state = train.init_state(phase, jax.tree.map(jnp.copy, variables), config.seed)
-  chunk = train.make_train_chunk(phase, model, config, mesh)
   indices = [jax.device_put(rng.integers(0, pool, (k, case.batch), np.int32),
                             sharding.batch_sharded(mesh, 1)) for _ in range(4)]
+  chunk = train.make_train_chunk(phase, model, config, mesh)
   t0 = time.perf_counter()
   compiled = chunk.lower(state, inputs, labels, indices[0]).compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  memory = compiled.memory_analysis()
   holder = {"state": state, "calls": 0}
 
   def call():
@@ -164,21 +181,22 @@ def build_case(case: Case, args) -> dict[str, Any]:
     jax.device_get(metrics)
 
   call()  # Warm-up.
+  return {"call": call, "steps_per_call": k, "compile_s": compile_s,
+          "trainer_default": case.cached == trainer_caches and not case.is_lever,
+          "trainable_params": sum(r.size for r in phase.reports
+                                  if r.rule.action == freezing.TRAIN),
+          **compiled_figures(compiled)}
+
+
+def compiled_figures(compiled) -> dict[str, float]:
+  """FLOPs of one step and memory of the compiled chunk, as XLA estimates them."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  memory = compiled.memory_analysis()
   # XLA's cost analysis counts a loop body once: these are the flops of one step.
-  return {"call": call, "steps_per_call": k, "compile_s": compile_s, "cache_s": cache_s,
-          "trainer_default": case.cached == trainer_caches and case.grad == "partial"
-                             and case.depthwise == "auto",
-          "flops": float(cost.get("flops", 0.0)), "temp_bytes": memory.temp_size_in_bytes,
+  return {"flops": float(cost.get("flops", 0.0)), "temp_bytes": memory.temp_size_in_bytes,
           "peak_bytes": (memory.argument_size_in_bytes + memory.output_size_in_bytes
                          - memory.alias_size_in_bytes + memory.temp_size_in_bytes)}
-
-
-def cache_fits(model, cut: int, variables, config) -> bool:
-  """Whether the trainer would cache ``layers[:cut]`` for all of MNIST (``cache_max_gb``)."""
-  names = prefix.frontier(model.layers, cut)
-  per_example = train._frontier_bytes_per_example(
-      model, cut, names, types.SimpleNamespace(**variables), config)
-  return per_example * MNIST_EXAMPLES <= config.cache_max_gb * 2**30
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,13 +213,13 @@ def time_calls(fn: Callable[[], Any], seconds: float, min_calls: int = 2) -> lis
   return times
 
 
-def matmul_ceiling(seconds: float, n: int = 2048) -> float:
-  """GFLOP/s of a jitted float32 ``n x n`` matrix product (median call)."""
+def make_matmul(n: int = MATMUL_SIZE) -> Callable[[], Any]:
+  """A warmed-up call of a jitted float32 ``n x n`` matrix product: the machine's ceiling."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   matmul = jax.jit(jnp.dot)
-  jax.block_until_ready(matmul(a, a))
-  times = time_calls(lambda: jax.block_until_ready(matmul(a, a)), seconds, min_calls=5)
-  return 2 * n**3 / statistics.median(times) / 1e9
+  call = lambda: jax.block_until_ready(matmul(a, a))
+  call()
+  return call
 
 
 def summarize(step_times: list[float], batch: int) -> dict[str, float]:
@@ -235,13 +253,13 @@ def keras_model(keras, phase: str, size: int):
 
 
 def run_worker(kind: str, phase: str, batch: int, size: int, seed: int) -> None:
-  """The ``--worker`` process: KERAS_BACKEND is set by the parent before keras is imported."""
+  """The ``--worker`` process; the parent set KERAS_BACKEND, read when keras is imported."""
   if kind == "keras_tf":
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    keras, version = tf.keras, f"tensorflow {tf.__version__}"
+    keras, backend = tf.keras, f"tensorflow {tf.__version__}"
   else:
     import keras  # pylint: disable=import-outside-toplevel
-    version = f"jax {jax.__version__}"
+    backend = f"jax {jax.__version__}"
   rng = np.random.default_rng(seed)
   x = rng.random((batch, size, size, 3), np.float32)
   y = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
@@ -254,7 +272,7 @@ def run_worker(kind: str, phase: str, batch: int, size: int, seed: int) -> None:
   def emit(record):
     print(RESULT + json.dumps(record), flush=True)
 
-  emit({"compile_s": compile_s, "version": f"keras {keras.__version__}, {version}",
+  emit({"compile_s": compile_s, "version": f"keras {keras.__version__}, {backend}",
         "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights))})
   for line in sys.stdin:
     emit({"times": time_calls(lambda: model.train_on_batch(x, y), float(line))})
@@ -269,11 +287,14 @@ class Worker:
 
   def __init__(self, kind: str, phase: str, batch: int, size: int, args):
     python = args.tf_python if kind == "keras_tf" else sys.executable
+    # On an accelerator this process already holds most of its memory: workers allocate
+    # only what they use.
     env = {**os.environ, "KERAS_BACKEND": "tensorflow" if kind == "keras_tf" else "jax",
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
+           "TF_CPP_MIN_LOG_LEVEL": "2", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+           "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
     command = [python, __file__, "--worker", kind, "--phases", phase, "--batch_sizes",
                str(batch), "--sizes", str(size), "--seed", str(args.seed)]
-    self.kind, self.log = kind, tempfile.TemporaryFile("w+")
+    self.kind, self.python, self.log = kind, python, tempfile.TemporaryFile("w+")
     self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  stderr=self.log, text=True, env=env)
     self.info = self._read()
@@ -284,8 +305,9 @@ class Worker:
         return json.loads(line[len(RESULT):])
     code = self.proc.wait()
     self.log.seek(0)
-    tail = self.log.read().strip().splitlines()[-3:]
-    raise WorkerError(f"{self.kind} process exited with status {code}: " + " | ".join(tail))
+    last = (self.log.read().strip().splitlines() or ["no output"])[-1]
+    raise WorkerError(f"{self.kind} process ({self.python}) exited with status {code}: {last}"
+                      + (" (see --tf_python)" if self.kind == "keras_tf" else ""))
 
   def time(self, seconds: float) -> list[float]:
     self.proc.stdin.write(f"{seconds}\n")
@@ -316,35 +338,47 @@ def group_cases(phases: list[str], batch: int, size: int, levers: bool) -> list[
     if phase != "full":
       cases.append(Case(phase, True, batch, size))
   if levers:
+    other = "xla" if depthwise.resolve_impl("auto") == "shifted" else "shifted"
     cases += [Case(p, False, batch, size, grad="everything")
               for p in ("frozen_base", "fine_tune") if p in phases]
-    cases += [Case(p, False, batch, size, depthwise="xla") for p in ("fine_tune",) if p in phases]
+    cases += [Case(p, False, batch, size, depthwise=other) for p in ("fine_tune",)
+              if p in phases]
   return cases
 
 
-def measure_group(cases: list[Case], baselines: list[str], phases: list[str], args,
-                  failed: dict[str, str]) -> tuple[list[dict], list[dict]]:
-  """Compiles and times ``cases`` and the baselines; returns case rows and baseline rows."""
+def start_workers(baselines, phases, batch, size, args, failed) -> dict[tuple, Worker]:
+  """One worker per baseline and phase; a baseline that fails once is skipped after."""
+  workers = {}
+  for kind in baselines:
+    for phase in phases:
+      if kind in failed:
+        break
+      print(f"starting {kind} {phase}, batch {batch}, {size}x{size} ...", flush=True)
+      try:
+        workers[kind, phase] = Worker(kind, phase, batch, size, args)
+      except WorkerError as e:
+        failed[kind] = str(e)
+        print(f"  skipped: {e}", flush=True)
+  return workers
+
+
+def measure_group(cases: list[Case], args, failed: dict[str, str]):
+  """Compiles and times ``cases`` and the baselines at the first case's batch size and input
+  size, all in alternating rounds; returns case rows and baseline rows."""
   batch, size = cases[0].batch, cases[0].size
   built = {}
   for case in cases:
-    print(f"compiling {case.label}, batch {batch}, {size}x{size} ...", flush=True)
+    print(f"compiling {case.label}, batch {case.batch}, {case.size}x{case.size} ...",
+          flush=True)
     built[case] = build_case(case, args)
+  matmul = make_matmul()
   workers = {}
   try:
-    for kind in baselines:
-      for phase in phases:
-        if kind in failed:
-          continue
-        print(f"starting {kind} {phase}, batch {batch}, {size}x{size} ...", flush=True)
-        try:
-          workers[kind, phase] = Worker(kind, phase, batch, size, args)
-        except WorkerError as e:
-          failed[kind] = str(e)
-          print(f"  skipped: {e}", flush=True)
-    times = {key: [] for key in [*built, *workers]}
+    workers = start_workers(args.baselines, args.phases, batch, size, args, failed)
+    times = {key: [] for key in ["matmul", *built, *workers]}
     for r in range(args.rounds):
       print(f"timing round {r + 1}/{args.rounds} ...", flush=True)
+      times["matmul"] += time_calls(matmul, args.seconds / 2, min_calls=3)
       for case, b in built.items():
         times[case] += [t / b["steps_per_call"] for t in time_calls(b["call"], args.seconds)]
       for key, worker in workers.items():
@@ -352,13 +386,15 @@ def measure_group(cases: list[Case], baselines: list[str], phases: list[str], ar
   finally:
     for worker in workers.values():
       worker.close()
+  ceiling = 2 * MATMUL_SIZE**3 / statistics.median(times["matmul"]) / 1e9
   rows = []
   for case, b in built.items():
-    stats = summarize(times[case], batch)
+    stats = summarize(times[case], case.batch)
     gflops = b["flops"] / (stats["median_ms"] / 1e3) / 1e9
     rows.append({**dataclasses.asdict(case), "label": case.label,
                  **{k: v for k, v in b.items() if k != "call"}, **stats,
-                 "gflop_per_s": gflops, "ceiling_fraction": gflops / args.ceiling})
+                 "gflop_per_s": gflops, "matmul_gflop_per_s": ceiling,
+                 "ceiling_fraction": gflops / ceiling})
   baseline_rows = [{"framework": kind, "phase": phase, "batch": batch, "size": size,
                     **workers[kind, phase].info, **summarize(times[kind, phase], batch)}
                    for kind, phase in workers]
@@ -378,20 +414,25 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     print("  ".join(format(r[k], f).rjust(w) for (_, k, f), w in zip(columns, widths)))
 
 
+def _trainer_row(rows: list[dict], phase: str, batch: int, size: int, cached: bool | None):
+  """The trainer's step for ``phase`` (its default variant if ``cached`` is None)."""
+  return next(r for r in rows if (r["phase"], r["batch"], r["size"]) == (phase, batch, size)
+              and r["grad"] == "partial" and r["depthwise"] == "auto"
+              and (r["trainer_default"] if cached is None else r["cached"] == cached))
+
+
 def lever_rows(rows: list[dict]) -> list[dict]:
   """Each lever case against the same case with the trainer's choices."""
-  by_key = {(r["label"], r["batch"], r["size"]): r for r in rows}
   out = []
   for r in rows:
     if r["grad"] == "partial" and r["depthwise"] == "auto":
       continue
-    base_label = f"{r['phase']} {'cached' if r['cached'] else 'uncached'}"
-    base = by_key[base_label, r["batch"], r["size"]]
+    base = _trainer_row(rows, r["phase"], r["batch"], r["size"], r["cached"])
     lever = ("gradient of every parameter, then mask" if r["grad"] != "partial"
              else f"depthwise {r['depthwise']} instead of auto")
-    out.append({"lever": lever, "case": base_label, "batch": r["batch"], "size": r["size"],
+    out.append({"lever": lever, "case": base["label"], "batch": r["batch"], "size": r["size"],
                 "trainer_ms": base["median_ms"], "lever_ms": r["median_ms"],
-                "trainer_speedup": r["median_ms"] / base["median_ms"]})
+                "lever_slowdown": r["median_ms"] / base["median_ms"]})
   return out
 
 
@@ -399,11 +440,8 @@ def ratio_rows(rows: list[dict], baseline_rows: list[dict]) -> list[dict]:
   """tljax images/s over each baseline's, for the trainer's default step and uncached."""
   out = []
   for b in baseline_rows:
-    same = [r for r in rows if (r["phase"], r["batch"], r["size"]) ==
-            (b["phase"], b["batch"], b["size"]) and r["grad"] == "partial"
-            and r["depthwise"] == "auto"]
-    default = next(r for r in same if r["trainer_default"])
-    uncached = next(r for r in same if not r["cached"])
+    default = _trainer_row(rows, b["phase"], b["batch"], b["size"], None)
+    uncached = _trainer_row(rows, b["phase"], b["batch"], b["size"], False)
     out.append({"phase": b["phase"], "batch": b["batch"], "size": b["size"],
                 "baseline": b["framework"], "baseline_images_per_s": b["images_per_s"],
                 "tljax_images_per_s": default["images_per_s"],
@@ -413,26 +451,28 @@ def ratio_rows(rows: list[dict], baseline_rows: list[dict]) -> list[dict]:
   return out
 
 
-def report(rows, baseline_rows, failed, args) -> dict[str, Any]:
+def report(rows, baseline_rows, failed) -> dict[str, Any]:
+  """Prints the tables; returns everything as one JSON-ready dict."""
   for r in rows:
     r["default"] = "*" if r["trainer_default"] else ""
     r["mflop"] = r["flops"] / 1e6
     r["temp_mb"], r["peak_mb"] = r["temp_bytes"] / 2**20, r["peak_bytes"] / 2**20
-  print(f"\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}, "
-        f"float32 matmul ceiling {args.ceiling:.0f} GFLOP/s; * = the trainer's default step")
+  print(f"\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}; "
+        "* = the trainer's default step; ceiling = float32 matmul timed in the same rounds")
   print_table(rows, [("case", "label", ""), ("", "default", ""), ("batch", "batch", "d"),
                      ("size", "size", "d"), ("K", "steps_per_call", "d"),
                      ("compile s", "compile_s", ".1f"), ("median ms", "median_ms", ".2f"),
                      ("p90 ms", "p90_ms", ".2f"), ("images/s", "images_per_s", ".0f"),
                      ("MFLOP/step", "mflop", ".0f"), ("GFLOP/s", "gflop_per_s", ".1f"),
+                     ("ceiling", "matmul_gflop_per_s", ".0f"),
                      ("of ceiling", "ceiling_fraction", ".1%"), ("temp MB", "temp_mb", ".0f"),
                      ("peak MB", "peak_mb", ".0f")])
   levers = lever_rows(rows)
   if levers:
-    print("\nlevers (time of the lever's step / time of the trainer's step)")
+    print("\nlevers (the lever's step time over the trainer's)")
     print_table(levers, [("lever", "lever", ""), ("case", "case", ""), ("batch", "batch", "d"),
                          ("size", "size", "d"), ("trainer ms", "trainer_ms", ".2f"),
-                         ("lever ms", "lever_ms", ".2f"), ("slower", "trainer_speedup", ".1f")])
+                         ("lever ms", "lever_ms", ".2f"), ("slowdown", "lever_slowdown", ".1f")])
   ratios = ratio_rows(rows, baseline_rows)
   if baseline_rows:
     print("\nbaselines")
@@ -441,16 +481,15 @@ def report(rows, baseline_rows, failed, args) -> dict[str, Any]:
                                 ("compile s", "compile_s", ".1f"),
                                 ("median ms", "median_ms", ".2f"), ("p90 ms", "p90_ms", ".2f"),
                                 ("images/s", "images_per_s", ".0f")])
-    print("\ntljax images/s over the baseline's (default step; uncached step)")
+    print("\ntljax images/s over the baseline's (the trainer's default step; uncached step)")
     print_table(ratios, [("phase", "phase", ""), ("batch", "batch", "d"), ("size", "size", "d"),
-                         ("vs", "baseline", ""), ("tljax", "tljax_variant", ""),
+                         ("vs", "baseline", ""), ("tljax step", "tljax_variant", ""),
                          ("ratio", "ratio", ".1f"), ("uncached", "uncached_ratio", ".1f")])
   for kind, message in failed.items():
     print(f"\n{kind} not measured: {message}")
   return {"device": str(jax.devices()[0]), "jax": jax.__version__,
-          "date": time.strftime("%Y-%m-%d"), "matmul_gflop_per_s": args.ceiling,
-          "rows": rows, "levers": levers, "baselines": baseline_rows, "ratios": ratios,
-          "baselines_failed": failed}
+          "date": time.strftime("%Y-%m-%d"), "rows": rows, "levers": levers,
+          "baselines": baseline_rows, "ratios": ratios, "baselines_failed": failed}
 
 
 def parse_args():
@@ -459,6 +498,9 @@ def parse_args():
                       help=f"comma-separated phase kinds: {', '.join(PHASES)}")
   parser.add_argument("--batch_sizes", default="32", help="comma-separated batch sizes")
   parser.add_argument("--sizes", default="32", help="comma-separated square input sizes")
+  parser.add_argument("--extra", default="frozen_base:cached:512:32,fine_tune:cached:128:32",
+                      help="more 'phase:cached|uncached:batch:size' cases, timed with the "
+                           "first batch size and size")
   parser.add_argument("--config", default=str(REPO / "configs" / "mnist_mnv2.py"),
                       help="config file whose phases[0] and phases[1] are the phase kinds")
   parser.add_argument("--steps_per_dispatch", type=int, default=0,
@@ -468,7 +510,7 @@ def parse_args():
   parser.add_argument("--baselines", nargs="?", const=",".join(BASELINES), default="",
                       help=f"comma-separated, of {', '.join(BASELINES)}; bare: all")
   parser.add_argument("--tf_python", default=sys.executable,
-                      help="Python interpreter with tensorflow for keras_tf")
+                      help="Python interpreter that can import tensorflow, for keras_tf")
   parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
   parser.add_argument("--seconds", type=float, default=1.0, help="per round and case")
   parser.add_argument("--seed", type=int, default=0)
@@ -484,6 +526,10 @@ def parse_args():
                  f"{list(PHASES)}, baselines {list(BASELINES)}.")
   args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
   args.sizes = [int(s) for s in args.sizes.split(",")]
+  try:
+    args.extra = [parse_case(c) for c in args.extra.split(",") if c]
+  except ValueError as e:
+    parser.error(str(e))
   return args
 
 
@@ -492,18 +538,17 @@ def main():
   if args.worker:
     run_worker(args.worker, args.phases[0], args.batch_sizes[0], args.sizes[0], args.seed)
     return
-  args.ceiling = matmul_ceiling(2 * args.seconds)
-  print(f"float32 matmul: {args.ceiling:.0f} GFLOP/s", flush=True)
   rows, baseline_rows, failed = [], [], {}
   for i, (size, batch) in enumerate((s, b) for s in args.sizes for b in args.batch_sizes):
     cases = group_cases(args.phases, batch, size, levers=args.levers and i == 0)
-    group_rows, group_baselines = measure_group(cases, args.baselines, args.phases, args,
-                                                failed)
+    cases += args.extra if i == 0 else []
+    group_rows, group_baselines = measure_group(cases, args, failed)
     rows += group_rows
     baseline_rows += group_baselines
-  result = report(rows, baseline_rows, failed, args)
+  result = report(rows, baseline_rows, failed)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)
+  print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ A checkpoint holds two items: ``state`` (params, batch_stats, optimizer state, s
 pytree restored into an abstract target, so shapes and shardings are checked) and ``meta``
 (JSON: the phase it belongs to, the config fingerprint, finished phases' results). Orbax
 writes each checkpoint to a temporary directory and renames it when complete, so a process
-killed mid-write leaves no checkpoint that a restart could read.
+killed mid-write leaves no checkpoint that a restart could read, and older checkpoints are
+deleted (beyond ``max_to_keep``) only once a newer one is complete.
 """
 
 import pathlib
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,13 +23,24 @@ class CheckpointError(RuntimeError):
   """A checkpoint could not be written or does not fit the run."""
 
 
+class CheckpointWriteError(CheckpointError):
+  """Writing a checkpoint failed while the run was going (disk full, storage gone)."""
+
+
 class Checkpointer:
   """Saves and restores ``(state, meta)`` pairs under ``<workdir>/checkpoints``."""
 
   def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int = 2):
     self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=True)
+    if max_to_keep < 1:
+      raise ValueError(f"max_to_keep={max_to_keep} must be at least 1: a restart resumes from "
+                       "the latest checkpoint.")
+    _check_writable(self.directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
+        # A step directory that cannot be created then fails save() itself, instead of
+        # leaving background writers waiting for it until the async timeout (20 minutes).
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={_STATE: ocp.StandardCheckpointHandler(),
@@ -43,14 +56,17 @@ class Checkpointer:
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))), force=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the directory named
-      raise CheckpointError(f"could not write checkpoint {step} to {self.directory}: {e}") from e
+      raise CheckpointWriteError(
+          f"could not write checkpoint {step} to {self.directory}: {e}") from e
 
   def wait(self) -> None:
     """Blocks until pending writes are on disk; raises if one failed."""
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"writing a checkpoint to {self.directory} failed: {e}") from e
+      raise CheckpointWriteError(
+          f"writing a checkpoint to {self.directory} failed: {e}; the previous checkpoint "
+          "is kept.") from e
 
   def restore_meta(self, step: int) -> dict[str, Any]:
     return self._manager.restore(step, args=ocp.args.Composite(
@@ -70,6 +86,17 @@ class Checkpointer:
   def close(self) -> None:
     self.wait()
     self._manager.close()
+
+
+def _check_writable(directory: pathlib.Path) -> None:
+  """Fails at the start, not at the first save hours later, where checkpoints cannot go."""
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+      pass
+  except OSError as e:
+    raise CheckpointError(f"cannot write checkpoints to {directory}: {e}. Pass a --workdir "
+                          "on writable storage.") from e
 
 
 def _shapes(tree: Any) -> dict[str, tuple | None]:

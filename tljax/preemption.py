@@ -16,21 +16,28 @@ class Preempted(Exception):
 
 
 class StopSignal:
-  """Remembers whether SIGTERM (or SIGINT, where asked) arrived while installed."""
+  """Remembers whether SIGTERM (or SIGINT, where asked) arrived while installed.
+
+  The handler only records the signal: it runs in the main thread between two bytecodes,
+  possibly in the middle of a write to the log stream. The first check that sees the
+  request logs it.
+  """
 
   def __init__(self):
-    self._event = threading.Event()
+    self._signum: int | None = None
+    self._logged = False
 
   @property
   def requested(self) -> bool:
-    return self._event.is_set()
+    if self._signum is not None and not self._logged:
+      self._logged = True
+      logging.warning("received %s: saving a checkpoint, then exiting",
+                      signal.Signals(self._signum).name)
+    return self._signum is not None
 
   def request(self, signum: int = signal.SIGTERM, frame=None) -> None:
     del frame
-    if not self._event.is_set():
-      logging.warning("received %s: saving a checkpoint, then exiting",
-                      signal.Signals(signum).name)
-    self._event.set()
+    self._signum = signum
 
   @contextlib.contextmanager
   def installed(self, signals=(signal.SIGTERM,)):

@@ -77,6 +77,8 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
          f"data.train_examples={config.data.train_examples} must be >= 0 (0 = all).")
   expect(0 <= config.data.validation_split < 1,
          f"data.validation_split={config.data.validation_split} must be in [0, 1).")
+  expect(config.data.scale in data.SCALES,
+         f"data.scale={config.data.scale!r} is not one of {data.SCALES}.")
   expect(config.data.augment_shift >= 0,
          f"data.augment_shift={config.data.augment_shift} must be >= 0.")
   expect(config.model.alpha in mobilenet_v2.ALPHAS,
@@ -270,6 +272,23 @@ def _save(ctx: RunContext, phase: Phase, state: steps.TrainState, global_step: i
   ctx.checkpointer.save(global_step, state, ctx.meta)
 
 
+def _stop_if_requested(ctx: RunContext, phase: Phase, state: steps.TrainState,
+                       global_step: int) -> None:
+  """After SIGTERM: checkpoints this point (unless saved already), waits, raises Preempted.
+
+  Called between device calls: after each train chunk, the prefix cache, each evaluation
+  and each phase.
+  """
+  if not ctx.stop.requested:
+    return
+  ctx.checkpointer.wait()
+  if ctx.checkpointer.latest_step() != global_step:
+    _save(ctx, phase, state, global_step)
+    ctx.checkpointer.wait()
+  raise preemption.Preempted(f"stopped in phase {phase.name} at step {int(state.step)} of "
+                             f"{phase.total_steps}; checkpoint {global_step} is saved")
+
+
 def _chunk_sizes(total: int, target: int) -> int:
   """The largest divisor of ``total`` in [target/2, target], else ``target``: fewer compiles."""
   target = min(target, total)
@@ -304,6 +323,7 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
                                       cut=phase.cut, config=config, mesh=mesh)
     jax.block_until_ready(train_inputs)
     logging.info("phase %s: prefix cache built in %.1f s", phase.name, time.perf_counter() - t0)
+    _stop_if_requested(ctx, phase, state, global_step)
 
   chunk_size = _chunk_sizes(phase.steps_per_epoch, config.steps_per_dispatch)
   train_chunk = make_train_chunk(phase, model, config, mesh)
@@ -335,7 +355,6 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
         correct += int(np.sum(metrics["correct"]))
         finite_steps += int(finite.sum())
         skipped += int((~finite).sum())
-        _check_bad_steps(state, config, phase, step)
         chunk_loss = float(np.mean(metrics["loss"][finite])) if finite.any() else float("nan")
         chunk_acc = float(np.sum(metrics["correct"])) / (k * batch)
         progress.update(k, loss=chunk_loss, accuracy=chunk_acc)
@@ -343,11 +362,9 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
                            "epoch": epoch + 1, "step": global_step, "loss": chunk_loss,
                            "accuracy": chunk_acc, "skipped_steps": int((~finite).sum()),
                            "images_per_s": k * batch / (time.perf_counter() - t0)})
+        _check_bad_steps(state, config, phase, step)  # After the record: it counts the skips.
+        _stop_if_requested(ctx, phase, state, global_step)
         every = config.checkpoint_every_steps
-        if ctx.stop.requested:
-          _save(ctx, phase, state, global_step)
-          ctx.checkpointer.wait()
-          raise preemption.Preempted(f"stopped at phase {phase.name} step {step}")
         if (every and global_step // every != (global_step - k) // every
             and position < phase.steps_per_epoch):  # Epoch ends are saved below.
           _save(ctx, phase, state, global_step)
@@ -367,6 +384,7 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
                  f" val_loss {val_loss:.4f} val_accuracy {val_acc:.4f}" if n_val else "")
     if step < phase.total_steps:  # The phase's last checkpoint is written by run().
       _save(ctx, phase, state, global_step)
+      _stop_if_requested(ctx, phase, state, global_step)
   trainable = sum(r.size for r in phase.reports if r.rule.action == freezing.TRAIN)
   frozen = sum(r.size for r in phase.reports if r.rule.action == freezing.FREEZE)
   results = {"name": phase.name, "epochs": phase.config.epochs,
@@ -451,6 +469,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   size = config.model.input_size
   sample = jnp.zeros((1, size, size, 3), jnp.float32)
   abstract_variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), sample)
+  for index in range(len(config.phases)):  # Every phase's freeze rules, before any work.
+    build_phase(config, index, model, abstract_variables["params"], len(splits["train"].labels))
   checkpointer = checkpoint.Checkpointer(workdir, max_to_keep=config.max_to_keep)
   latest = checkpointer.latest_step()
   state, variables = None, None
@@ -491,7 +511,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         state, results = train_phase(ctx, phase, state, meta["global_step"])
         meta["results"].append(results)
         _save(ctx, phase, state, global_step)
+        _stop_if_requested(ctx, phase, state, global_step)
         variables, state = {"params": state.params, "batch_stats": state.batch_stats}, None
+    checkpointer.wait()  # A failed last checkpoint fails the run before its outputs are written.
     summary = write_outputs(workdir, config, dataset, splits, model, variables,
                             device_images, device_labels, mesh, meta["results"])
   finally:

@@ -1,0 +1,138 @@
+"""main.py: each bad command line or input is one message and exit 2, before any long work;
+the other exit codes (143 preempted, 1 failed) come from what train.run raised."""
+
+import gzip
+import logging
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import types
+
+import h5py
+import numpy as np
+import pytest
+
+import main
+from test_train import tiny_config
+from tljax import checkpoint, preemption, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _cli(*flags: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "main.py", "--config=configs/default.py", *flags],
+                        cwd=REPO, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.batchsize=16", "--config.batchsize: config has no key 'batchsize'. Did you mean "
+     "--config.batch_size? Its keys are: batch_size, cache_max_gb, checkpoint_every_steps, "
+     "data, eval_batch_size, max_bad_steps, max_to_keep, model, phases, seed, "
+     "steps_per_dispatch."),
+    ("--config.phases[1].epoch=2", "--config.phases[1].epoch: config.phases[1] has no key "
+     "'epoch'. Did you mean --config.phases[1].epochs? Its keys are: batchnorm, cache_prefix, "
+     "epochs,"),
+    ("--config.phases[2].epochs=1", "config.phases has 2 entries, so [2] does not exist."),
+    ("--config.batch_size=16.5", "flag --config.batch_size=16.5: invalid literal for int()"),
+])
+def test_bad_config_override_is_one_message_and_exit_2(flag, message, tmp_path):
+  done = _cli(f"--workdir={tmp_path / 'run'}", flag)
+  assert done.returncode == main.EXIT_BAD_INPUT == 2, done.stderr[-2000:]
+  assert message in done.stderr
+  assert done.stderr.strip().endswith("Run with --helpfull to list the flags.")
+  assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / "run").exists()
+
+
+def test_truncated_weights_file_is_one_message_and_exit_2(tiny_idx_dir, tmp_path):
+  path = tmp_path / "weights.h5"
+  with h5py.File(path, "w") as f:
+    f["Conv1/kernel"] = np.zeros((64, 1024), np.float32)
+  path.write_bytes(path.read_bytes()[:100_000])
+  done = _cli(f"--workdir={tmp_path / 'run'}", f"--config.data.dir={tiny_idx_dir}",
+              "--config.model.alpha=0.35", f"--config.model.weights={path}")
+  assert done.returncode == 2, done.stderr[-2000:]
+  errors = [line for line in done.stderr.splitlines() if line.startswith("E")]
+  assert len(errors) == 1 and f"{path} is a corrupt or truncated HDF5 file" in errors[0]
+  assert "Traceback" not in done.stderr
+  assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# main.run in process: the message and code for each mistake, raised before weights load.
+# ---------------------------------------------------------------------------------------------
+
+
+def _bad_magic(folder: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+  copy = shutil.copytree(folder, tmp_path / "idx")
+  labels = copy / "train-labels-idx1-ubyte.gz"
+  data = gzip.decompress(labels.read_bytes())
+  labels.write_bytes(gzip.compress(b"\x00\x00\x0d\x01" + data[4:]))
+  return copy
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.alpha": 0.3}, r"model.alpha=0.3 is not one of \(0.35, 0.5, 0.75, 1.0, 1.3, 1.4\)"),
+    ({"phases.1.weight_decay": 1e-4},
+     r"phase 'fine_tune': weight_decay=0.0001 needs optimizer='adamw'"),
+    ({"phases.1.rules": ("freeze:layers[:100]", "freeze:block_99_.*", "train:.*")},
+     r"freeze rules \['freeze:block_99_.\*'\] match no parameter"),
+    ({"data.name": "no_such_dataset", "data.dir": ""},
+     r"Unknown dataset 'no_such_dataset': tensorflow-datasets has no such builder"),
+    ({"data.dir": "BAD_MAGIC"},
+     r"idx/train-labels-idx1-ubyte.gz: not a uint8 IDX file: expected magic number "
+     r"0x0000080[13] .* found 0x00000d01"),
+    ({"max_to_keep": 0}, r"max_to_keep=0 must be at least 1"),
+    ({"CHECKPOINTS_IS_A_FILE": True}, r"cannot write checkpoints to .*/run/checkpoints: "
+     r"\[Errno 17\] File exists"),
+], ids=["alpha", "weight_decay_with_adam", "rule_matching_nothing", "unknown_dataset",
+        "idx_magic", "max_to_keep", "checkpoints_not_a_directory"])
+def test_bad_input_is_one_message_and_exit_2_before_weights_load(
+    overrides, message, tiny_idx_dir, tmp_path, monkeypatch, caplog):
+  overrides = dict(overrides)
+  if overrides.get("data.dir") == "BAD_MAGIC":
+    overrides["data.dir"] = str(_bad_magic(tiny_idx_dir, tmp_path))
+  workdir = tmp_path / "run"
+  if overrides.pop("CHECKPOINTS_IS_A_FILE", False):
+    workdir.mkdir()
+    (workdir / "checkpoints").write_text("")
+  monkeypatch.setattr(train.weights, "load_pretrained",
+                      lambda *a, **k: pytest.fail("weights loaded before the input was checked"))
+  with caplog.at_level(logging.ERROR):
+    assert main.run(tiny_config(tiny_idx_dir, **overrides), str(workdir)) == 2
+  [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+  assert not record.exc_info and "\n" not in record.getMessage()
+  assert re.search(message, record.getMessage()), record.getMessage()
+  assert not (workdir / "metrics.jsonl").exists()
+
+
+def test_batch_size_must_divide_over_the_devices(tiny_idx_dir):
+  three_devices = types.SimpleNamespace(shape={"data": 3})
+  with pytest.raises(ValueError, match=r"batch_size=16 must be a positive multiple of the 3 "
+                     r"devices in the data mesh; use e.g. --config.batch_size=15 or 18."):
+    train.check_config(tiny_config(tiny_idx_dir), three_devices)
+
+
+@pytest.mark.parametrize("error, code", [
+    (preemption.Preempted("stopped in phase p at step 3 of 8; checkpoint 3 is saved"), 143),
+    (train.NonFiniteError("phase p: steps 1..10 of the phase all had a non-finite loss"), 1),
+    (checkpoint.CheckpointWriteError("writing a checkpoint to /w failed: disk full"), 1),
+    (checkpoint.CheckpointError("/w holds checkpoints of another config"), 2),
+], ids=["preempted", "non_finite", "write_failed", "incompatible_checkpoints"])
+def test_exit_code_of_each_failure(error, code, monkeypatch, caplog):
+  def fail(config, workdir):
+    raise error
+  monkeypatch.setattr(train, "run", fail)
+  with caplog.at_level(logging.WARNING):
+    assert main.run(None, "/w") == code
+  assert str(error) in caplog.text
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+  monkeypatch.setattr(train, "run", lambda config, workdir: {}["missing"])
+  with pytest.raises(KeyError):
+    main.run(None, "/w")
