@@ -78,7 +78,7 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   expect(0 <= config.data.validation_split < 1,
          f"data.validation_split={config.data.validation_split} must be in [0, 1).")
   expect(config.data.scale in data.SCALES,
-         f"data.scale={config.data.scale!r} is not one of {data.SCALES}.")
+         f"data.scale={config.data.scale!r} is not one of {tuple(data.SCALES)}.")
   expect(config.data.augment_shift >= 0,
          f"data.augment_shift={config.data.augment_shift} must be >= 0.")
   expect(config.model.alpha in mobilenet_v2.ALPHAS,
