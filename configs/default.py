@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0                    # Seeds initialisation, data order and augmentation.
   config.batch_size = 32             # Global training batch; must divide by the device count.
   config.eval_batch_size = 500       # Global batch for validation, test and prefix caching.
-  config.steps_per_dispatch = 100    # Train steps fused into one device call (lax.scan).
+  config.steps_per_dispatch = 100    # Train steps dispatched between two host syncs.
   config.checkpoint_every_steps = 1000  # Periodic checkpoints; 0 = only at phase ends.
   config.max_to_keep = 2             # Checkpoints kept in <workdir>/checkpoints.
   config.cache_max_gb = 4.0          # Largest prefix cache held in device memory.
