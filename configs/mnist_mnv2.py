@@ -10,6 +10,9 @@ Keras 3's ``fit`` does after ``base_model.trainable = True``, and what the tutor
 depends on (see README, "BatchNorm").
 
     python main.py --config configs/mnist_mnv2.py --workdir runs/mnist_mnv2
+
+Measured on a 2-core CPU (README, Results): 84.77% MNIST test accuracy in 4 min 8 s
+(the tutorial reports 84.34%).
 """
 
 from configs import default

@@ -1,6 +1,6 @@
 """The tuned MNIST recipe: same ImageNet MobileNetV2 backbone, more accurate and fast.
 
-Changes from the tutorial (``mnist_mnv2.py``), each for a measured reason (README, "Tuning"):
+Changes from the tutorial (``mnist_mnv2.py``):
 MobileNetV2's own input scaling to [-1, 1]; one epoch for the new head on the cached frozen
 base; then everything above block 3 trains (the ``large_similar`` preset: ``layers[:36]``
 frozen and computed once, so each step runs blocks 4-16 only), with BatchNorm on batch
@@ -11,6 +11,8 @@ augmentation, runs about 4x slower per image on a CPU and does not fit the 15-ep
 15-minute budget there.)
 
     python main.py --config configs/mnist_mnv2_tuned.py --workdir runs/mnist_mnv2_tuned
+
+Measured on a 2-core CPU (README, Results): 99.16% MNIST test accuracy in 8 min 36 s.
 """
 
 from configs import default
