@@ -4,10 +4,11 @@
     python benchmarks/step_throughput.py --batch_sizes 32,128,512 --sizes 32,224 --extra ""
     python benchmarks/step_throughput.py --baselines keras_jax,keras_tf
 
-Each case compiles the trainer's own fused step (``tljax.train.make_train_chunk``) for a phase
-built by ``tljax.train.build_phase`` from ``configs/mnist_mnv2.py``: "frozen_base" is its
-phases[0] (only the head trains), "fine_tune" its phases[1] (``layers[:100]`` frozen, BatchNorm
-in batch-statistics mode), "full" phases[1] with every parameter trainable. The step reads
+Each case runs the trainer's own train chunk (``tljax.train.make_train_chunk``, K steps per
+call) for a phase built by ``tljax.train.build_phase`` from ``configs/mnist_mnv2.py``:
+"frozen_base" is its phases[0] (only the head trains), "fine_tune" its phases[1]
+(``layers[:100]`` frozen, BatchNorm in batch-statistics mode), "full" phases[1] with every
+parameter trainable. The step reads
 random uint8 MNIST-shaped images (28x28) and resizes them to the input size, as in training
 ("uncached"), or reads the frozen prefix's cached output ("cached"), as the trainer does by
 default where the prefix is frozen and the cache of MNIST's 60,000 images fits
@@ -510,7 +511,7 @@ def parse_args():
   parser.add_argument("--config", default=str(REPO / "configs" / "mnist_mnv2.py"),
                       help="config file whose phases[0] and phases[1] are the phase kinds")
   parser.add_argument("--steps_per_dispatch", type=int, default=0,
-                      help="steps fused per call; 0: about 128 32x32-image-equivalents")
+                      help="train steps per call (host sync); 0: about 128 32x32-image-equivalents")
   parser.add_argument("--no_levers", dest="levers", action="store_false",
                       help="skip the lever cases (run at the first batch size and size)")
   parser.add_argument("--baselines", nargs="?", const=",".join(BASELINES), default="",
