@@ -12,7 +12,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 
 from tljax.models.mobilenet_v2 import MobileNetV2
 

@@ -73,16 +73,18 @@ class Case:
   size: int
   grad: str = "partial"         # partial (the trainer's) | everything (then masked).
   depthwise: str = "auto"       # config.model.depthwise.
+  fold_bn: bool = False         # config.model.fold_batchnorm.
 
   @property
   def is_lever(self) -> bool:
-    return self.grad != "partial" or self.depthwise != "auto"
+    return self.grad != "partial" or self.depthwise != "auto" or self.fold_bn
 
   @property
   def label(self) -> str:
     return (f"{self.phase} {'cached' if self.cached else 'uncached'}"
             + ("" if self.grad == "partial" else " grad-everything")
-            + ("" if self.depthwise == "auto" else f" dw-{self.depthwise}"))
+            + ("" if self.depthwise == "auto" else f" dw-{self.depthwise}")
+            + (" fold-bn" if self.fold_bn else ""))
 
 
 def parse_case(text: str) -> Case:
@@ -105,6 +107,7 @@ def load_config(path: str, case: Case, steps_per_dispatch: int):
   config.steps_per_dispatch = steps_per_dispatch
   config.model.input_size = case.size
   config.model.depthwise = case.depthwise
+  config.model.fold_batchnorm = case.fold_bn
   config.data.augment_shift = 0
   if rules is not None:
     config.phases[index].rules = rules
@@ -350,6 +353,9 @@ def group_cases(phases: list[str], batch: int, size: int, levers: bool) -> list[
               for p in ("frozen_base", "fine_tune") if p in phases]
     cases += [Case(p, False, batch, size, depthwise=other) for p in ("fine_tune",)
               if p in phases]
+    # Every BatchNorm of the frozen base uses moving statistics: all of them fold.
+    cases += [Case(p, False, batch, size, fold_bn=True) for p in ("frozen_base",)
+              if p in phases]
   return cases
 
 
@@ -424,19 +430,24 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
 def _trainer_row(rows: list[dict], phase: str, batch: int, size: int, cached: bool | None):
   """The trainer's step for ``phase`` (its default variant if ``cached`` is None)."""
   return next(r for r in rows if (r["phase"], r["batch"], r["size"]) == (phase, batch, size)
-              and r["grad"] == "partial" and r["depthwise"] == "auto"
+              and not _is_lever(r)
               and (r["trainer_default"] if cached is None else r["cached"] == cached))
+
+
+def _is_lever(row: dict) -> bool:
+  return row["grad"] != "partial" or row["depthwise"] != "auto" or row["fold_bn"]
 
 
 def lever_rows(rows: list[dict]) -> list[dict]:
   """Each lever case against the same case with the trainer's choices."""
   out = []
   for r in rows:
-    if r["grad"] == "partial" and r["depthwise"] == "auto":
+    if not _is_lever(r):
       continue
     base = _trainer_row(rows, r["phase"], r["batch"], r["size"], r["cached"])
     lever = ("gradient of every parameter, then mask" if r["grad"] != "partial"
-             else f"depthwise {r['depthwise']} instead of auto")
+             else f"depthwise {r['depthwise']} instead of auto" if r["depthwise"] != "auto"
+             else "moving-statistics BatchNorm folded into the convolutions")
     out.append({"lever": lever, "case": base["label"], "batch": r["batch"], "size": r["size"],
                 "trainer_ms": base["median_ms"], "lever_ms": r["median_ms"],
                 "lever_slowdown": r["median_ms"] / base["median_ms"]})
@@ -479,7 +490,7 @@ def report(rows, baseline_rows, failed) -> dict[str, Any]:
     print("\nlevers (the lever's step time over the trainer's)")
     print_table(levers, [("lever", "lever", ""), ("case", "case", ""), ("batch", "batch", "d"),
                          ("size", "size", "d"), ("trainer ms", "trainer_ms", ".2f"),
-                         ("lever ms", "lever_ms", ".2f"), ("slowdown", "lever_slowdown", ".1f")])
+                         ("lever ms", "lever_ms", ".2f"), ("slowdown", "lever_slowdown", ".2f")])
   ratios = ratio_rows(rows, baseline_rows)
   if baseline_rows:
     print("\nbaselines")

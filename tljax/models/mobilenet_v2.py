@@ -10,6 +10,11 @@ The network is described once, as the list of Keras layers in ``model.layers`` o
   named intermediate tensors; ``start`` resumes from such a dict. That is how a frozen prefix is
   computed once and cached.
 
+With ``fold_bn``, a BatchNorm layer that uses its moving statistics is folded into the
+convolution before it: the kernel is scaled by ``scale / sqrt(var + eps)`` and one bias is
+added, which is the same function (to float32 rounding) in one pass over the activations
+instead of two. Gradients reach the BatchNorm's ``scale`` and ``bias`` through the fold.
+
 Outputs are logits: the ``predictions`` layer has no softmax (Keras applies one by default).
 """
 
@@ -146,6 +151,7 @@ class MobileNetV2(nn.Module):
     dtype: compute dtype; parameters and BatchNorm statistics stay float32.
     depthwise: "auto", "shifted" or "xla" (see ``tljax.models.depthwise``).
     bn_momentum: moving-average momentum of BatchNorm layers in batch-statistics mode.
+    fold_bn: fold moving-statistics BatchNorm into the preceding convolution (see above).
   """
   alpha: float = 1.0
   include_top: bool = True
@@ -154,6 +160,7 @@ class MobileNetV2(nn.Module):
   dtype: Any = jnp.float32
   depthwise: str = "auto"
   bn_momentum: float = BN_MOMENTUM
+  fold_bn: bool = False
 
   @property
   def layers(self) -> tuple[Layer, ...]:
@@ -182,12 +189,38 @@ class MobileNetV2(nn.Module):
       start = 1
     else:
       tensors = dict(x)
+    folds = {}
+    if self.fold_bn and not self.is_initializing():
+      folds = _foldable(layers[start:stop], train_bn, capture)
     for layer in layers[start:stop]:
-      tensors[layer.name] = self._apply_layer(layer, [tensors[n] for n in layer.inputs],
-                                              layer.name in train_bn)
+      inputs = [tensors[n] for n in layer.inputs]
+      if layer.name in folds:
+        tensors[layer.name] = self._folded_conv(layer, folds[layer.name], inputs[0])
+      elif layer.kind == "bn" and layer.inputs[0] in folds:
+        tensors[layer.name] = inputs[0]  # Applied by the convolution before it.
+      else:
+        tensors[layer.name] = self._apply_layer(layer, inputs, layer.name in train_bn)
     if capture:
       return {name: tensors[name] for name in capture}
     return tensors[layers[stop - 1].name]
+
+  def _folded_conv(self, layer: Layer, bn_name: str, x: jax.Array) -> jax.Array:
+    """``layer`` (conv or depthwise) followed by the moving-statistics BatchNorm ``bn_name``."""
+    params = self.variables["params"]
+    stats = self.variables["batch_stats"][bn_name]
+    scale = params[bn_name]["scale"] * jax.lax.rsqrt(stats["var"] + BN_EPSILON)
+    bias = params[bn_name]["bias"] - stats["mean"] * scale
+    x = x.astype(self.dtype)
+    if layer.kind == "conv":
+      kernel = (params[layer.name]["kernel"] * scale).astype(self.dtype)
+      y = jax.lax.conv_general_dilated(x, kernel, (layer.stride,) * 2, "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    else:
+      kernel = (params[layer.name]["depthwise_kernel"] * scale[:, None]).astype(self.dtype)
+      y = depthwise.depthwise_conv(x, kernel, stride=layer.stride,
+                                   padding="SAME" if layer.stride == 1 else "VALID",
+                                   impl=self.depthwise)
+    return y + bias.astype(self.dtype)
 
   def _apply_layer(self, layer: Layer, inputs: list[jax.Array], train_bn: bool) -> jax.Array:
     x = inputs[0]
@@ -216,6 +249,21 @@ class MobileNetV2(nn.Module):
       return nn.Dense(self.num_classes, dtype=self.dtype, name=layer.name,
                       kernel_init=nn.initializers.glorot_uniform())(x).astype(jnp.float32)
     raise ValueError(f"unknown layer kind {layer.kind!r} for layer {layer.name!r}")
+
+
+def _foldable(layers: Sequence[Layer], train_bn: frozenset[str],
+              capture: Sequence[str]) -> dict[str, str]:
+  """``conv name -> BatchNorm name`` for the pairs in ``layers`` that can be folded: the
+  BatchNorm uses moving statistics and is the only reader of a convolution whose own output
+  is not captured."""
+  readers: dict[str, list[Layer]] = {}
+  for layer in layers:
+    for name in layer.inputs:
+      readers.setdefault(name, []).append(layer)
+  return {layer.name: only.name for layer in layers
+          if layer.kind in ("conv", "depthwise") and layer.name not in capture
+          and len(readers.get(layer.name, ())) == 1
+          and (only := readers[layer.name][0]).kind == "bn" and only.name not in train_bn}
 
 
 def _check_input(x: Any) -> None:
