@@ -1,6 +1,8 @@
 """The tutorial's recipe (``mnist_mnv2.py``) on Fashion-MNIST, a harder ten-class task.
 
     python main.py --config configs/fashion_mnist_mnv2.py --workdir runs/fashion_mnist_mnv2
+
+Measured on a 2-core CPU (README, Results): 70.65% Fashion-MNIST test accuracy in 4 min 58 s.
 """
 
 from configs import mnist_mnv2

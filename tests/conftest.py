@@ -21,6 +21,19 @@ def _shared_path(relative: str) -> pathlib.Path:
   return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One persistent XLA cache for the session: a program compiled by one test (or one of
+  their subprocesses, which inherit the environment) is loaded, not compiled, by the next."""
+  import jax
+  directory = str(tmp_path_factory.mktemp("xla_cache"))
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=directory,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  return directory
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> pathlib.Path:
   """``../shared`` beside the checkout (real MNIST, Fashion-MNIST, ImageNet weights)."""

@@ -31,7 +31,7 @@ def _cli(*flags: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("flag, message", [
     ("--config.batchsize=16", "--config.batchsize: config has no key 'batchsize'. Did you mean "
      "--config.batch_size? Its keys are: batch_size, cache_max_gb, checkpoint_every_steps, "
-     "data, eval_batch_size, max_bad_steps, max_to_keep, model, phases, seed, "
+     "data, distributed, eval_batch_size, max_bad_steps, max_to_keep, model, phases, seed, "
      "steps_per_dispatch."),
     ("--config.phases[1].epoch=2", "--config.phases[1].epoch: config.phases[1] has no key "
      "'epoch'. Did you mean --config.phases[1].epochs? Its keys are: batchnorm, cache_prefix, "

@@ -5,8 +5,8 @@ evaluating, while caching the next phase's prefix and mid fine-tune; SIGKILL whi
 checkpoint is being committed; a checkpoint write that fails in the background) and then
 finished; it must end bit for bit where an uninterrupted run ends. Faults are injected by
 a driver that patches tljax (and, for SIGKILL mid-commit and the failed write, Orbax
-internals of the pinned version) before it runs main.py. Subprocesses share a persistent
-XLA compilation cache, so only the first one compiles.
+internals of the pinned version) before it runs main.py. Subprocesses share the session's
+persistent XLA compilation cache (tests/conftest.py), so only the first one compiles.
 """
 
 import dataclasses
@@ -50,13 +50,19 @@ DRIVER = textwrap.dedent('''
   from orbax.checkpoint._src.path import atomicity
   from tljax import reporting, steps, train, weights
 
-  def sigterm_at_step(step):  # Right after the step record of global step ``step``.
+  def signal_at_step(step, signum):  # Right after the step record of global step ``step``.
     write = reporting.MetricsWriter.write
     def patched(self, record):
       write(self, record)
       if record["kind"] == "step" and record["step"] == int(step):
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
     reporting.MetricsWriter.write = patched
+
+  def sigterm_at_step(step):
+    signal_at_step(step, signal.SIGTERM)
+
+  def sigkill_at_step(step):
+    signal_at_step(step, signal.SIGKILL)
 
   def sigterm_in(name):  # While train.<name> runs.
     original = getattr(train, name)
@@ -142,8 +148,7 @@ def launch(tiny_idx_dir, tmp_path_factory):
   """``launch(workdir, hooks="", **overrides) -> Outcome``: main.py under the driver."""
   root = tmp_path_factory.mktemp("launch")
   (root / "driver.py").write_text(DRIVER)
-  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(root / "xla_cache"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # With the session's compilation cache.
 
   def run(workdir: pathlib.Path, hooks: str = "", **overrides) -> Outcome:
     config = root / f"{workdir.name}_config.py"

@@ -31,6 +31,15 @@ def test_metrics_writer_round_trips_numpy_and_jax_values(tmp_path):
   assert reporting.read_metrics(path) == [first, {"phase": 0, "epoch": 2, "loss": 0.125}]
 
 
+def test_disabled_metrics_writer_checks_records_but_writes_nothing(tmp_path):
+  path = tmp_path / "run" / "metrics.jsonl"
+  with reporting.MetricsWriter(path, enabled=False) as writer:
+    writer.write({"step": 1})
+    with pytest.raises(TypeError, match="must be a mapping"):
+      writer.write([("step", 2)])
+  assert not path.parent.exists()
+
+
 def test_metrics_writer_makes_each_record_durable_at_once(tmp_path):
   path = tmp_path / "metrics.jsonl"
   writer = reporting.MetricsWriter(path)

@@ -2,10 +2,10 @@
 
 import json
 
+import flax.serialization
 import jax
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from configs import default
 from tljax import checkpoint, train
@@ -53,8 +53,14 @@ def uninterrupted(tiny_idx_dir, tmp_path_factory):
 def test_run_writes_every_output(uninterrupted):
   workdir, summary = uninterrupted
   for name in ("metrics.jsonl", "summary.json", "confusion_matrix.png", "samples.png",
-               "curves.png", "test_predictions.npz"):
+               "curves.png", "test_predictions.npz", "trained_variables.msgpack"):
     assert (workdir / name).stat().st_size > 0, name
+  trained = flax.serialization.msgpack_restore(
+      (workdir / "trained_variables.msgpack").read_bytes())
+  _, state = final_state(workdir)
+  for a, b in zip(jax.tree.leaves(trained),
+                  jax.tree.leaves({k: state[k] for k in ("batch_stats", "params")})):
+    np.testing.assert_array_equal(a, np.asarray(b))
   saved = json.loads((workdir / "summary.json").read_text())
   recount = np.load(workdir / "test_predictions.npz")
   assert saved["test_accuracy"] == pytest.approx(

@@ -95,15 +95,18 @@ class MetricsWriter:
   """Appends one JSON object per line to a file, durably.
 
   Each ``write`` is flushed and fsynced, so a crash loses nothing already
-  written. Opening an existing file appends to it: a resumed run continues the
+  written. ``enabled=False`` writes nothing (all but the first process). Opening an existing file appends to it: a resumed run continues the
   same file. NaN and infinity are written as Python's ``json`` does (``NaN``).
 
     with MetricsWriter(workdir / "metrics.jsonl") as w:
       w.write({"phase": 0, "epoch": 1, "loss": np.float32(0.31)})
   """
 
-  def __init__(self, path: str | os.PathLike):
+  def __init__(self, path: str | os.PathLike, *, enabled: bool = True):
     self.path = os.fspath(path)
+    self._file = None
+    if not enabled:  # All but the first process of a multi-process run.
+      return
     os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
     ends_mid_line = _ends_mid_line(self.path)
     self._file = open(self.path, "a", encoding="utf-8")
@@ -112,16 +115,19 @@ class MetricsWriter:
 
   def write(self, record: Mapping[str, Any]) -> None:
     """Appends ``record`` as one line and syncs it to disk."""
-    if self._file.closed:
+    if self._file is not None and self._file.closed:
       raise ValueError(f"MetricsWriter for {self.path} is closed; open a new one.")
     if not isinstance(record, Mapping):
       raise TypeError(f"a metrics record must be a mapping, got {type(record).__name__}.")
+    if self._file is None:
+      return
     self._file.write(to_json(dict(record)) + "\n")
     self._file.flush()
     os.fsync(self._file.fileno())
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
 
   def __enter__(self) -> "MetricsWriter":
     return self

@@ -1,4 +1,8 @@
-"""The 1-D data-parallel mesh: state replicated, batches split along ``data``."""
+"""The 1-D data-parallel mesh: state replicated, batches split along ``data``.
+
+The mesh spans every process's devices. Host values become global arrays through
+``put``, where each process fills only its own devices from the same host value.
+"""
 
 import jax
 import numpy as np
@@ -20,6 +24,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharded(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
   """Splits the axis after ``leading_dims`` unsplit axes over ``data``."""
   return NamedSharding(mesh, P(*([None] * leading_dims), DATA_AXIS))
+
+
+def put(tree, sharding: NamedSharding):
+  """Host (or single-device) arrays, equal on every process, as global arrays on ``sharding``.
+
+  Each process copies only the slices its own devices hold; no data crosses processes.
+  """
+  def one(value):
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+  return jax.tree.map(one, tree)
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, key: str = "batch_size") -> None:

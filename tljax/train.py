@@ -16,13 +16,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tljax import checkpoint, data, evaluate, freezing, optim, plots, preemption, prefix
-from tljax import reporting
+from tljax import checkpoint, data, distributed, evaluate, freezing, optim, plots, preemption
+from tljax import prefix, reporting
 from tljax import sharding, steps, weights
 from tljax.models import mobilenet_v2
 from tljax.models.mobilenet_v2 import MobileNetV2
@@ -169,9 +170,8 @@ def _index_batches(n: int, batch: int, mesh):
   for start in range(0, n, batch):
     indices = np.arange(start, start + batch)
     valid = indices < n
-    yield (jax.device_put(np.where(valid, indices, 0).astype(np.int32),
-                          sharding.batch_sharded(mesh)),
-           jax.device_put(valid, sharding.batch_sharded(mesh)))
+    yield sharding.put((np.where(valid, indices, 0).astype(np.int32), valid),
+                       sharding.batch_sharded(mesh))
 
 
 def _gather(tree, indices):
@@ -189,11 +189,12 @@ def build_prefix_cache(variables, inputs: Mapping[str, jax.Array], n: int, *,
     x = data.preprocess(inputs["images"][indices], size=size, scale=scale)
     return model.apply(variables, x, stop=cut, capture=names)
 
-  chunks = [extract(variables, inputs, idx)
-            for idx, _ in _index_batches(n, config.eval_batch_size, mesh)]
-  return {name: jax.device_put(jnp.concatenate([c[name] for c in chunks])[:n],
-                               sharding.replicated(mesh))
-          for name in names}
+  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+  def concatenate(chunks):
+    return {name: jnp.concatenate([c[name] for c in chunks])[:n] for name in names}
+
+  return concatenate([extract(variables, inputs, idx)
+                      for idx, _ in _index_batches(n, config.eval_batch_size, mesh)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,12 +234,15 @@ def make_train_chunk(phase: Phase, model: MobileNetV2, config, mesh):
   return chunk
 
 
-def make_eval_batch(model: MobileNetV2, cut: int, config):
-  """``(variables, inputs, labels, indices, mask) -> summed metrics and predictions``."""
+def make_eval_batch(model: MobileNetV2, cut: int, config, mesh):
+  """``(variables, inputs, labels, indices, mask) -> summed metrics and predictions``.
+
+  The results are replicated, so every process can read them.
+  """
   prepare = functools.partial(_model_inputs, cut=cut, size=config.model.input_size,
                               scale=config.data.scale, augment_shift=0)
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def eval_batch(variables, inputs, labels, indices, mask):
     x = prepare(_gather(inputs, indices), None)
     return steps.eval_step(variables, x, labels[indices], mask, model=model, start=cut)
@@ -288,9 +292,9 @@ def _stop_if_requested(ctx: RunContext, phase: Phase, state: steps.TrainState,
   """After SIGTERM: checkpoints this point (unless saved already), waits, raises Preempted.
 
   Called between device calls: after each train chunk, the prefix cache, each evaluation
-  and each phase.
+  and each phase, at the same points on every process, which stop together.
   """
-  if not ctx.stop.requested:
+  if not distributed.any_process(ctx.stop.requested):
     return
   ctx.checkpointer.wait()
   if ctx.checkpointer.latest_step() != global_step:
@@ -338,7 +342,7 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
 
   chunk_size = _chunk_sizes(phase.steps_per_epoch, config.steps_per_dispatch)
   train_chunk = make_train_chunk(phase, model, config, mesh)
-  eval_batch = make_eval_batch(model, phase.cut, config)
+  eval_batch = make_eval_batch(model, phase.cut, config, mesh)
   batch = config.batch_size
   train_time, train_images, compiled = 0.0, 0, False
   step = int(state.step)
@@ -348,11 +352,12 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
     order = np.asarray(order)[:phase.steps_per_epoch * batch].reshape(-1, batch)
     loss_sum, correct, finite_steps, skipped = 0.0, 0, 0, 0
     desc = f"{phase.name} epoch {epoch + 1}/{phase.config.epochs}"
-    with reporting.Progress(phase.steps_per_epoch, desc, batch_size=batch) as progress:
+    with reporting.Progress(phase.steps_per_epoch, desc, batch_size=batch,
+                            enabled=distributed.is_main_process()) as progress:
       progress.update(position)
       while position < phase.steps_per_epoch:
         k = min(chunk_size, phase.steps_per_epoch - position)
-        indices = jax.device_put(order[position:position + k], sharding.batch_sharded(mesh, 1))
+        indices = sharding.put(order[position:position + k], sharding.batch_sharded(mesh, 1))
         t0 = time.perf_counter()
         state, metrics = train_chunk(state, train_inputs, ctx.device_labels["train"], indices)
         metrics = jax.device_get(metrics)
@@ -431,8 +436,13 @@ def _check_bad_steps(state, config, phase, step) -> None:
 
 
 def load_splits(config) -> tuple[data.Dataset, dict[str, data.Split]]:
-  """The dataset, and its train / validation / test splits as this config cuts them."""
-  dataset = data.load_dataset(config.data.name, config.data.dir or None)
+  """The dataset, and its train / validation / test splits as this config cuts them.
+
+  Every process loads the whole (in-memory) dataset; process 0 first, so that a download
+  into shared storage happens once.
+  """
+  with distributed.main_process_first("dataset"):
+    dataset = data.load_dataset(config.data.name, config.data.dir or None)
   train = data.take(dataset.train, config.data.train_examples)
   train, validation = data.holdout_split(train, config.data.validation_split)
   return dataset, {"train": train, "validation": validation, "test": dataset.test}
@@ -441,11 +451,8 @@ def load_splits(config) -> tuple[data.Dataset, dict[str, data.Split]]:
 def create_model(config, num_classes: int) -> MobileNetV2:
   return MobileNetV2(alpha=config.model.alpha, include_top=True, num_classes=num_classes,
                      dtype=DTYPES[config.model.dtype], depthwise=config.model.depthwise,
-                     bn_momentum=config.model.bn_momentum)
-
-
-def _replicate(tree, mesh):
-  return jax.device_put(tree, sharding.replicated(mesh))
+                     bn_momentum=config.model.bn_momentum,
+                     fold_bn=config.model.fold_batchnorm)
 
 
 def _restore(checkpointer, step, config, model, abstract_variables, num_train, mesh):
@@ -471,9 +478,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   """Trains every phase of ``config`` in ``workdir`` (resuming if it holds checkpoints),
   evaluates on the test split, and writes the outputs there. Returns the summary."""
   reporting.setup_logging()
+  distributed.initialize(config.distributed)
+  if not distributed.is_main_process():
+    logging.getLogger().setLevel(logging.WARNING)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.data_mesh()
+  replicated = sharding.replicated(mesh)
   check_config(config, mesh)
   dataset, splits = load_splits(config)
   model = create_model(config, dataset.num_classes)
@@ -489,9 +500,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     meta = {"fingerprint": config_fingerprint(config), "results": [], "global_step": 0,
             "phase": 0, "phase_step": 0}
     start_phase = 0
-    variables = _replicate(weights.load_pretrained(
+    variables = sharding.put(weights.load_pretrained(
         config.model.weights, model, input_size=size,
-        rng=jax.random.PRNGKey(config.seed), cache_dir=config.model.cache_dir or None), mesh)
+        rng=jax.random.PRNGKey(config.seed), cache_dir=config.model.cache_dir or None),
+        replicated)
   else:
     meta, phase, state = _restore(checkpointer, latest, config, model, abstract_variables,
                                   len(splits["train"].labels), mesh)
@@ -502,11 +514,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
       variables = {"params": state.params, "batch_stats": state.batch_stats}
       state, start_phase = None, start_phase + 1
 
-  device_images = {k: _replicate({"images": s.images}, mesh) for k, s in splits.items()}
-  device_labels = {k: _replicate(s.labels, mesh) for k, s in splits.items()}
+  device_images = {k: sharding.put({"images": s.images}, replicated) for k, s in splits.items()}
+  device_labels = {k: sharding.put(s.labels, replicated) for k, s in splits.items()}
   stop = preemption.StopSignal()
   try:
-    with reporting.MetricsWriter(workdir / "metrics.jsonl") as metrics, stop.installed():
+    with (reporting.MetricsWriter(workdir / "metrics.jsonl",
+                                  enabled=distributed.is_main_process()) as metrics,
+          stop.installed()):
       ctx = RunContext(config, mesh, model, splits, device_images, device_labels,
                        checkpointer, metrics, stop, meta)
       for index in range(start_phase, len(config.phases)):
@@ -517,7 +531,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
                      phase.name, phase.config.epochs, phase.steps_per_epoch,
                      phase.config.batchnorm, freezing.format_report(phase.reports))
         if state is None:
-          state = _replicate(init_state(phase, variables, config.seed), mesh)
+          state = jax.jit(lambda v: init_state(phase, v, config.seed),
+                          out_shardings=replicated)(variables)
         global_step = meta["global_step"] + phase.total_steps - int(state.step)
         state, results = train_phase(ctx, phase, state, meta["global_step"])
         meta["results"].append(results)
@@ -534,13 +549,22 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
 
 def write_outputs(workdir, config, dataset, splits, model, variables, device_images,
                   device_labels, mesh, phase_results) -> dict[str, Any]:
-  """Test evaluation, confusion matrix, sample grid, curves and summary.json."""
+  """Test evaluation, then (on process 0) the trained variables, confusion matrix, sample
+  grid, curves and summary.json."""
   test = splits["test"]
-  eval_batch = make_eval_batch(model, 0, config)
+  eval_batch = make_eval_batch(model, 0, config, mesh)
   loss, accuracy, predictions = evaluate_split(eval_batch, variables, device_images["test"],
                                                device_labels["test"], len(test.labels),
                                                config, mesh)
   logging.info("test loss %.4f, test accuracy %.4f", loss, accuracy)
+  summary = {"test_loss": loss, "test_accuracy": accuracy, "test_examples": len(test.labels),
+             "phases": phase_results, "devices": [str(d) for d in jax.devices()],
+             "processes": jax.process_count(),
+             "config": json.loads(config.to_json_best_effort())}
+  if not distributed.is_main_process():
+    return summary
+  with reporting.atomic_open(workdir / "trained_variables.msgpack", "wb") as f:
+    f.write(flax.serialization.msgpack_serialize(jax.device_get(dict(variables))))
   np.savez(workdir / "test_predictions.npz", labels=test.labels, predictions=predictions)
   cm = evaluate.confusion_matrix(test.labels, predictions, dataset.num_classes)
   plots.plot_confusion_matrix(cm, dataset.class_names, workdir / "confusion_matrix.png")
@@ -549,8 +573,5 @@ def write_outputs(workdir, config, dataset, splits, model, variables, device_ima
                      dataset.class_names, workdir / "samples.png")
   epochs = [r for r in reporting.read_metrics(workdir / "metrics.jsonl") if r["kind"] == "epoch"]
   plots.plot_curves(epochs, workdir / "curves.png")
-  summary = {"test_loss": loss, "test_accuracy": accuracy, "test_examples": len(test.labels),
-             "phases": phase_results, "devices": [str(d) for d in jax.devices()],
-             "config": json.loads(config.to_json_best_effort())}
   reporting.write_json(workdir / "summary.json", summary)
   return summary

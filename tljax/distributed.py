@@ -1,0 +1,87 @@
+"""Multi-process runs: starting ``jax.distributed`` and agreeing across processes.
+
+One process runs on each host (a Cloud TPU VM worker, a GPU node). All of them execute the
+same program on the same global arrays over one mesh of every process's devices; each feeds
+its own devices' rows of every global batch; process 0 alone writes logs, metrics, plots
+and the summary. Checkpoints are written and restored by all processes together (Orbax).
+"""
+
+import contextlib
+import glob
+import importlib.util
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+INITIALIZE_MODES = ("auto", "yes", "no")
+
+
+def initialize(config: ml_collections.ConfigDict) -> None:
+  """Starts ``jax.distributed`` as ``config`` (the ``distributed`` section) asks.
+
+  ``auto`` starts it when any setting is given (the coordinator address also as
+  ``JAX_COORDINATOR_ADDRESS``) or on a Cloud TPU VM, where JAX finds every setting itself;
+  ``yes`` always (JAX detects Cloud TPU, SLURM, Open MPI and Kubernetes clusters); ``no``
+  never. Call before anything else touches a device.
+  """
+  if config.initialize not in INITIALIZE_MODES:
+    raise ValueError(f"distributed.initialize={config.initialize!r} is not one of "
+                     f"{INITIALIZE_MODES}.")
+  address = config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+  given = address or config.num_processes or config.process_id >= 0
+  wanted = config.initialize == "yes" or (
+      config.initialize == "auto" and (given or _on_cloud_tpu_vm()))
+  if not wanted or jax.distributed.is_initialized():
+    return
+  settings = {"coordinator_address": address or None,
+              "num_processes": config.num_processes or None,
+              "process_id": config.process_id if config.process_id >= 0 else None}
+  try:
+    jax.distributed.initialize(**settings, initialization_timeout=config.timeout_s)
+  except (ValueError, TypeError, RuntimeError) as e:
+    given = ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None) or "nothing"
+    raise ValueError(
+        f"jax.distributed could not start ({given} given): {e}. On a machine JAX does not "
+        "recognise as a cluster, pass --config.distributed.coordinator_address=<host:port of "
+        "process 0>, --config.distributed.num_processes and --config.distributed.process_id "
+        "to every process, or --config.distributed.initialize=no for a single process."
+    ) from e
+  logging.info("process %d of %d; %d local of %d devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _on_cloud_tpu_vm() -> bool:
+  """A TPU VM with the TPU runtime installed: its chips appear as accel or vfio devices."""
+  has_chips = bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+  return has_chips and importlib.util.find_spec("libtpu") is not None
+
+
+def is_main_process() -> bool:
+  """Whether this process writes the run's files (process 0)."""
+  return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process if ``flag`` is true on any; a collective, so call it everywhere."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.bool_))))
+
+
+@contextlib.contextmanager
+def main_process_first(name: str):
+  """Runs the block on process 0, then on the others: e.g. a download into shared storage."""
+  if not is_main_process():
+    _barrier(name)
+  yield
+  if is_main_process():
+    _barrier(name)
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
