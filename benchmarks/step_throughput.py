@@ -159,7 +159,7 @@ def build_case(case: Case, args) -> dict[str, Any]:
     raise ValueError(f"{case.label}: the phase has no frozen prefix to cache.")
   trainer_caches = bool(phase.cut) and cache_fits(model, phase.cut, variables, config)
   rng = np.random.default_rng(args.seed)
-  replicate = lambda tree: jax.device_put(tree, sharding.replicated(mesh))  # As the trainer.
+  replicate = lambda tree: sharding.put(tree, sharding.replicated(mesh))  # As the trainer.
   inputs = replicate({"images": rng.integers(0, 256, (pool, *MNIST_SHAPE), np.uint8)})
   labels = replicate(rng.integers(0, NUM_CLASSES, pool).astype(np.int32))
   variables = replicate(variables)
@@ -172,8 +172,8 @@ def build_case(case: Case, args) -> dict[str, Any]:
     phase = dataclasses.replace(
         phase, labels=jax.tree.map(lambda _: freezing.TRAIN, phase.labels))
   state = replicate(train.init_state(phase, jax.tree.map(jnp.copy, variables), config.seed))
-  indices = [jax.device_put(rng.integers(0, pool, (k, case.batch), np.int32),
-                            sharding.batch_sharded(mesh, 1)) for _ in range(4)]
+  indices = [sharding.put(rng.integers(0, pool, (k, case.batch), np.int32),
+                          sharding.batch_sharded(mesh, 1)) for _ in range(4)]
   chunk = train.make_train_chunk(phase, model, config, mesh)
   figures = analyse_step(chunk, state, inputs, labels, indices[0][:1])
   holder = {"state": state, "calls": 0}

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 
 import flax.serialization
 import jax
@@ -86,7 +87,8 @@ def launch(tiny_idx_dir, tmp_path_factory):
     if processes > 1:
       flags += [f"--config.distributed.coordinator_address=127.0.0.1:{_free_port()}",
                 f"--config.distributed.num_processes={processes}"]
-    logs = [root / f"{workdir.name}_{i}_{len(hooks)}.log" for i in range(processes)]
+    launch_dir = pathlib.Path(tempfile.mkdtemp(prefix=f"{workdir.name}_", dir=root))
+    logs = [launch_dir / f"process_{i}.log" for i in range(processes)]
     children = [subprocess.Popen(
         [sys.executable, str(root / "driver.py"), hooks, *flags,
          *([f"--config.distributed.process_id={i}"] if processes > 1 else [])],

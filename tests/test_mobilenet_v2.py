@@ -13,16 +13,16 @@ import pathlib
 import h5py
 import jax
 import jax.numpy as jnp
+import keras  # A test dependency (the [test] extra): the reference must be there, never skipped.
 import numpy as np
 import pytest
+from keras.src.initializers import random_initializers
+from keras.src.legacy.saving import legacy_h5_format
 
 from tljax import weights
 from tljax.models import mobilenet_v2
 from tljax.models.mobilenet_v2 import MobileNetV2
 
-keras = pytest.importorskip("keras")
-legacy_h5_format = pytest.importorskip("keras.src.legacy.saving.legacy_h5_format")
-random_initializers = pytest.importorskip("keras.src.initializers.random_initializers")
 pytestmark = pytest.mark.filterwarnings(  # Keras's JAX backend, on every numpy conversion.
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 

@@ -310,7 +310,7 @@ def test_load_pretrained_keeps_a_matching_head(files):
 
 
 def test_keras_weights_url_is_the_keras_applications_address():
-  keras_mobilenet_v2 = pytest.importorskip("keras.src.applications.mobilenet_v2")
+  from keras.src.applications import mobilenet_v2 as keras_mobilenet_v2
   assert weights.BASE_URL == keras_mobilenet_v2.BASE_WEIGHT_PATH
   assert weights.keras_weights_url(1.0, 224, include_top=False) == (
       "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"

@@ -95,8 +95,8 @@ class MetricsWriter:
   """Appends one JSON object per line to a file, durably.
 
   Each ``write`` is flushed and fsynced, so a crash loses nothing already
-  written. ``enabled=False`` writes nothing (all but the first process). Opening an existing file appends to it: a resumed run continues the
-  same file. NaN and infinity are written as Python's ``json`` does (``NaN``).
+  written. Opening an existing file appends to it: a resumed run continues the
+  same file. ``enabled=False`` writes nothing (all but the first process). NaN and infinity are written as Python's ``json`` does (``NaN``).
 
     with MetricsWriter(workdir / "metrics.jsonl") as w:
       w.write({"phase": 0, "epoch": 1, "loss": np.float32(0.31)})
