@@ -35,9 +35,10 @@ def _setup(**model_overrides):
   return config, model, variables, images, labels, indices
 
 
-def _run_chunk(config, model, variables, inputs, labels, indices, cut):
-  phase = train.build_phase(config, 1, model, variables["params"], len(labels))
+def _run_chunk(config, model, variables, inputs, labels, indices, cut, index=1):
+  phase = train.build_phase(config, index, model, variables["params"], len(labels))
   phase = phase.__class__(**{**phase.__dict__, "cut": cut})
+  assert train.scans_steps(phase, model) == (model.layers[cut].kind == "dense")
   state = train.init_state(phase, jax.tree.map(jnp.array, variables), config.seed)
   chunk = train.make_train_chunk(phase, model, config, MESH)
   state, metrics = chunk(state, inputs, jnp.asarray(labels), jnp.asarray(indices))
@@ -57,6 +58,21 @@ def test_cached_prefix_phase_equals_uncached():
   np.testing.assert_allclose(cached[2], plain[2], rtol=1e-5)
   # Float32: the same arithmetic, fused differently by XLA. 3 Adam steps at lr 1e-3.
   for a, b in zip(jax.tree.leaves(cached[:2]), jax.tree.leaves(plain[:2])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_scanned_head_steps_equal_separate_steps():
+  # The cached frozen-base phase runs only the head: its steps run as one lax.scan.
+  config, model, variables, images, labels, indices = _setup()
+  phase = train.build_phase(config, 0, model, variables["params"], len(labels))
+  assert model.layers[phase.cut].name == "predictions"
+  device_images = {"images": jnp.asarray(images)}
+  cache = train.build_prefix_cache(variables, device_images, len(images), model=model,
+                                   cut=phase.cut, config=config, mesh=MESH)
+  scanned = _run_chunk(config, model, variables, cache, labels, indices, phase.cut, index=0)
+  plain = _run_chunk(config, model, variables, device_images, labels, indices, 0, index=0)
+  np.testing.assert_allclose(scanned[2], plain[2], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(scanned[:2]), jax.tree.leaves(plain[:2])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 

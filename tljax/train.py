@@ -31,6 +31,7 @@ from tljax.models.mobilenet_v2 import MobileNetV2
 BATCHNORM_MODES = ("inference", "batch_stats")
 CACHE_MODES = ("auto", "off")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+CONVOLUTIONS = ("conv", "depthwise")  # Layer kinds; see make_train_chunk.
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect from a process they stopped.
 
 
@@ -202,12 +203,20 @@ def build_prefix_cache(variables, inputs: Mapping[str, jax.Array], n: int, *,
 # ---------------------------------------------------------------------------------------------
 
 
+def scans_steps(phase: Phase, model: MobileNetV2) -> bool:
+  """Whether ``make_train_chunk`` runs a dispatch's steps as one ``lax.scan``: where the
+  step runs no convolution."""
+  return not any(layer.kind in CONVOLUTIONS for layer in model.layers[phase.cut:])
+
+
 def make_train_chunk(phase: Phase, model: MobileNetV2, config, mesh):
   """``(state, inputs, labels, indices[K, B]) -> (state, metrics[K])``: K train steps.
 
-  Each step is one jitted call, dispatched asynchronously; the host waits only when the
-  caller fetches the metrics. (On XLA:CPU a ``lax.scan`` over the step ran the network 3-7x
-  slower than the same step called K times.)
+  Where the step runs convolutions, each step is one jitted call, dispatched asynchronously;
+  the host waits only when the caller fetches the metrics. (On XLA:CPU a ``lax.scan`` over
+  such a step ran the network 3-7x slower than the same step called K times.) Where it runs
+  none, as when only the head trains on cached pooled features, a call costs more than the
+  step, so the K steps run as one ``lax.scan``.
   """
   del mesh  # The batch is split over devices by the sharding of ``indices``.
   step = functools.partial(
@@ -218,11 +227,20 @@ def make_train_chunk(phase: Phase, model: MobileNetV2, config, mesh):
                               scale=config.data.scale,
                               augment_shift=config.data.augment_shift)
 
-  @functools.partial(jax.jit, donate_argnums=0)
-  def one_step(state, inputs, labels, indices, i):
-    batch_indices = indices[i]
+  def train_on(state, inputs, labels, batch_indices):
     rng = jax.random.fold_in(state.rng, state.step)
     return step(state, prepare(_gather(inputs, batch_indices), rng), labels[batch_indices])
+
+  if scans_steps(phase, model):
+    @functools.partial(jax.jit, donate_argnums=0)
+    def scanned_chunk(state, inputs, labels, indices):
+      return jax.lax.scan(lambda s, i: train_on(s, inputs, labels, i), state, indices)
+
+    return scanned_chunk
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def one_step(state, inputs, labels, indices, i):
+    return train_on(state, inputs, labels, indices[i])
 
   def chunk(state, inputs, labels, indices):
     metrics = []
