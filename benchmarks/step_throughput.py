@@ -56,7 +56,7 @@ MNIST_SHAPE = (28, 28)
 MNIST_EXAMPLES = 60_000    # Train + validation images the trainer would cache.
 NUM_CLASSES = 10
 RESULT = "RESULT "         # Prefix of a worker's JSON lines on stdout.
-MATMUL_SIZE = 2048
+MATMUL_SIZE = {"cpu": 2048}   # By backend; 8192 elsewhere, to fill an accelerator.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,17 +74,20 @@ class Case:
   grad: str = "partial"         # partial (the trainer's) | everything (then masked).
   depthwise: str = "auto"       # config.model.depthwise.
   fold_bn: bool = False         # config.model.fold_batchnorm.
+  dtype: str = "float32"        # config.model.dtype (compute dtype).
 
   @property
   def is_lever(self) -> bool:
-    return self.grad != "partial" or self.depthwise != "auto" or self.fold_bn
+    return self.grad != "partial" or self.depthwise != "auto" or self.fold_bn or \
+        self.dtype != "float32"
 
   @property
   def label(self) -> str:
     return (f"{self.phase} {'cached' if self.cached else 'uncached'}"
             + ("" if self.grad == "partial" else " grad-everything")
             + ("" if self.depthwise == "auto" else f" dw-{self.depthwise}")
-            + (" fold-bn" if self.fold_bn else ""))
+            + (" fold-bn" if self.fold_bn else "")
+            + ("" if self.dtype == "float32" else f" {self.dtype}"))
 
 
 def parse_case(text: str) -> Case:
@@ -108,6 +111,7 @@ def load_config(path: str, case: Case, steps_per_dispatch: int):
   config.model.input_size = case.size
   config.model.depthwise = case.depthwise
   config.model.fold_batchnorm = case.fold_bn
+  config.model.dtype = case.dtype
   config.data.augment_shift = 0
   if rules is not None:
     config.phases[index].rules = rules
@@ -223,8 +227,14 @@ def time_calls(fn: Callable[[], Any], seconds: float, min_calls: int = 2) -> lis
   return times
 
 
-def make_matmul(n: int = MATMUL_SIZE) -> Callable[[], Any]:
-  """A warmed-up call of a jitted float32 ``n x n`` matrix product: the machine's ceiling."""
+def matmul_size() -> int:
+  return MATMUL_SIZE.get(jax.default_backend(), 8192)
+
+
+def make_matmul() -> Callable[[], Any]:
+  """A warmed-up call of a jitted float32 square matrix product (default precision): the
+  machine's ceiling."""
+  n = matmul_size()
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   matmul = jax.jit(jnp.dot)
   call = lambda: jax.block_until_ready(matmul(a, a))
@@ -356,6 +366,8 @@ def group_cases(phases: list[str], batch: int, size: int, levers: bool) -> list[
     # Every BatchNorm of the frozen base uses moving statistics: all of them fold.
     cases += [Case(p, False, batch, size, fold_bn=True) for p in ("frozen_base",)
               if p in phases]
+    if jax.default_backend() != "cpu":  # bfloat16 is emulated, hence slow, on CPUs.
+      cases += [Case(p, False, batch, size, dtype="bfloat16") for p in phases]
   return cases
 
 
@@ -399,7 +411,7 @@ def measure_group(cases: list[Case], args, failed: dict[str, str]):
   finally:
     for worker in workers.values():
       worker.close()
-  ceiling = 2 * MATMUL_SIZE**3 / statistics.median(times["matmul"]) / 1e9
+  ceiling = 2 * matmul_size()**3 / statistics.median(times["matmul"]) / 1e9
   rows = []
   for case, b in built.items():
     stats = summarize(times[case], case.batch)
@@ -435,7 +447,7 @@ def _trainer_row(rows: list[dict], phase: str, batch: int, size: int, cached: bo
 
 
 def _is_lever(row: dict) -> bool:
-  return row["grad"] != "partial" or row["depthwise"] != "auto" or row["fold_bn"]
+  return Case(**{f.name: row[f.name] for f in dataclasses.fields(Case)}).is_lever
 
 
 def lever_rows(rows: list[dict]) -> list[dict]:
@@ -447,6 +459,7 @@ def lever_rows(rows: list[dict]) -> list[dict]:
     base = _trainer_row(rows, r["phase"], r["batch"], r["size"], r["cached"])
     lever = ("gradient of every parameter, then mask" if r["grad"] != "partial"
              else f"depthwise {r['depthwise']} instead of auto" if r["depthwise"] != "auto"
+             else f"{r['dtype']} compute instead of float32" if r["dtype"] != "float32"
              else "moving-statistics BatchNorm folded into the convolutions")
     out.append({"lever": lever, "case": base["label"], "batch": r["batch"], "size": r["size"],
                 "trainer_ms": base["median_ms"], "lever_ms": r["median_ms"],

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The accelerator figures in benchmarks/README.md, in one go, most important first:
+#   1. the step benchmark at batch 32, 32x32 (the targets' case) with the Keras-on-JAX baseline
+#      (stops here if it fails: the rest would fail the same way);
+#   2. the tutorial's whole recipe (configs/mnist_mnv2.py), timed end to end;
+#   3. the step benchmark at batch 128, 224x224: levers (bfloat16 among them), Keras baseline;
+#   4. the rest of the grid (batch 128/512 at 32x32, batch 512 at 224x224);
+#   5. the tuned recipe (configs/mnist_mnv2_tuned.py), timed end to end.
+# Each part has a time limit, so one slow part cannot take the others' time; together they add
+# up to about an hour. Compiling dominates: on an H100 (jax 0.11.2) 1-15 s per tljax case and
+# 14-20 s per Keras baseline process at batch 32, 32x32, more at 224x224.
+#
+#   benchmarks/accelerator.sh OUT_DIR MNIST_DIR WEIGHTS_H5     (PYTHON=... to pick the interpreter)
+#
+# OUT_DIR receives step_*.json, recipe_*.json (each run's summary.json) and log.txt.
+set -uo pipefail
+python=${PYTHON:-python3}
+out=${1:?OUT_DIR}; data=${2:?MNIST_DIR}; weights=${3:?WEIGHTS_H5}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+log="$out/log.txt"
+export PYTHONUNBUFFERED=1
+
+part() {  # part LIMIT_S NAME COMMAND...
+  local limit=$1 name=$2; shift 2
+  echo "=== $name (limit ${limit}s) $(date -u +%T)" | tee -a "$log"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | grep -v -e '^W[0-9]' -e 'Warning' | tee -a "$log"
+  local status=${PIPESTATUS[0]}
+  echo "=== $name: status $status, $((SECONDS - t0)) s" | tee -a "$log"
+  return "$status"
+}
+
+recipe() {  # recipe NAME CONFIG LIMIT_S
+  local workdir; workdir=$(mktemp -d)
+  part "$3" "recipe $1" "$python" main.py --config "$2" --workdir "$workdir" \
+    --config.data.dir="$data" --config.model.weights="$weights"
+  cp "$workdir/summary.json" "$out/recipe_$1.json" 2>/dev/null
+}
+
+bench() {  # bench LIMIT_S NAME ARGS...
+  local limit=$1 name=$2; shift 2
+  part "$limit" "step $name" "$python" benchmarks/step_throughput.py --out "$out/step_$name.json" "$@"
+}
+
+{ nvidia-smi -L; "$python" -c 'import jax, flax, optax, orbax.checkpoint as o, sys
+print(sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__, "optax",
+      optax.__version__, "orbax", o.__version__, jax.devices())'; } 2>&1 | tee -a "$log"
+
+bench 400 b32_s32 --no_levers --extra "" --baselines keras_jax
+status=$?; if [ $status -ne 0 ] && [ $status -ne 124 ]; then exit 3; fi
+recipe mnist configs/mnist_mnv2.py 300
+bench 900 b128_s224 --batch_sizes 128 --sizes 224 --extra "" --baselines keras_jax
+bench 600 grid_s32 --batch_sizes 128,512 --sizes 32 --no_levers --extra ""
+bench 900 grid_s224 --batch_sizes 512 --sizes 224 --no_levers --extra ""
+recipe mnist_tuned configs/mnist_mnv2_tuned.py 600
