@@ -26,9 +26,11 @@ def _outputs_and_gradients(conv, x, kernel, cotangent, stride, padding):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("padding", ["SAME", "VALID"])
-@pytest.mark.parametrize("height, width, kernel_size", [
-    (8, 8, 3), (7, 7, 3), (7, 10, 3), (9, 6, 5)])
+@pytest.mark.parametrize("padding, height, width, kernel_size", [
+    *[(padding, *shape) for padding in ("SAME", "VALID")
+      for shape in [(8, 8, 3), (7, 7, 3), (7, 10, 3), (9, 6, 5)]],
+    # Maps as small as the last blocks' at 32x32 input, where some taps read only padding.
+    ("SAME", 1, 1, 3), ("SAME", 2, 2, 3), ("SAME", 1, 2, 3), ("SAME", 3, 3, 5)])
 def test_shifted_matches_xla_outputs_and_gradients(stride, padding, height, width, kernel_size):
   x, kernel, rng = _inputs(height, width, kernel_size)
   out_shape = jax.eval_shape(functools.partial(depthwise.depthwise_conv_xla, stride=stride,

@@ -37,22 +37,34 @@ def depthwise_conv_xla(x_NHWC: jax.Array, kernel_HWC1: jax.Array, stride: int,
 
 def depthwise_conv_shifted(x_NHWC: jax.Array, kernel_HWC1: jax.Array, stride: int,
                            padding: str) -> jax.Array:
-  """Depthwise convolution as a sum of ``kh * kw`` strided slices scaled per channel."""
+  """Depthwise convolution as a sum of ``kh * kw`` strided slices scaled per channel.
+
+  Taps that read only padding are left out: on a 1x1 map a 'SAME' 3x3 depthwise convolution
+  is one per-channel scale.
+  """
   kh, kw = kernel_HWC1.shape[:2]
   n, h, w, c = x_NHWC.shape
   (pt, pb), (pl, pr) = lax.padtype_to_pads((h, w), (kh, kw), (stride, stride), padding)
   x = jnp.pad(x_NHWC, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
   out_h = (h + pt + pb - kh) // stride + 1
   out_w = (w + pl + pr - kw) // stride + 1
+  rows = [i for i in range(kh) if _reads_input(i, stride, out_h, pt, h)]
+  cols = [j for j in range(kw) if _reads_input(j, stride, out_w, pl, w)]
   out = None
-  for i in range(kh):
-    for j in range(kw):
+  for i in rows:
+    for j in cols:
       window = lax.slice(x, (0, i, j, 0),
                          (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
                          (1, stride, stride, 1))
       term = window * kernel_HWC1[i, j, :, 0]
       out = term if out is None else out + term
   return out
+
+
+def _reads_input(tap: int, stride: int, out_size: int, pad_before: int, size: int) -> bool:
+  """Whether kernel offset ``tap`` reads any of the ``size`` input rows (or columns) that
+  follow ``pad_before`` rows of padding, over ``out_size`` strided outputs."""
+  return any(pad_before <= tap + o * stride < pad_before + size for o in range(out_size))
 
 
 def depthwise_conv(x_NHWC: jax.Array, kernel_HWC1: jax.Array, *, stride: int, padding: str,
