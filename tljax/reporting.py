@@ -96,7 +96,8 @@ class MetricsWriter:
 
   Each ``write`` is flushed and fsynced, so a crash loses nothing already
   written. Opening an existing file appends to it: a resumed run continues the
-  same file. ``enabled=False`` writes nothing (all but the first process). NaN and infinity are written as Python's ``json`` does (``NaN``).
+  same file. ``enabled=False`` writes nothing (all but the first process). NaN and
+  infinity are written as Python's ``json`` does (``NaN``).
 
     with MetricsWriter(workdir / "metrics.jsonl") as w:
       w.write({"phase": 0, "epoch": 1, "loss": np.float32(0.31)})

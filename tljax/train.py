@@ -31,7 +31,6 @@ from tljax.models.mobilenet_v2 import MobileNetV2
 BATCHNORM_MODES = ("inference", "batch_stats")
 CACHE_MODES = ("auto", "off")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-CONVOLUTIONS = ("conv", "depthwise")  # Layer kinds; see make_train_chunk.
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect from a process they stopped.
 
 
@@ -206,7 +205,7 @@ def build_prefix_cache(variables, inputs: Mapping[str, jax.Array], n: int, *,
 def scans_steps(phase: Phase, model: MobileNetV2) -> bool:
   """Whether ``make_train_chunk`` runs a dispatch's steps as one ``lax.scan``: where the
   step runs no convolution."""
-  return not any(layer.kind in CONVOLUTIONS for layer in model.layers[phase.cut:])
+  return not any(layer.kind in mobilenet_v2.CONVOLUTIONS for layer in model.layers[phase.cut:])
 
 
 def make_train_chunk(phase: Phase, model: MobileNetV2, config, mesh):

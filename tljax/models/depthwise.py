@@ -31,7 +31,8 @@ def depthwise_conv_xla(x_NHWC: jax.Array, kernel_HWC1: jax.Array, stride: int,
   """Depthwise convolution as XLA's grouped convolution."""
   kh, kw, channels, _ = kernel_HWC1.shape
   return lax.conv_general_dilated(
-      x_NHWC, kernel_HWC1.reshape(kh, kw, 1, channels), window_strides=(stride, stride), padding=padding,
+      x_NHWC, kernel_HWC1.reshape(kh, kw, 1, channels), window_strides=(stride, stride),
+      padding=padding,
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
 
 

@@ -34,6 +34,7 @@ MIN_INPUT_SIZE = 32
 BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.999
 INPUT_NAME = "input_layer"
+CONVOLUTIONS = ("conv", "depthwise")  # Layer kinds that convolve.
 
 # (expansion, output filters, stride) of the 17 inverted residual blocks, as in Keras.
 _BLOCKS = ((1, 16, 1), (6, 24, 2), (6, 24, 1), (6, 32, 2), (6, 32, 1), (6, 32, 1),
@@ -135,9 +136,16 @@ class DepthwiseConv2D(nn.Module):
   def __call__(self, x_NHWC: jax.Array) -> jax.Array:
     kernel = self.param("depthwise_kernel", nn.initializers.glorot_uniform(),
                         (self.kernel_size, self.kernel_size, x_NHWC.shape[-1], 1), jnp.float32)
-    padding = "SAME" if self.stride == 1 else "VALID"
-    return depthwise.depthwise_conv(x_NHWC.astype(self.dtype), kernel.astype(self.dtype),
-                                    stride=self.stride, padding=padding, impl=self.impl)
+    return keras_depthwise(x_NHWC.astype(self.dtype), kernel.astype(self.dtype), self.stride,
+                           self.impl)
+
+
+def keras_depthwise(x_NHWC: jax.Array, kernel_HWC1: jax.Array, stride: int,
+                    impl: str) -> jax.Array:
+  """The depthwise convolution of a Keras MobileNetV2 layer: 'SAME' at stride 1; at stride 2
+  'VALID', since the ``pad`` layer before it has padded the input already."""
+  return depthwise.depthwise_conv(x_NHWC, kernel_HWC1, stride=stride,
+                                  padding="SAME" if stride == 1 else "VALID", impl=impl)
 
 
 class MobileNetV2(nn.Module):
@@ -217,9 +225,7 @@ class MobileNetV2(nn.Module):
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
     else:
       kernel = (params[layer.name]["depthwise_kernel"] * scale[:, None]).astype(self.dtype)
-      y = depthwise.depthwise_conv(x, kernel, stride=layer.stride,
-                                   padding="SAME" if layer.stride == 1 else "VALID",
-                                   impl=self.depthwise)
+      y = keras_depthwise(x, kernel, layer.stride, self.depthwise)
     return y + bias.astype(self.dtype)
 
   def _apply_layer(self, layer: Layer, inputs: list[jax.Array], train_bn: bool) -> jax.Array:
@@ -261,7 +267,7 @@ def _foldable(layers: Sequence[Layer], train_bn: frozenset[str],
     for name in layer.inputs:
       readers.setdefault(name, []).append(layer)
   return {layer.name: only.name for layer in layers
-          if layer.kind in ("conv", "depthwise") and layer.name not in capture
+          if layer.kind in CONVOLUTIONS and layer.name not in capture
           and len(readers.get(layer.name, ())) == 1
           and (only := readers[layer.name][0]).kind == "bn" and only.name not in train_bn}
 
