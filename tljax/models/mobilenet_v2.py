@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from tljax.models import depthwise
+from tljax.models.batch_norm import BatchNorm
 
 ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 POOLINGS = (None, "avg", "max")
@@ -235,9 +236,8 @@ class MobileNetV2(nn.Module):
                      padding="SAME", use_bias=False, dtype=self.dtype,
                      kernel_init=nn.initializers.glorot_uniform(), name=layer.name)(x)
     if layer.kind == "bn":
-      return nn.BatchNorm(use_running_average=not train_bn, momentum=self.bn_momentum,
-                          epsilon=BN_EPSILON, dtype=self.dtype, use_fast_variance=False,
-                          name=layer.name)(x)
+      return BatchNorm(use_running_average=not train_bn, momentum=self.bn_momentum,
+                       epsilon=BN_EPSILON, dtype=self.dtype, name=layer.name)(x)
     if layer.kind == "relu6":
       return jnp.clip(x, 0, 6)
     if layer.kind == "pad":
