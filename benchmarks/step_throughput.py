@@ -171,8 +171,8 @@ def build_case(case: Case, args) -> dict[str, Any]:
   labels = replicate(rng.integers(0, NUM_CLASSES, pool).astype(np.int32))
   variables = replicate(variables)
   if case.cached:
-    inputs = train.build_prefix_cache(variables, inputs, pool, model=model, cut=phase.cut,
-                                      config=config, mesh=mesh)
+    inputs, = train.build_prefix_caches(variables, inputs, pool, model=model, cuts=(phase.cut,),
+                                        config=config, mesh=mesh)
   else:
     phase = dataclasses.replace(phase, cut=0)  # What the trainer does when it cannot cache.
   if case.grad == "everything":  # Every parameter in the gradient; the optimizer still masks.

@@ -154,3 +154,21 @@ def test_imagenet_features_of_mnist_digits_match_keras(imagenet_weights_path, mn
     features = jax.jit(model.clone(depthwise=impl).apply)(variables, x)
     np.testing.assert_allclose(features, expected, rtol=TOLERANCE, atol=TOLERANCE,
                                err_msg=f"{impl} depthwise")
+
+
+@pytest.mark.parametrize("kernel_size, stride", [(1, 1), (3, 2), (3, 1), (1, 2)])
+def test_keras_conv_equals_xla_convolution_with_gradients(kernel_size, stride):
+  """1x1 stride-1 convolutions run as a matrix product: same outputs and gradients."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((4, 5, 6, 8), np.float32)
+  kernel = rng.standard_normal((kernel_size, kernel_size, 8, 16), np.float32)
+  xla = functools.partial(jax.lax.conv_general_dilated, window_strides=(stride, stride),
+                          padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  ours = functools.partial(mobilenet_v2.keras_conv, stride=stride)
+  cotangent = rng.standard_normal(jax.eval_shape(xla, x, kernel).shape).astype(np.float32)
+  results = []
+  for conv in (ours, xla):
+    out, vjp = jax.vjp(conv, x, kernel)
+    results.append((out, *vjp(cotangent)))
+  for a, b in zip(*results):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -180,7 +180,7 @@ def chain(launch, reference, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("chain")
   stages = {}
   for name, hooks in [("evaluating", "sigterm_in=evaluate_split"),
-                      ("caching", "no_weights,sigterm_in=build_prefix_cache"),
+                      ("caching", "no_weights,sigterm_in=build_prefix_caches"),
                       ("fine_tuning", "no_weights,sigterm_at_step=14"),
                       ("committing", "no_weights,sigkill_at_commit=20"),
                       ("failed_write", "no_weights,fail_write=24"),

@@ -73,6 +73,9 @@ def test_run_writes_every_output(uninterrupted):
   assert [p["name"] for p in saved["phases"]] == ["frozen_base", "fine_tune"]
   assert saved["phases"][0]["trainable_params"] == 1280 * 10 + 10
   assert saved["phases"][0]["cached_prefix"] == ["global_average_pooling2d"]
+  # Phase 2's prefix (layers[:100], frozen in phase 1 too) came from phase 1's caching pass.
+  assert saved["phases"][1]["cached_prefix"] == ["block_10_project_BN", "block_11_expand_relu"]
+  assert [p["prefix_cached_by_previous_phase"] for p in saved["phases"]] == [False, True]
 
 
 def test_restart_after_phase_one_continues_in_phase_two(uninterrupted, tiny_idx_dir,
@@ -101,6 +104,10 @@ def test_restart_after_phase_one_continues_in_phase_two(uninterrupted, tiny_idx_
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["phase"] for r in records if r["kind"] == "epoch"] == [0, 0, 1]
+  # Resumed in phase 2, the run cached its prefix itself: the same bits as the cache phase 1
+  # built for it in the uninterrupted run, since the parameters above are bit-identical.
+  resumed = json.loads((workdir / "summary.json").read_text())["phases"][1]
+  assert not resumed["prefix_cached_by_previous_phase"]
 
 
 def test_incompatible_checkpoints_are_refused(uninterrupted, tiny_idx_dir):

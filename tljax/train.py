@@ -178,23 +178,27 @@ def _gather(tree, indices):
   return jax.tree.map(lambda a: a[indices], tree)
 
 
-def build_prefix_cache(variables, inputs: Mapping[str, jax.Array], n: int, *,
-                       model: MobileNetV2, cut: int, config, mesh) -> dict[str, jax.Array]:
-  """Runs ``layers[:cut]`` once over ``inputs["images"]``; returns the frontier on device."""
-  names = prefix.frontier(model.layers, cut)
+def build_prefix_caches(variables, inputs: Mapping[str, jax.Array], n: int, *,
+                        model: MobileNetV2, cuts: tuple[int, ...], config,
+                        mesh) -> list[dict[str, jax.Array]]:
+  """Runs ``layers[:max(cuts)]`` once over ``inputs["images"]``; returns each cut's frontier
+  on device."""
+  frontiers = [prefix.frontier(model.layers, cut) for cut in cuts]
+  names = tuple(dict.fromkeys(name for frontier in frontiers for name in frontier))
   size, scale = config.model.input_size, config.data.scale
 
   @jax.jit
   def extract(variables, inputs, indices):
     x = data.preprocess(inputs["images"][indices], size=size, scale=scale)
-    return model.apply(variables, x, stop=cut, capture=names)
+    return model.apply(variables, x, stop=max(cuts), capture=names)
 
   @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def concatenate(chunks):
     return {name: jnp.concatenate([c[name] for c in chunks])[:n] for name in names}
 
-  return concatenate([extract(variables, inputs, idx)
-                      for idx, _ in _index_batches(n, config.eval_batch_size, mesh)])
+  cache = concatenate([extract(variables, inputs, idx)
+                       for idx, _ in _index_batches(n, config.eval_batch_size, mesh)])
+  return [{name: cache[name] for name in frontier} for frontier in frontiers]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +301,8 @@ class RunContext:
   metrics: reporting.MetricsWriter
   stop: Any                                            # preemption.StopSignal
   meta: dict                                           # What checkpoints carry beside state.
+  # (phase index, cut) -> (train, validation) prefix caches built by the phase before it.
+  handoff: dict[tuple[int, int], tuple[Any, Any]] = dataclasses.field(default_factory=dict)
 
 
 def _save(ctx: RunContext, phase: Phase, state: steps.TrainState, global_step: int) -> None:
@@ -334,26 +340,29 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
   started = time.perf_counter()
   n_train, n_val = len(ctx.splits["train"].labels), len(ctx.splits["validation"].labels)
   train_inputs, val_inputs = ctx.device_images["train"], ctx.device_images["validation"]
-  frontier = None
-  if phase.cut:
-    frontier = prefix.frontier(model.layers, phase.cut)
-    per_example = _frontier_bytes_per_example(model, phase.cut, frontier, state, config)
-    if per_example * (n_train + n_val) > config.cache_max_gb * 2**30:
-      logging.info("phase %s: prefix cache would need %.1f GB > cache_max_gb; not caching",
-                   phase.name, per_example * (n_train + n_val) / 2**30)
-      phase = dataclasses.replace(phase, cut=0)
-      frontier = None
-  if phase.cut:
+  phase = _cut_where_cache_fits(ctx, phase, state)
+  frontier = prefix.frontier(model.layers, phase.cut) if phase.cut else None
+  handed_over = (phase.index, phase.cut) in ctx.handoff
+  if phase.cut and handed_over:
+    train_inputs, val_inputs = ctx.handoff.pop((phase.index, phase.cut))
+    logging.info("phase %s: using the cache of layers[:%d] (%s) built with the previous "
+                 "phase's", phase.name, phase.cut, ", ".join(frontier))
+  elif phase.cut:
+    following = _following_cut(ctx, phase, state)
+    cuts = (phase.cut, following) if following else (phase.cut,)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    logging.info("phase %s: caching layers[:%d] (%s) for %d examples", phase.name, phase.cut,
-                 ", ".join(frontier), n_train + n_val)
+    logging.info("phase %s: caching layers[:%d] (%s)%s for %d examples", phase.name,
+                 phase.cut, ", ".join(frontier),
+                 f" and, for the next phase, layers[:{following}]" if following else "",
+                 n_train + n_val)
     t0 = time.perf_counter()
-    train_inputs = build_prefix_cache(variables, train_inputs, n_train, model=model,
-                                      cut=phase.cut, config=config, mesh=mesh)
-    if n_val:
-      val_inputs = build_prefix_cache(variables, val_inputs, n_val, model=model,
-                                      cut=phase.cut, config=config, mesh=mesh)
-    jax.block_until_ready(train_inputs)
+    caches = [build_prefix_caches(variables, inputs, n, model=model, cuts=cuts,
+                                  config=config, mesh=mesh) if n else [inputs] * len(cuts)
+              for inputs, n in ((train_inputs, n_train), (val_inputs, n_val))]
+    (train_inputs, *train_next), (val_inputs, *val_next) = caches
+    if following:
+      ctx.handoff[phase.index + 1, following] = (train_next[0], val_next[0])
+    jax.block_until_ready(caches)
     logging.info("phase %s: prefix cache built in %.1f s", phase.name, time.perf_counter() - t0)
     _stop_if_requested(ctx, phase, state, global_step)
 
@@ -425,8 +434,46 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
              "train_images_per_s": train_images / train_time if train_time else None,
              "trainable_params": trainable, "frozen_params": frozen,
              "cached_prefix": list(frontier) if phase.cut else None,
+             "prefix_cached_by_previous_phase": handed_over,
              "batchnorm": phase.config.batchnorm}
   return state, results
+
+
+def _cut_where_cache_fits(ctx: RunContext, phase: Phase, state: steps.TrainState) -> Phase:
+  """``phase``, uncached (``cut`` 0) if its prefix cache would exceed ``cache_max_gb``."""
+  if not phase.cut:
+    return phase
+  needed = _cache_bytes(ctx, phase.cut, state)
+  if needed > ctx.config.cache_max_gb * 2**30:
+    logging.info("phase %s: prefix cache would need %.1f GB > cache_max_gb; not caching",
+                 phase.name, needed / 2**30)
+    return dataclasses.replace(phase, cut=0)
+  return phase
+
+
+def _following_cut(ctx: RunContext, phase: Phase, state: steps.TrainState) -> int:
+  """The next phase's cut if its prefix cache can be built in this phase's pass, else 0.
+
+  It can where the next phase caches ``layers[:c]`` with ``c <= phase.cut``: those layers are
+  frozen (and their BatchNorm uses moving statistics) throughout this phase, so they compute
+  the same function at the next phase's start. Both caches must fit ``cache_max_gb``.
+  """
+  index = phase.index + 1
+  if index >= len(ctx.config.phases):
+    return 0
+  cut = build_phase(ctx.config, index, ctx.model, state.params,
+                    len(ctx.splits["train"].labels)).cut
+  if not 0 < cut <= phase.cut:
+    return 0
+  together = _cache_bytes(ctx, phase.cut, state) + _cache_bytes(ctx, cut, state)
+  return cut if together <= ctx.config.cache_max_gb * 2**30 else 0
+
+
+def _cache_bytes(ctx: RunContext, cut: int, state: steps.TrainState) -> int:
+  """Device bytes of the prefix cache of ``layers[:cut]`` for the train and validation splits."""
+  examples = len(ctx.splits["train"].labels) + len(ctx.splits["validation"].labels)
+  names = prefix.frontier(ctx.model.layers, cut)
+  return examples * _frontier_bytes_per_example(ctx.model, cut, names, state, ctx.config)
 
 
 def _frontier_bytes_per_example(model, cut, names, state, config) -> int:

@@ -126,6 +126,31 @@ def keras_pad(size_hw: tuple[int, int], kernel_size: int = 3) -> tuple[tuple[int
   return tuple((half - (1 - s % 2), half) for s in size_hw)
 
 
+class Conv2D(nn.Module):
+  """Keras's Conv2D as MobileNetV2 uses it: no bias, 'SAME' padding."""
+  features: int
+  kernel_size: int = 1
+  stride: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_NHWC: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.initializers.glorot_uniform(),
+                        (self.kernel_size, self.kernel_size, x_NHWC.shape[-1], self.features),
+                        jnp.float32)
+    return keras_conv(x_NHWC.astype(self.dtype), kernel.astype(self.dtype), self.stride)
+
+
+def keras_conv(x_NHWC: jax.Array, kernel_HWIO: jax.Array, stride: int) -> jax.Array:
+  """A Keras MobileNetV2 convolution. The 1x1 ones (all but the stem) are matrix products over
+  the channels: as ``dot_general`` their gradients need no transposed copy of the kernel,
+  which XLA:CPU makes for a convolution's."""
+  if kernel_HWIO.shape[:2] == (1, 1) and stride == 1:
+    return jax.lax.dot_general(x_NHWC, kernel_HWIO[0, 0], (((3,), (0,)), ((), ())))
+  return jax.lax.conv_general_dilated(x_NHWC, kernel_HWIO, (stride, stride), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 class DepthwiseConv2D(nn.Module):
   """Keras's DepthwiseConv2D (no bias, depth multiplier 1) with a selectable implementation."""
   kernel_size: int = 3
@@ -222,8 +247,7 @@ class MobileNetV2(nn.Module):
     x = x.astype(self.dtype)
     if layer.kind == "conv":
       kernel = (params[layer.name]["kernel"] * scale).astype(self.dtype)
-      y = jax.lax.conv_general_dilated(x, kernel, (layer.stride,) * 2, "SAME",
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = keras_conv(x, kernel, layer.stride)
     else:
       kernel = (params[layer.name]["depthwise_kernel"] * scale[:, None]).astype(self.dtype)
       y = keras_depthwise(x, kernel, layer.stride, self.depthwise)
@@ -232,14 +256,13 @@ class MobileNetV2(nn.Module):
   def _apply_layer(self, layer: Layer, inputs: list[jax.Array], train_bn: bool) -> jax.Array:
     x = inputs[0]
     if layer.kind == "conv":
-      return nn.Conv(layer.features, (layer.kernel_size,) * 2, strides=layer.stride,
-                     padding="SAME", use_bias=False, dtype=self.dtype,
-                     kernel_init=nn.initializers.glorot_uniform(), name=layer.name)(x)
+      return Conv2D(layer.features, layer.kernel_size, layer.stride, self.dtype,
+                    name=layer.name)(x)
     if layer.kind == "bn":
       return BatchNorm(use_running_average=not train_bn, momentum=self.bn_momentum,
                        epsilon=BN_EPSILON, dtype=self.dtype, name=layer.name)(x)
     if layer.kind == "relu6":
-      return jnp.clip(x, 0, 6)
+      return jax.nn.relu6(x)  # Zero gradient at 0 and 6, as in Keras.
     if layer.kind == "pad":
       return jnp.pad(x, ((0, 0), *keras_pad(x.shape[1:3]), (0, 0)))
     if layer.kind == "depthwise":
