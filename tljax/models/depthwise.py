@@ -2,10 +2,11 @@
 
 Both compute the same function (NHWC input, a Keras-layout ``[kh, kw, C, 1]`` kernel). XLA:CPU
 runs grouped convolutions (``feature_group_count=C``) very slowly; a sum of ``kh * kw`` strided
-slices, each scaled per channel, is 20-50x faster there, and its gradient is a sum of pads.
-On GPU and TPU XLA's own convolution is the better choice.
+slices, each scaled per channel, is 20-50x faster there, and so is its gradient, written the
+same way. On GPU and TPU XLA's own convolution is the better choice.
 """
 
+import functools
 from typing import Literal
 
 import jax
@@ -36,30 +37,74 @@ def depthwise_conv_xla(x_NHWC: jax.Array, kernel_HWC1: jax.Array, stride: int,
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def depthwise_conv_shifted(x_NHWC: jax.Array, kernel_HWC1: jax.Array, stride: int,
                            padding: str) -> jax.Array:
   """Depthwise convolution as a sum of ``kh * kw`` strided slices scaled per channel.
 
   Taps that read only padding are left out: on a 1x1 map a 'SAME' 3x3 depthwise convolution
-  is one per-channel scale.
+  is one per-channel scale. The input's gradient is computed the same way, as a sum of slices
+  of the (dilated, padded) output gradient scaled by the flipped kernel, instead of the
+  automatic derivative's sum of one padded copy of the output gradient per tap.
   """
-  kh, kw = kernel_HWC1.shape[:2]
-  n, h, w, c = x_NHWC.shape
+  return _shifted_forward(x_NHWC, kernel_HWC1, stride, padding)[0]
+
+
+def _geometry(x_shape, kernel_shape, stride, padding):
+  """Pads, output size and the taps that read the input, per spatial axis."""
+  kh, kw = kernel_shape[:2]
+  _, h, w, _ = x_shape
   (pt, pb), (pl, pr) = lax.padtype_to_pads((h, w), (kh, kw), (stride, stride), padding)
-  x = jnp.pad(x_NHWC, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
   out_h = (h + pt + pb - kh) // stride + 1
   out_w = (w + pl + pr - kw) // stride + 1
   rows = [i for i in range(kh) if _reads_input(i, stride, out_h, pt, h)]
   cols = [j for j in range(kw) if _reads_input(j, stride, out_w, pl, w)]
-  out = None
+  return (pt, pb, pl, pr), (out_h, out_w), rows, cols
+
+
+def _windows(x_NHWC, kernel_shape, stride, padding):
+  """Yields ``((i, j), window)``: the padded input's strided slice that tap (i, j) reads."""
+  (pt, pb, pl, pr), (out_h, out_w), rows, cols = _geometry(x_NHWC.shape, kernel_shape, stride,
+                                                           padding)
+  n, _, _, c = x_NHWC.shape
+  x = jnp.pad(x_NHWC, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
   for i in rows:
     for j in cols:
-      window = lax.slice(x, (0, i, j, 0),
-                         (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
-                         (1, stride, stride, 1))
-      term = window * kernel_HWC1[i, j, :, 0]
-      out = term if out is None else out + term
-  return out
+      yield (i, j), lax.slice(x, (0, i, j, 0),
+                              (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
+                              (1, stride, stride, 1))
+
+
+def _shifted_forward(x_NHWC, kernel_HWC1, stride, padding):
+  out = None
+  for (i, j), window in _windows(x_NHWC, kernel_HWC1.shape, stride, padding):
+    term = window * kernel_HWC1[i, j, :, 0]
+    out = term if out is None else out + term
+  return out, (x_NHWC, kernel_HWC1)
+
+
+def _shifted_backward(stride, padding, residuals, dy):
+  x_NHWC, kernel_HWC1 = residuals
+  kh, kw = kernel_HWC1.shape[:2]
+  _, h, w, _ = x_NHWC.shape
+  (pt, _, pl, _), (out_h, out_w), _, _ = _geometry(x_NHWC.shape, kernel_HWC1.shape, stride,
+                                                   padding)
+  # dy[o] lands at kh - 1 + o * stride; input row a' then reads it through tap i at
+  # a' + pt + kh - 1 - i. Negative high padding drops outputs that read only padding.
+  dy_padded = lax.pad(dy, jnp.zeros((), dy.dtype), (
+      (0, 0, 0), (kh - 1, pt + h - 1 - (out_h - 1) * stride, stride - 1),
+      (kw - 1, pl + w - 1 - (out_w - 1) * stride, stride - 1), (0, 0, 0)))
+  dx, dkernel = None, jnp.zeros_like(kernel_HWC1)
+  for (i, j), window in _windows(x_NHWC, kernel_HWC1.shape, stride, padding):
+    dkernel = dkernel.at[i, j, :, 0].set(jnp.sum(window * dy, axis=(0, 1, 2)))
+    start = (0, pt + kh - 1 - i, pl + kw - 1 - j, 0)
+    shifted = lax.slice(dy_padded, start, (dy.shape[0], start[1] + h, start[2] + w, dy.shape[3]))
+    term = shifted * kernel_HWC1[i, j, :, 0]
+    dx = term if dx is None else dx + term
+  return dx, dkernel
+
+
+depthwise_conv_shifted.defvjp(_shifted_forward, _shifted_backward)
 
 
 def _reads_input(tap: int, stride: int, out_size: int, pad_before: int, size: int) -> bool:
