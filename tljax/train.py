@@ -343,7 +343,7 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
   phase = _cut_where_cache_fits(ctx, phase, state)
   frontier = prefix.frontier(model.layers, phase.cut) if phase.cut else None
   handed_over = (phase.index, phase.cut) in ctx.handoff
-  if phase.cut and handed_over:
+  if handed_over:  # Only phases that cache are handed a cache.
     train_inputs, val_inputs = ctx.handoff.pop((phase.index, phase.cut))
     logging.info("phase %s: using the cache of layers[:%d] (%s) built with the previous "
                  "phase's", phase.name, phase.cut, ", ".join(frontier))
