@@ -47,8 +47,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_bad_steps = 10          # Consecutive non-finite steps before the run stops.
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = "mnist"         # A tensorflow-datasets name (image + label features).
-  config.data.dir = ""               # tfds data_dir, or a folder of IDX *-ubyte.gz files.
+  # mnist | fashion_mnist (IDX files, downloaded by tljax) | another tensorflow-datasets name.
+  config.data.name = "mnist"
+  # A folder of IDX *-ubyte.gz files, or a tfds data_dir; "" = download into the cache
+  # ($TLJAX_CACHE or ~/.cache/tljax; mnist and fashion_mnist) or tfds's default data_dir.
+  config.data.dir = ""
   config.data.train_examples = 0     # Use the first N training examples; 0 = all.
   config.data.validation_split = 0.2  # Last fraction held out, as Keras's validation_split.
   config.data.scale = "unit"         # unit: x/255 | symmetric: x/127.5 - 1 (MobileNetV2's).

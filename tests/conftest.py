@@ -1,7 +1,9 @@
 """Shared fixtures: the real data and weights in ../shared, and the Keras reference backend."""
 
+import http.server
 import os
 import pathlib
+import threading
 
 import pytest
 
@@ -80,3 +82,41 @@ def tiny_idx_dir(tmp_path_factory) -> pathlib.Path:
     write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
     write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
   return folder
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+  files: dict[str, bytes] = {}
+  cut_short: set[str] = set()   # Paths whose body stops half way.
+  dropped: set[str] = set()     # Paths whose connection closes before any answer.
+  requests: list[str] = []
+  url = ""
+
+  def do_GET(self):  # noqa: N802 (http.server's name)
+    self.requests.append(self.path)
+    if self.path in self.dropped:
+      self.close_connection = True
+      return
+    data = self.files.get(self.path)
+    if data is None:
+      self.send_error(404)
+      return
+    self.send_response(200)
+    self.send_header("Content-Length", str(len(data)))
+    self.end_headers()
+    self.wfile.write(data[:len(data) // 2] if self.path in self.cut_short else data)
+
+  def log_message(self, *args):
+    pass
+
+
+@pytest.fixture
+def server():
+  """An HTTP server on 127.0.0.1; set ``files``, ``cut_short``, ``dropped``; read ``requests``."""
+  _Handler.files, _Handler.cut_short, _Handler.dropped, _Handler.requests = {}, set(), set(), []
+  httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+  thread.start()
+  _Handler.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+  yield _Handler
+  httpd.shutdown()
+  httpd.server_close()

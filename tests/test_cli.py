@@ -2,6 +2,7 @@
 the other exit codes (143 preempted, 1 failed) come from what train.run raised."""
 
 import gzip
+import hashlib
 import logging
 import os
 import pathlib
@@ -17,7 +18,7 @@ import pytest
 
 import main
 from test_train import tiny_config
-from tljax import checkpoint, preemption, train
+from tljax import checkpoint, data, preemption, train, weights
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -136,3 +137,74 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
   monkeypatch.setattr(train, "run", lambda config, workdir: {}["missing"])
   with pytest.raises(KeyError):
     main.run(None, "/w")
+
+
+# ---------------------------------------------------------------------------------------------
+# The quick start on a fresh machine: MNIST and the ImageNet weights downloaded on first use.
+
+
+@pytest.fixture
+def fresh_machine(server, mnist_dir, imagenet_weights_path, tmp_path, monkeypatch):
+  """A fresh HOME and no caches; ``server`` on 127.0.0.1 mirrors the MNIST files and the
+  Keras weights from ../shared through $TLJAX_DATA_MIRROR and $TLJAX_WEIGHTS_URL."""
+  for name in data.IDX_FILES:
+    server.files[f"/mnist/{name}.gz"] = (mnist_dir / f"{name}.gz").read_bytes()
+  weights_name = weights.weights_file_name(1.0, 224, include_top=False)
+  server.files[f"/keras/{weights_name}"] = imagenet_weights_path.read_bytes()
+  # ../shared's train images are a rebuild of the original file (its README says so); every
+  # other checksum is the published one.
+  url, shas = data._IDX_SOURCES["mnist"]
+  rebuilt = hashlib.sha256(server.files["/mnist/train-images-idx3-ubyte.gz"]).hexdigest()
+  monkeypatch.setitem(data._IDX_SOURCES, "mnist", (url, (rebuilt, *shas[1:])))
+  for variable in ("TLJAX_CACHE", "KERAS_HOME", "TFDS_DATA_DIR"):
+    monkeypatch.delenv(variable, raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.setenv("TLJAX_DATA_MIRROR", server.url)
+  monkeypatch.setenv("TLJAX_WEIGHTS_URL", f"{server.url}/keras")
+  return server
+
+
+def _quick_start_config():
+  """configs/mnist_mnv2.py as the README's quick start runs it (no data.dir, no
+  model.weights), with short epochs."""
+  from configs import mnist_mnv2
+  config = mnist_mnv2.get_config()
+  config.data.train_examples = 80
+  for phase in config.phases:
+    phase.epochs = 1
+  return config
+
+
+def test_quick_start_downloads_once_then_runs_from_the_cache(fresh_machine, tmp_path):
+  assert main.run(_quick_start_config(), str(tmp_path / "run1")) == 0
+  for output in ("summary.json", "confusion_matrix.png", "trained_variables.msgpack"):
+    assert (tmp_path / "run1" / output).is_file()
+  cache = tmp_path / "home" / ".cache" / "tljax"
+  assert sorted(p.name for p in (cache / "datasets" / "mnist").iterdir()) == sorted(
+      f"{name}.gz" for name in data.IDX_FILES)
+  weights_name = weights.weights_file_name(1.0, 224, include_top=False)
+  assert (cache / weights_name).is_file()
+  assert sorted(fresh_machine.requests) == sorted(
+      [f"/keras/{weights_name}", *(f"/mnist/{name}.gz" for name in data.IDX_FILES)])
+  fresh_machine.requests.clear()
+  assert main.run(_quick_start_config(), str(tmp_path / "run2")) == 0
+  assert fresh_machine.requests == []
+
+
+@pytest.mark.parametrize("fault", ["404", "dropped"])
+@pytest.mark.parametrize("what", ["dataset", "weights"])
+def test_quick_start_download_failure_is_one_message_and_exit_2(fault, what, fresh_machine,
+                                                                 tmp_path, caplog):
+  path = next(p for p in fresh_machine.files if p.startswith(
+      "/mnist/" if what == "dataset" else "/keras/"))
+  if fault == "404":
+    del fresh_machine.files[path]
+  else:
+    fresh_machine.dropped.add(path)
+  with caplog.at_level(logging.ERROR):
+    assert main.run(_quick_start_config(), str(tmp_path / "run")) == 2
+  [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+  expected = "answered HTTP 404" if fault == "404" else "could not be reached"
+  local = "--config.data.dir=" if what == "dataset" else "--config.model.weights="
+  assert expected in record.getMessage() and local in record.getMessage()
+  assert not record.exc_info

@@ -1,6 +1,8 @@
 """Data: IDX and tfds sources, Keras's validation split, preprocessing, augmentation, order."""
 
 import gzip
+import hashlib
+import pathlib
 import socket
 import time
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from tljax import data
+from tljax import data, download
 
 
 def write_idx(path, array, magic=None):
@@ -211,7 +213,13 @@ def test_tfds_reads_a_prepared_copy_without_network(tmp_path, monkeypatch):
   np.testing.assert_array_equal(ds.train.labels, ds.train.images[:, 0, 0] % 3)
 
 
+def _tensorflow_installed(monkeypatch):
+  """As where TensorFlow is installed, which preparing most tfds datasets needs."""
+  monkeypatch.setattr(data, "_prepare_needs_tensorflow", lambda builder: False)
+
+
 def test_tfds_mnist_under_mock_data(tmp_path, monkeypatch):
+  _tensorflow_installed(monkeypatch)  # mock_data stands in for the prepare step.
   monkeypatch.setattr(data, "_host_reachable", lambda host, port: True)
   with tfds.testing.mock_data(num_examples=6):
     ds = data.load_dataset("mnist", tmp_path)  # An empty folder is a tfds data_dir.
@@ -223,6 +231,7 @@ def test_tfds_mnist_under_mock_data(tmp_path, monkeypatch):
 
 
 def test_tfds_offline_fails_fast_with_the_fix(tmp_path, monkeypatch):
+  _tensorflow_installed(monkeypatch)
   monkeypatch.setattr(socket, "create_connection", _no_network)
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
                       lambda *a, **k: pytest.fail("must not start a download offline"))
@@ -237,12 +246,107 @@ def test_tfds_offline_fails_fast_with_the_fix(tmp_path, monkeypatch):
 
 
 def test_tfds_failed_download_is_explained(tmp_path, monkeypatch):
+  _tensorflow_installed(monkeypatch)
   monkeypatch.setattr(data, "_host_reachable", lambda host, port: True)
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
                       lambda *a, **k: _no_network())
   with pytest.raises(data.DataError, match="downloading it failed: network is unreachable.*"
                                            "--config.data.dir="):
     data.load_tfds("mnist", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_tfds_without_tensorflow_says_so_before_any_download(name, tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "_host_reachable", lambda host, port: pytest.fail("probed"))
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
+                      lambda *a, **k: pytest.fail("must not start a download"))
+  with pytest.raises(data.DataError) as e:
+    data.load_tfds(name, tmp_path)
+  message = str(e.value)
+  assert f"{name} is not prepared in {tmp_path}" in message
+  assert "needs TensorFlow to prepare it, which is not installed" in message
+  assert "pip install tensorflow-cpu" in message and "--config.data.dir=" in message
+  assert ("leave data.dir empty" in message) == (name == "mnist")
+
+
+def test_tfds_tensorflow_import_during_prepare_becomes_the_same_message(tmp_path, monkeypatch):
+  _tensorflow_installed(monkeypatch)
+  monkeypatch.setattr(data, "_host_reachable", lambda host, port: True)
+
+  def prepare(*args, **kwargs):
+    raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", prepare)
+  with pytest.raises(data.DataError, match="needs TensorFlow to prepare it"):
+    data.load_tfds("cifar10", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX downloads.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_idx_downloads_are_the_files_tfds_checks(name):
+  import tensorflow_datasets
+  listing = (pathlib.Path(tensorflow_datasets.__file__).parent / "url_checksums" /
+             f"{name}.txt").read_text().split("\n")
+  published = {url: sha256 for url, _, sha256, _ in (line.split("\t") for line in listing if line)}
+  assert {url: sha256 for url, sha256 in data.idx_downloads(name).values()} == published
+
+
+def test_idx_checksums_match_the_original_files_in_shared(mnist_dir):
+  # The shared copy's train images are a rebuild (see ../shared/README.md); the rest are
+  # the original files.
+  for file, (_, sha256) in data.idx_downloads("mnist").items():
+    if file != "train-images-idx3-ubyte.gz":
+      assert download.sha256_of(mnist_dir / file) == sha256
+
+
+@pytest.fixture
+def idx_mirror(server, tiny_idx_dir, monkeypatch):
+  """``server`` as $TLJAX_DATA_MIRROR serving tiny_idx_dir as "mnist", with its checksums."""
+  files = {f"{stem}.gz": (tiny_idx_dir / f"{stem}.gz").read_bytes() for stem in data.IDX_FILES}
+  server.files.update({f"/mnist/{name}": body for name, body in files.items()})
+  shas = tuple(hashlib.sha256(files[f"{stem}.gz"]).hexdigest() for stem in data.IDX_FILES)
+  monkeypatch.setitem(data._IDX_SOURCES, "mnist", ("https://unused.invalid/", shas))
+  monkeypatch.setenv("TLJAX_DATA_MIRROR", server.url)
+  return server
+
+
+def test_fetch_idx_downloads_once_and_replaces_a_damaged_file(idx_mirror, tmp_path,
+                                                              monkeypatch):
+  monkeypatch.setenv("TLJAX_CACHE", str(tmp_path))
+  ds = data.load_dataset("mnist", None)
+  folder = tmp_path / "datasets" / "mnist"
+  assert sorted(p.name for p in folder.iterdir()) == sorted(f"{s}.gz" for s in data.IDX_FILES)
+  assert (len(ds.train), len(ds.test), ds.class_names) == (160, 40, tuple("0123456789"))
+  assert sorted(idx_mirror.requests) == sorted(f"/mnist/{s}.gz" for s in data.IDX_FILES)
+  idx_mirror.requests.clear()
+  data.load_dataset("mnist", None)
+  assert idx_mirror.requests == []
+  (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(b"damaged")
+  data.load_dataset("mnist", None)
+  assert idx_mirror.requests == ["/mnist/t10k-labels-idx1-ubyte.gz"]
+
+
+@pytest.mark.parametrize("fault, expected", [
+    ("404", r"/mnist/t10k-images-idx3-ubyte.gz answered HTTP 404"),
+    ("dropped", r"the mnist download host 127.0.0.1:\d+ could not be reached"),
+    ("sha256", r"t10k-images-idx3-ubyte.gz downloaded with sha256 [0-9a-f]{64}, expected")])
+def test_fetch_idx_failures_name_the_file_and_the_local_alternative(idx_mirror, tmp_path,
+                                                                    fault, expected):
+  path = "/mnist/t10k-images-idx3-ubyte.gz"
+  if fault == "404":
+    del idx_mirror.files[path]
+  elif fault == "dropped":
+    idx_mirror.dropped.add(path)
+  else:
+    idx_mirror.files[path] = b"tampered"
+  with pytest.raises(data.DataError, match=expected + r".*--config.data.dir=<folder with the "
+                     r"four files train-images-idx3-ubyte.gz"):
+    data.fetch_idx("mnist", tmp_path)
+  assert not list((tmp_path / "datasets" / "mnist").glob("t10k-images*"))
 
 
 def test_tfds_unknown_name_suggests_valid_ones(tmp_path):

@@ -10,7 +10,6 @@ persistent XLA compilation cache (tests/conftest.py), so only the first one comp
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -365,10 +364,3 @@ def test_incompatible_config_is_refused_and_its_checkpoints_kept(reference, tiny
                      r"; they are left untouched"):
     train.run(config, workdir)
   assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
-
-
-def test_download_ignores_a_partial_file_left_by_a_killed_process(tmp_path, monkeypatch):
-  (tmp_path / ".w.h5.k1ll3d.part").write_bytes(b"half of the")
-  monkeypatch.setattr(weights, "_download", lambda url, out, name, timeout: out.write(b"whole"))
-  path = weights.fetch("http://127.0.0.1:9/w.h5", tmp_path, hashlib.sha256(b"whole").hexdigest())
-  assert path == tmp_path / "w.h5" and path.read_bytes() == b"whole"

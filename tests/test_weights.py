@@ -2,11 +2,9 @@
 
 import functools
 import hashlib
-import http.server
 import os
 import shutil
 import socket
-import threading
 import time
 
 import h5py
@@ -343,147 +341,28 @@ def test_resolve_weights_none_and_local_paths(files, tmp_path):
     weights.resolve_weights(missing, **kwargs)
 
 
-def test_default_cache_dir(monkeypatch, tmp_path):
-  monkeypatch.setenv("TLJAX_CACHE", str(tmp_path / "cache"))
-  assert weights.default_cache_dir() == tmp_path / "cache"
-  monkeypatch.delenv("TLJAX_CACHE")
-  monkeypatch.setenv("HOME", str(tmp_path))
-  assert weights.default_cache_dir() == tmp_path / ".cache" / "tljax"
-
-
-# ---------------------------------------------------------------------------------------------
-# Download and cache, against a local server.
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-  files: dict[str, bytes] = {}
-  cut_short: set[str] = set()
-  requests: list[str] = []
-  url = ""
-
-  def do_GET(self):  # noqa: N802 (http.server's name)
-    self.requests.append(self.path)
-    data = self.files.get(self.path)
-    if data is None:
-      self.send_error(404)
-      return
-    self.send_response(200)
-    self.send_header("Content-Length", str(len(data)))
-    self.end_headers()
-    self.wfile.write(data[:len(data) // 2] if self.path in self.cut_short else data)
-
-  def log_message(self, *args):
-    pass
-
-
-@pytest.fixture
-def server():
-  """An HTTP server on 127.0.0.1; set ``files``, read ``requests``."""
-  _Handler.files, _Handler.cut_short, _Handler.requests = {}, set(), []
-  httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-  thread.start()
-  _Handler.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-  yield _Handler
-  httpd.shutdown()
-  httpd.server_close()
-
-
-def _sha256(data: bytes) -> str:
-  return hashlib.sha256(data).hexdigest()
-
-
 def _closed_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
 
 
-def test_fetch_downloads_once_then_uses_the_cache(server, tmp_path):
-  server.files["/w.h5"] = b"weights" * 1000
-  sha = _sha256(server.files["/w.h5"])
-  path = weights.fetch(f"{server.url}/w.h5", tmp_path, sha)
-  assert path == tmp_path / "w.h5"
-  assert path.read_bytes() == server.files["/w.h5"]
-  assert weights.fetch(f"{server.url}/w.h5", tmp_path, sha) == path
-  assert server.requests == ["/w.h5"]
-  assert sorted(os.listdir(tmp_path)) == ["w.h5"]
-
-
-def test_fetch_reuses_an_unverifiable_cached_file(server, tmp_path):
-  (tmp_path / "w.h5").write_bytes(b"cached")
-  assert weights.fetch(f"{server.url}/w.h5", tmp_path).read_bytes() == b"cached"
-  assert server.requests == []
-
-
-@pytest.mark.parametrize("known", [False, True], ids=["sha256_argument", "KNOWN_SHA256"])
-def test_fetch_replaces_a_cached_file_with_a_wrong_sha256(server, tmp_path, monkeypatch, known):
+def test_fetch_checks_known_sha256_and_names_the_local_alternative(server, tmp_path,
+                                                                   monkeypatch):
   server.files["/w.h5"] = b"good weights"
-  sha = _sha256(b"good weights")
+  monkeypatch.setitem(weights.KNOWN_SHA256, "w.h5", hashlib.sha256(b"good weights").hexdigest())
   (tmp_path / "w.h5").write_bytes(b"stale or damaged")
-  if known:
-    monkeypatch.setitem(weights.KNOWN_SHA256, "w.h5", sha)
-  path = weights.fetch(f"{server.url}/w.h5", tmp_path, None if known else sha)
-  assert path.read_bytes() == b"good weights"
-  assert server.requests == ["/w.h5"]
-
-
-def test_fetch_rejects_a_download_with_a_wrong_sha256(server, tmp_path):
-  server.files["/w.h5"] = b"tampered"
-  with pytest.raises(weights.WeightsError, match="downloaded with sha256 .* expected 0{64}; "
-                     "nothing was cached"):
-    weights.fetch(f"{server.url}/w.h5", tmp_path, "0" * 64)
-  assert os.listdir(tmp_path) == []
-
-
-def test_fetch_leaves_nothing_behind_when_the_connection_breaks_off(server, tmp_path):
-  server.files["/w.h5"] = b"x" * 100_000
-  server.cut_short.add("/w.h5")
-  with pytest.raises(weights.WeightsError,
-                     match=r"download of .*/w.h5 broke off after 50000 of 100000 bytes"):
-    weights.fetch(f"{server.url}/w.h5", tmp_path / "cache")
-  assert os.listdir(tmp_path / "cache") == []
-
-
-def test_fetch_leaves_nothing_behind_when_interrupted(server, tmp_path, monkeypatch):
-  def interrupted(url, out, name, timeout):
-    out.write(b"partial")
-    raise KeyboardInterrupt
-
-  monkeypatch.setattr(weights, "_download", interrupted)
-  with pytest.raises(KeyboardInterrupt):
-    weights.fetch(f"{server.url}/w.h5", tmp_path)
-  assert os.listdir(tmp_path) == []
-
-
-def test_fetch_reports_http_errors(server, tmp_path):
+  assert weights.fetch(f"{server.url}/w.h5", tmp_path).read_bytes() == b"good weights"
   with pytest.raises(weights.WeightsError, match=r"/absent.h5 answered HTTP 404 .*"
                      r"--config.model.weights=/path/to/absent.h5"):
     weights.fetch(f"{server.url}/absent.h5", tmp_path)
-  assert os.listdir(tmp_path) == []
 
 
-def test_fetch_offline_fails_at_once(tmp_path):
-  port = _closed_port()
-  start = time.monotonic()
-  with pytest.raises(weights.WeightsError) as error:
-    weights.fetch(f"http://127.0.0.1:{port}/{NO_TOP_NAME}", tmp_path)
-  assert time.monotonic() - start < 5
-  message = str(error.value)
-  assert f"the weights host 127.0.0.1:{port} could not be reached" in message
-  assert f"--config.model.weights=/path/to/{NO_TOP_NAME}" in message
-  assert os.listdir(tmp_path) == []
-
-
-def test_fetch_times_out_on_a_silent_host(tmp_path):
-  with socket.socket() as silent:  # Accepts connections (backlog) and never answers.
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(1)
-    url = f"http://127.0.0.1:{silent.getsockname()[1]}/w.h5"
-    start = time.monotonic()
-    with pytest.raises(weights.WeightsError, match="could not be reached .*model.weights="):
-      weights.fetch(url, tmp_path, timeout=0.5)
-    assert time.monotonic() - start < 5
+def test_weights_mirror_from_the_environment(monkeypatch):
+  monkeypatch.setenv("TLJAX_WEIGHTS_URL", "http://127.0.0.1:8000/keras")
+  assert weights.keras_weights_url(1.0, 224, include_top=False) == (
+      "http://127.0.0.1:8000/keras/"
+      "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
 
 
 def test_resolve_imagenet_downloads_the_file_keras_would_load(server, files, tmp_path,

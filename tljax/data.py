@@ -9,7 +9,8 @@ train / validation the way Keras's ``model.fit(validation_split=...)`` does
 Two sources, chosen by :func:`load_dataset`:
 
 * a folder holding the four classic IDX files (``train-images-idx3-ubyte.gz``, ...), as
-  published for MNIST and Fashion-MNIST; works offline;
+  published for MNIST and Fashion-MNIST; works offline. Without a folder, those two datasets
+  are downloaded as IDX files into the cache (:func:`fetch_idx`);
 * tensorflow-datasets, read through its random-access data source (``builder.as_data_source``,
   what ``tfds.data_source`` returns; no TensorFlow needed); the dataset is downloaded and
   prepared in ArrayRecord format on first use, or the call fails at once when offline.
@@ -18,8 +19,12 @@ Two sources, chosen by :func:`load_dataset`:
 import dataclasses
 import difflib
 import gzip
+import importlib.util
+import inspect
 import math
+import os
 import pathlib
+import re
 import socket
 import struct
 import zlib
@@ -28,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tljax import download
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 _IDX_FIX = ("Re-download it; an IDX dataset folder holds the four files "
@@ -39,7 +45,23 @@ IDX_CLASS_NAMES = {
     "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                       "Sneaker", "Bag", "Ankle boot"),
 }
-# Probed before a tfds download: it serves tfds's dataset mirror and MNIST's own files.
+# The IDX datasets tljax downloads itself (tfds needs TensorFlow to prepare them): the
+# addresses and sha256 tensorflow-datasets uses, in IDX_FILES order.
+_IDX_SOURCES = {
+    "mnist": ("https://storage.googleapis.com/cvdf-datasets/mnist/", (
+        "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+        "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+        "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+        "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6")),
+    "fashion_mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", (
+        "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+        "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+        "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+        "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5")),
+}
+# A mirror of the IDX files: <mirror>/<dataset name>/<file>.
+DATA_MIRROR_ENV = "TLJAX_DATA_MIRROR"
+# Probed before a tfds download: it serves tfds's dataset mirror.
 DOWNLOAD_HOST = ("storage.googleapis.com", 443)
 _PROBE_TIMEOUT_S = 3.0
 _TFDS_EXAMPLES = ("mnist", "fashion_mnist", "kmnist", "emnist", "cifar10", "cifar100",
@@ -173,6 +195,33 @@ def load_idx_folder(path: str | pathlib.Path, name: str) -> Dataset:
   return Dataset(train, test, len(class_names), class_names, name)
 
 
+def idx_downloads(name: str) -> dict[str, tuple[str, str]]:
+  """``{file name: (url, sha256)}`` of the four IDX files of ``name`` ("mnist" or
+  "fashion_mnist"): from the addresses tensorflow-datasets uses, or from
+  ``$TLJAX_DATA_MIRROR/<name>/`` where that names a mirror; checksums as tfds publishes them."""
+  base_url, checksums = _IDX_SOURCES[name]
+  mirror = os.environ.get(DATA_MIRROR_ENV)
+  base_url = f"{mirror.rstrip('/')}/{name}/" if mirror else base_url
+  return {f"{stem}.gz": (base_url + f"{stem}.gz", sha256)
+          for stem, sha256 in zip(IDX_FILES, checksums)}
+
+
+def fetch_idx(name: str, cache_dir: str | pathlib.Path | None = None) -> pathlib.Path:
+  """Downloads the four IDX files of ``name`` into ``<cache_dir>/datasets/<name>`` (once; each
+  checked against its sha256) and returns that folder. ``cache_dir`` None: $TLJAX_CACHE or
+  ~/.cache/tljax."""
+  folder = (pathlib.Path(cache_dir) if cache_dir else download.default_cache_dir())
+  folder = folder / "datasets" / name
+  instead = (f"pass --config.data.dir=<folder with the four files "
+             f"{', '.join(f'{stem}.gz' for stem in IDX_FILES)}>")
+  for url, sha256 in idx_downloads(name).values():
+    try:
+      download.fetch(url, folder, sha256, what=f"{name} download", instead=instead)
+    except download.DownloadError as e:
+      raise DataError(str(e)) from None
+  return folder
+
+
 # ---------------------------------------------------------------------------------------------
 # tensorflow-datasets.
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +261,29 @@ def _local_options(name: str) -> str:
           "file_format='array_record'>")
 
 
+def _prepare_needs_tensorflow(builder) -> bool:
+  """Whether preparing ``builder`` needs TensorFlow, which is not installed.
+
+  tensorflow-datasets reads a prepared dataset without TensorFlow, but a builder whose code
+  calls it (``tf.io.gfile`` to read its downloads, ``tf.image`` to decode) cannot prepare one.
+  """
+  if importlib.util.find_spec("tensorflow") is not None:
+    return False
+  source = inspect.getsource(inspect.getmodule(type(builder)))
+  return re.search(r"\btf\.", source) is not None
+
+
+def _needs_tensorflow_message(builder, name: str) -> str:
+  idx = (f" Or leave data.dir empty: tljax downloads {name}'s IDX files itself."
+         if name in _IDX_SOURCES else "")
+  return (f"{name} is not prepared in {builder.data_path}, and tensorflow-datasets needs "
+          "TensorFlow to prepare it, which is not installed. Install it (pip install "
+          f"tensorflow-cpu, or pip install -e '.[tfds]'), or pass {_local_options(name)}.{idx}")
+
+
 def _download_and_prepare(builder, name: str) -> None:
+  if _prepare_needs_tensorflow(builder):
+    raise DataError(_needs_tensorflow_message(builder, name))
   host, port = DOWNLOAD_HOST
   if not _host_reachable(host, port):
     raise DataError(f"{name} is not prepared in {builder.data_path}, and it cannot be "
@@ -220,6 +291,10 @@ def _download_and_prepare(builder, name: str) -> None:
                     f"To run offline, pass {_local_options(name)}.")
   try:
     builder.download_and_prepare(file_format="array_record")
+  except ImportError as e:  # A builder that reaches TensorFlow without naming it as tf.
+    if not (e.name or "").startswith("tensorflow"):
+      raise
+    raise DataError(_needs_tensorflow_message(builder, name)) from None
   except OSError as e:
     raise DataError(f"{name} is not prepared in {builder.data_path}, and downloading it "
                     f"failed: {e}. To run offline, pass {_local_options(name)}.") from e
@@ -265,8 +340,14 @@ def load_tfds(name: str, data_dir: str | pathlib.Path | None) -> Dataset:
 
 
 def load_dataset(name: str, data_dir: str | pathlib.Path | None) -> Dataset:
-  """Loads ``name`` from ``data_dir``: an IDX folder, else a tfds data_dir (None: tfds's)."""
+  """Loads ``name`` from ``data_dir``: an IDX folder, else a tfds data_dir.
+
+  Without a ``data_dir``, MNIST and Fashion-MNIST come as their IDX files, downloaded once
+  into the cache (:func:`fetch_idx`); other names from tfds's default data_dir.
+  """
   if data_dir is None:
+    if name in _IDX_SOURCES:
+      return load_idx_folder(fetch_idx(name), name)
     return load_tfds(name, None)
   folder = pathlib.Path(data_dir)
   if not str(data_dir) or not folder.is_dir():

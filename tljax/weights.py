@@ -1,4 +1,4 @@
-"""Keras MobileNetV2 weights (legacy HDF5) as Flax variables; download, cache and checksum.
+"""Keras MobileNetV2 weights (legacy HDF5) as Flax variables, and which file "imagenet" means.
 
 The files ``keras.applications.MobileNetV2`` publishes hold one HDF5 group per layer, whose
 ``weight_names`` attribute lists names such as ``block_1_depthwise/depthwise_kernel:0``. The Flax
@@ -11,36 +11,29 @@ Typical use, the one call the trainer makes::
 """
 
 import functools
-import hashlib
-import http.client
 import logging
 import os
 import pathlib
 import re
-import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Sequence
-from typing import BinaryIO
 
 import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
+from tljax import download
 from tljax.models import mobilenet_v2
 from tljax.models.mobilenet_v2 import MobileNetV2
 
 BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+# A mirror of the files under BASE_URL (same names), e.g. a local server or bucket.
+MIRROR_ENV = "TLJAX_WEIGHTS_URL"
 KERAS_ROWS = (96, 128, 160, 192, 224)  # Input sizes Keras publishes weights for.
 # sha256 of the published files, by file name. keras.applications checks none for MobileNetV2
 # and none is recorded here until verified against a download; files without one are cached
 # unchecked (a damaged file then fails to load with a message saying to delete it).
 KNOWN_SHA256: dict[str, str] = {}
-TIMEOUT_S = 10.0
-_CHUNK = 1 << 20
 _MAX_LISTED = 12
 
 # Keras weight name (last path component) -> (Flax collection, variable), by layer kind.
@@ -304,92 +297,30 @@ def weights_file_name(alpha: float, rows: int, include_top: bool) -> str:
 
 
 def keras_weights_url(alpha: float, rows: int, include_top: bool) -> str:
-  """The address keras.applications downloads these ImageNet weights from."""
-  return BASE_URL + weights_file_name(alpha, rows, include_top)
-
-
-def default_cache_dir() -> pathlib.Path:
-  """``$TLJAX_CACHE``, else ``~/.cache/tljax``."""
-  return pathlib.Path(os.environ.get("TLJAX_CACHE") or "~/.cache/tljax").expanduser()
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-  """The hex sha256 of the file at ``path``."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(_CHUNK), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
+  """The address keras.applications downloads these ImageNet weights from, or the same file
+  under ``$TLJAX_WEIGHTS_URL`` where that names a mirror."""
+  base = os.environ.get(MIRROR_ENV) or BASE_URL
+  return base.rstrip("/") + "/" + weights_file_name(alpha, rows, include_top)
 
 
 def fetch(url: str, cache_dir: str | os.PathLike | None = None, sha256: str | None = None, *,
-          timeout: float = TIMEOUT_S) -> pathlib.Path:
-  """Returns the cached copy of ``url``, downloading it first if absent or not as expected.
-
-  The expected sha256 is ``sha256``, else ``KNOWN_SHA256`` by file name; a cached file that
-  differs from it is downloaded again. A download goes to a temporary file in ``cache_dir``
-  that replaces the cached one only once complete and verified.
-  """
-  name = pathlib.PurePosixPath(urllib.parse.urlparse(url).path).name
-  cache_dir = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
-  target = cache_dir / name
-  sha256 = sha256 or KNOWN_SHA256.get(name)
-  if target.is_file():
-    if sha256 is None or sha256_of(target) == sha256:
-      return target
-    logging.warning("%s does not have the expected sha256 %s; downloading it again.",
-                    target, sha256)
-  cache_dir.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{name}.", suffix=".part")
+          timeout: float = download.TIMEOUT_S) -> pathlib.Path:
+  """``download.fetch`` for a weights file: the expected sha256 is ``sha256``, else
+  ``KNOWN_SHA256`` by file name; failures are ``WeightsError``s naming the local alternative."""
+  name = download.file_name(url)
+  instead = f"download {url} elsewhere and pass it with --config.model.weights=/path/to/{name}"
   try:
-    with os.fdopen(fd, "wb") as out:
-      _download(url, out, name, timeout)
-    if sha256 is not None and (actual := sha256_of(tmp)) != sha256:
-      raise WeightsError(f"{url} downloaded with sha256 {actual}, expected {sha256}; nothing "
-                         f"was cached. Retry later, or download it yourself and pass "
-                         f"--config.model.weights=/path/to/{name}.")
-    os.replace(tmp, target)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-  return target
-
-
-def _download(url: str, out: BinaryIO, name: str, timeout: float) -> None:
-  """Streams ``url`` into ``out`` with a progress bar; an unreachable host or short body raises."""
-  local_hint = (f"Download {url} elsewhere and pass it with "
-                f"--config.model.weights=/path/to/{name}.")
-  try:
-    response = urllib.request.urlopen(url, timeout=timeout)
-  except urllib.error.HTTPError as e:
-    raise WeightsError(f"{url} answered HTTP {e.code} ({e.reason}). {local_hint}") from e
-  except OSError as e:  # URLError (DNS, refused), timeouts, resets.
-    host = urllib.parse.urlparse(url).netloc or url
-    raise WeightsError(f"the weights host {host} could not be reached "
-                       f"({getattr(e, 'reason', e)}); are you offline? {local_hint}") from e
-  length = response.headers.get("Content-Length")
-  total = int(length) if length else None
-  received = 0
-  with response, tqdm.tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                           desc=name) as bar:
-    try:
-      while chunk := response.read(_CHUNK):
-        out.write(chunk)
-        received += len(chunk)
-        bar.update(len(chunk))
-    except (OSError, http.client.HTTPException) as e:
-      raise WeightsError(f"the download of {url} broke off after {received} bytes ({e!r}). "
-                         f"Retry, or: {local_hint}") from e
-  if total is not None and received != total:
-    raise WeightsError(f"the download of {url} broke off after {received} of {total} bytes. "
-                       f"Retry, or: {local_hint}")
+    return download.fetch(url, cache_dir, sha256 or KNOWN_SHA256.get(name), what="weights",
+                          instead=instead, timeout=timeout)
+  except download.DownloadError as e:
+    raise WeightsError(str(e)) from e
 
 
 def _keras_cached(name: str) -> pathlib.Path | None:
   """The copy keras.applications already cached (``$KERAS_HOME/models``), if it verifies."""
   keras_home = pathlib.Path(os.environ.get("KERAS_HOME") or "~/.keras").expanduser()
   path = keras_home / "models" / name
-  if path.is_file() and (name not in KNOWN_SHA256 or sha256_of(path) == KNOWN_SHA256[name]):
+  if path.is_file() and (name not in KNOWN_SHA256 or download.sha256_of(path) == KNOWN_SHA256[name]):
     return path
   return None
 
@@ -411,7 +342,7 @@ def resolve_weights(spec: str, *, alpha: float, input_size: int | tuple[int, int
     return None
   if spec == "imagenet":
     url = keras_weights_url(alpha, keras_rows(input_size), include_top_file)
-    cache_dir = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_dir = pathlib.Path(cache_dir) if cache_dir else download.default_cache_dir()
     name = url.rsplit("/", 1)[-1]
     if not (cache_dir / name).is_file() and (keras_copy := _keras_cached(name)) is not None:
       return keras_copy
