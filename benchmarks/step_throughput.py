@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -145,9 +144,7 @@ def steps_per_dispatch_for(batch: int, size: int, requested: int) -> int:
 
 def cache_fits(model, cut: int, variables, config) -> bool:
   """Whether the trainer would cache ``layers[:cut]`` for all of MNIST (``cache_max_gb``)."""
-  names = prefix.frontier(model.layers, cut)
-  per_example = train._frontier_bytes_per_example(  # pylint: disable=protected-access
-      model, cut, names, types.SimpleNamespace(**variables), config)
+  per_example = prefix.bytes_per_example(model, cut, variables, config.model.input_size)
   return per_example * MNIST_EXAMPLES <= config.cache_max_gb * 2**30
 
 

@@ -6,7 +6,12 @@ Its outputs that ``layers[cut:]`` read (the "frontier", residual inputs included
 computed once per phase; the train step then starts at layer ``cut``.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from tljax.models.mobilenet_v2 import Layer
 
@@ -26,3 +31,12 @@ def frontier(layers: Sequence[Layer], cut: int) -> tuple[str, ...]:
   before = {layer.name for layer in layers[:cut]}
   read = {name for layer in layers[cut:] for name in layer.inputs if name in before}
   return tuple(layer.name for layer in layers[:cut] if layer.name in read)
+
+
+def bytes_per_example(model, cut: int, variables: Mapping[str, Any], input_size: int) -> int:
+  """Device bytes the cache of ``layers[:cut]`` holds per example: its frontier's outputs."""
+  names = frontier(model.layers, cut)
+  x = jax.ShapeDtypeStruct((1, input_size, input_size, 3), jnp.float32)
+  shapes = jax.eval_shape(lambda v, x: model.apply(v, x, stop=cut, capture=names),
+                          dict(variables), x)
+  return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(shapes))

@@ -472,17 +472,9 @@ def _following_cut(ctx: RunContext, phase: Phase, state: steps.TrainState) -> in
 def _cache_bytes(ctx: RunContext, cut: int, state: steps.TrainState) -> int:
   """Device bytes of the prefix cache of ``layers[:cut]`` for the train and validation splits."""
   examples = len(ctx.splits["train"].labels) + len(ctx.splits["validation"].labels)
-  names = prefix.frontier(ctx.model.layers, cut)
-  return examples * _frontier_bytes_per_example(ctx.model, cut, names, state, ctx.config)
-
-
-def _frontier_bytes_per_example(model, cut, names, state, config) -> int:
-  x = jax.ShapeDtypeStruct((1, config.model.input_size, config.model.input_size, 3),
-                           jnp.float32)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  shapes = jax.eval_shape(lambda v, x: model.apply(v, x, stop=cut, capture=names),
-                          variables, x)
-  return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
+  return examples * prefix.bytes_per_example(ctx.model, cut, variables,
+                                             ctx.config.model.input_size)
 
 
 def _check_bad_steps(state, config, phase, step) -> None:
