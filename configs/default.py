@@ -14,7 +14,8 @@ def phase(**overrides) -> ml_collections.ConfigDict:
   p.name = "phase"               # Shown in logs, metrics.jsonl and plots.
   p.epochs = 1                   # Passes over the training split.
   # Ordered freeze rules "<train|freeze>:<regex over 'layer/param' | layers[a:b]>"; the first
-  # match decides. Or one named preset "preset:<name>" (see tljax.freezing.PRESETS).
+  # match decides. Or one named preset "preset:<name>" (the backbone's PRESETS, e.g.
+  # tljax.models.mobilenet_v2.MobileNetV2.PRESETS).
   p.rules = ("train:.*",)
   p.optimizer = "adam"           # adam | adamw | sgd (momentum 0.9).
   p.learning_rate = 1e-3         # Peak learning rate.
@@ -58,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.augment_shift = 0      # Random translation of up to N pixels; 0 = none.
 
   config.model = ml_collections.ConfigDict()
+  config.model.name = "mobilenet_v2"  # The backbone (tljax.models.BACKBONES).
   config.model.alpha = 1.0           # Width multiplier: 0.35, 0.5, 0.75, 1.0, 1.3 or 1.4.
   config.model.input_size = 32       # Images are resized (bilinear) to this square size.
   config.model.weights = "imagenet"  # imagenet (download, cached) | a .h5 path | none.
@@ -66,9 +68,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"     # Compute dtype: float32 | bfloat16 (params stay f32).
   # Moving-average momentum of BatchNorm layers in batch-statistics mode (Keras: 0.999).
   config.model.bn_momentum = 0.999
-  # Fold BatchNorm layers that use moving statistics into the convolution before them (same
-  # function; measured no faster on XLA:CPU, which fuses BatchNorm into its neighbours).
-  config.model.fold_batchnorm = False
 
   # Multi-process runs (one process per host). See README, "Cloud TPU and multi-host".
   config.distributed = ml_collections.ConfigDict()

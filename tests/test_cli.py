@@ -18,7 +18,8 @@ import pytest
 
 import main
 from test_train import tiny_config
-from tljax import checkpoint, data, preemption, train, weights
+from tljax import checkpoint, data, preemption, train
+from tljax.models import mobilenet_v2
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -149,7 +150,7 @@ def fresh_machine(server, mnist_dir, imagenet_weights_path, tmp_path, monkeypatc
   Keras weights from ../shared through $TLJAX_DATA_MIRROR and $TLJAX_WEIGHTS_URL."""
   for name in data.IDX_FILES:
     server.files[f"/mnist/{name}.gz"] = (mnist_dir / f"{name}.gz").read_bytes()
-  weights_name = weights.weights_file_name(1.0, 224, include_top=False)
+  weights_name = mobilenet_v2.weights_file_name(1.0, 224, include_top=False)
   server.files[f"/keras/{weights_name}"] = imagenet_weights_path.read_bytes()
   # ../shared's train images are a rebuild of the original file (its README says so); every
   # other checksum is the published one.
@@ -182,7 +183,7 @@ def test_quick_start_downloads_once_then_runs_from_the_cache(fresh_machine, tmp_
   cache = tmp_path / "home" / ".cache" / "tljax"
   assert sorted(p.name for p in (cache / "datasets" / "mnist").iterdir()) == sorted(
       f"{name}.gz" for name in data.IDX_FILES)
-  weights_name = weights.weights_file_name(1.0, 224, include_top=False)
+  weights_name = mobilenet_v2.weights_file_name(1.0, 224, include_top=False)
   assert (cache / weights_name).is_file()
   assert sorted(fresh_machine.requests) == sorted(
       [f"/keras/{weights_name}", *(f"/mnist/{name}.gz" for name in data.IDX_FILES)])

@@ -8,10 +8,10 @@ import pytest
 from flax import traverse_util
 
 from tljax import freezing, steps
-from tljax.models.mobilenet_v2 import MobileNetV2, keras_layers
+from tljax.models.mobilenet_v2 import MobileNetV2
 
-BASE = keras_layers(0.35, include_top=False)
 MODEL = MobileNetV2(alpha=0.35, include_top=True, num_classes=10)
+BASE = MODEL.base_layers
 VARIABLES = jax.eval_shape(MODEL.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
 PARAMS = VARIABLES["params"]
 PATHS = list(traverse_util.flatten_dict(PARAMS, sep="/"))
@@ -85,12 +85,29 @@ def test_malformed_rules(text):
 
 
 def test_presets_expand_and_unknown_preset_is_named():
-  assert freezing.expand_presets(("preset:small_different",)) == (
-      "freeze:layers[:100]", "train:.*")
+  presets = MobileNetV2.PRESETS
+  assert freezing.expand_presets(("preset:small_different",), presets) == (
+      "freeze:layers[:block_11_expand_relu]", "train:.*")
   with pytest.raises(ValueError, match="'tiny'.*large_different"):
-    freezing.expand_presets(("preset:tiny",))
-  for name in freezing.PRESETS:  # Every preset covers every parameter.
-    trained_paths(freezing.expand_presets((f"preset:{name}",)))
+    freezing.expand_presets(("preset:tiny",), presets)
+  for name in presets:  # Every preset covers every parameter.
+    trained_paths(freezing.expand_presets((f"preset:{name}",), presets))
+
+
+@pytest.mark.parametrize("by_name, by_index", [
+    ("layers[:block_11_expand_relu]", "layers[:100]"),
+    ("layers[:block_4_expand]", "layers[:36]"),
+    ("layers[block_16_expand:Conv_1]", "layers[-11:-3]"),
+    ("layers[Conv1]", "layers[1]")])
+def test_layer_slices_by_name_equal_slices_by_index(by_name, by_index):
+  assert trained_paths((f"train:{by_name}", "freeze:.*")) == \
+      trained_paths((f"train:{by_index}", "freeze:.*"))
+
+
+def test_layer_slice_naming_no_layer_lists_similar_names():
+  with pytest.raises(ValueError, match=r"no layer 'block_11_expnd_relu'; layers with similar "
+                     r"names: \['block_11_expand_relu'"):
+    trained_paths(("freeze:layers[:block_11_expnd_relu]", "train:.*"))
 
 
 def test_split_merge_round_trip():

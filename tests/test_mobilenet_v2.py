@@ -20,7 +20,7 @@ from keras.src.initializers import random_initializers
 from keras.src.legacy.saving import legacy_h5_format
 
 from tljax import weights
-from tljax.models import mobilenet_v2
+from tljax.models import layer_stack, mobilenet_v2
 from tljax.models.mobilenet_v2 import MobileNetV2
 
 pytestmark = pytest.mark.filterwarnings(  # Keras's JAX backend, on every numpy conversion.
@@ -108,7 +108,7 @@ def test_layers_are_keras_layers(reference):
   keras_names = [layer.name for layer in reference.keras_model.layers]
   names = [layer.name for layer in reference.model.layers]
   assert names[1:] == keras_names[1:]  # The input layer's name differs between Keras versions.
-  assert names[0] == mobilenet_v2.INPUT_NAME
+  assert names[0] == layer_stack.INPUT_NAME
 
 
 def test_parameter_counts_equal_keras(reference):
@@ -164,7 +164,7 @@ def test_keras_conv_equals_xla_convolution_with_gradients(kernel_size, stride):
   kernel = rng.standard_normal((kernel_size, kernel_size, 8, 16), np.float32)
   xla = functools.partial(jax.lax.conv_general_dilated, window_strides=(stride, stride),
                           padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  ours = functools.partial(mobilenet_v2.keras_conv, stride=stride)
+  ours = functools.partial(layer_stack.keras_conv, stride=stride)
   cotangent = rng.standard_normal(jax.eval_shape(xla, x, kernel).shape).astype(np.float32)
   results = []
   for conv in (ours, xla):
@@ -172,3 +172,40 @@ def test_keras_conv_equals_xla_convolution_with_gradients(kernel_size, stride):
     results.append((out, *vjp(cotangent)))
   for a, b in zip(*results):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where Keras publishes the weights.
+
+
+def test_keras_weights_url_is_the_keras_applications_address():
+  from keras.src.applications import mobilenet_v2 as keras_mobilenet_v2
+  assert mobilenet_v2.BASE_URL == keras_mobilenet_v2.BASE_WEIGHT_PATH
+  url = lambda alpha, size, top: MobileNetV2(alpha=alpha).keras_weights_url(size, top)
+  assert url(1.0, 224, False) == (
+      "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+      "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
+  assert url(0.35, 96, True).endswith(
+      "/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_96.h5")
+  assert url(0.5, 128, False).endswith("_0.5_128_no_top.h5")
+
+
+@pytest.mark.parametrize("alpha, rows", [(0.3, 224), (1.0, 100)])
+def test_weights_file_name_rejects_unpublished_files(alpha, rows):
+  with pytest.raises(ValueError, match=f"got alpha={alpha}, rows={rows}"):
+    mobilenet_v2.weights_file_name(alpha, rows, include_top=False)
+
+
+@pytest.mark.parametrize("input_size, rows", [
+    (96, 96), (128, 128), (160, 160), (192, 192), (224, 224), (32, 224), (100, 224),
+    (256, 224), ((96, 96), 96), ((96, 128), 224)])
+def test_keras_rows_as_keras_applications_picks_them(input_size, rows):
+  assert mobilenet_v2.keras_rows(input_size) == rows
+
+
+@pytest.mark.parametrize("alpha", mobilenet_v2.ALPHAS)
+def test_infer_alpha_from_convolution_widths(alpha):
+  kernels = {layer.name: {"kernel": np.zeros((1, 1, 1, layer.features))}
+             for layer in mobilenet_v2.keras_layers(alpha) if layer.kind == "conv"}
+  assert mobilenet_v2.infer_alpha(kernels) == alpha
+  assert mobilenet_v2.infer_alpha({"Conv1": {"kernel": np.zeros((3, 3, 3, 7))}}) is None

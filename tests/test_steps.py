@@ -1,5 +1,4 @@
-"""Fast paths compute what the plain path computes: the cached frozen prefix, folded
-BatchNorm, bfloat16."""
+"""Fast paths compute what the plain path computes: the cached frozen prefix, bfloat16."""
 
 import functools
 
@@ -27,7 +26,7 @@ def _setup(**model_overrides):
   config.phases[1].learning_rate = 1e-3
   config.model.update(model_overrides)
   model = train.create_model(config, 10)
-  variables = _initial_variables(model.clone(dtype=jnp.float32, fold_bn=False))
+  variables = _initial_variables(model.clone(dtype=jnp.float32))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 255, (64, 28, 28), dtype=np.uint8)
   labels = rng.integers(0, 10, 64).astype(np.int32)
@@ -89,23 +88,3 @@ def test_bfloat16_step_stays_close_to_float32():
   for a, b in zip(jax.tree.leaves(p32), jax.tree.leaves(p16)):
     assert a.dtype == b.dtype == np.float32
     np.testing.assert_allclose(a, b, atol=2.5e-3)
-
-
-def test_folded_batchnorm_step_equals_unfolded():
-  results = []
-  for fold in (False, True):
-    config, model, variables, images, labels, indices = _setup(fold_batchnorm=fold)
-    # Moving-statistics BatchNorm everywhere, so every BatchNorm folds, trainable ones too;
-    # non-trivial statistics, so the fold is not the identity. SGD: linear in the gradient.
-    config.phases[1].update(batchnorm="inference", optimizer="sgd", learning_rate=0.01)
-    variables = {**variables, "batch_stats": jax.tree.map(
-        lambda a: a + np.linspace(0.1, 0.5, a.size, dtype=a.dtype).reshape(a.shape),
-        variables["batch_stats"])}
-    results.append(_run_chunk(config, model, variables, {"images": jnp.asarray(images)},
-                              labels, indices, 0))
-  (p0, s0, loss0), (p1, s1, loss1) = results
-  np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves((p0, s0)), jax.tree.leaves((p1, s1))):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  trained, initial = p1["block_16_project_BN"], variables["params"]["block_16_project_BN"]
-  assert all(np.any(trained[k] != initial[k]) for k in ("scale", "bias"))  # Folded, trained.

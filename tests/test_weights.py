@@ -28,7 +28,7 @@ EXPECTED_MAPPING = {
 DUMMY = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
 NO_TOP = MobileNetV2(alpha=0.35, include_top=False)
 TOP = MobileNetV2(alpha=0.35, include_top=True, num_classes=10)
-NO_TOP_NAME = weights.weights_file_name(0.35, 96, include_top=False)
+NO_TOP_NAME = mobilenet_v2.weights_file_name(0.35, 96, include_top=False)
 
 
 @functools.cache
@@ -129,14 +129,6 @@ def test_read_keras_h5_skips_weightless_layers_and_strips_suffixes(files):
   assert set(read["bn_Conv1"]) == {"gamma", "beta", "moving_mean", "moving_variance"}
   assert set(read["expanded_conv_depthwise"]) == {"depthwise_kernel"}
   assert "Conv1_relu" not in read and "block_1_pad" not in read
-
-
-@pytest.mark.parametrize("alpha", mobilenet_v2.ALPHAS)
-def test_infer_alpha_from_convolution_widths(alpha):
-  kernels = {layer.name: {"kernel": np.zeros((1, 1, 1, layer.features))}
-             for layer in mobilenet_v2.keras_layers(alpha) if layer.kind == "conv"}
-  assert weights.infer_alpha(kernels) == alpha
-  assert weights.infer_alpha({"Conv1": {"kernel": np.zeros((3, 3, 3, 7))}}) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,38 +299,14 @@ def test_load_pretrained_keeps_a_matching_head(files):
 # Addresses and the choice of file.
 
 
-def test_keras_weights_url_is_the_keras_applications_address():
-  from keras.src.applications import mobilenet_v2 as keras_mobilenet_v2
-  assert weights.BASE_URL == keras_mobilenet_v2.BASE_WEIGHT_PATH
-  assert weights.keras_weights_url(1.0, 224, include_top=False) == (
-      "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
-      "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
-  assert weights.keras_weights_url(0.35, 96, include_top=True).endswith(
-      "/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_96.h5")
-  assert weights.keras_weights_url(0.5, 128, include_top=False).endswith("_0.5_128_no_top.h5")
-
-
-@pytest.mark.parametrize("alpha, rows", [(0.3, 224), (1.0, 100)])
-def test_weights_file_name_rejects_unpublished_files(alpha, rows):
-  with pytest.raises(ValueError, match=f"got alpha={alpha}, rows={rows}"):
-    weights.weights_file_name(alpha, rows, include_top=False)
-
-
-@pytest.mark.parametrize("input_size, rows", [
-    (96, 96), (128, 128), (160, 160), (192, 192), (224, 224), (32, 224), (100, 224),
-    (256, 224), ((96, 96), 96), ((96, 128), 224)])
-def test_keras_rows_as_keras_applications_picks_them(input_size, rows):
-  assert weights.keras_rows(input_size) == rows
-
-
 def test_resolve_weights_none_and_local_paths(files, tmp_path):
-  kwargs = dict(alpha=0.35, input_size=96, include_top_file=False)
-  assert weights.resolve_weights("none", **kwargs) is None
-  assert weights.resolve_weights(str(files["no_top"]), **kwargs) == files["no_top"]
+  kwargs = dict(input_size=96, include_top_file=False)
+  assert weights.resolve_weights("none", NO_TOP, **kwargs) is None
+  assert weights.resolve_weights(str(files["no_top"]), NO_TOP, **kwargs) == files["no_top"]
   missing = str(tmp_path / "nope.h5")
   with pytest.raises(weights.WeightsError,
                      match=f"model.weights='{missing}': no such file. Pass 'imagenet'"):
-    weights.resolve_weights(missing, **kwargs)
+    weights.resolve_weights(missing, NO_TOP, **kwargs)
 
 
 def _closed_port() -> int:
@@ -358,29 +326,33 @@ def test_fetch_checks_known_sha256_and_names_the_local_alternative(server, tmp_p
     weights.fetch(f"{server.url}/absent.h5", tmp_path)
 
 
-def test_weights_mirror_from_the_environment(monkeypatch):
+def test_weights_url_is_the_backbones_unless_a_mirror_is_set(monkeypatch):
+  model = MobileNetV2(alpha=1.0)
+  monkeypatch.delenv("TLJAX_WEIGHTS_URL", raising=False)
+  keras_url = model.keras_weights_url(224, include_top=False)
+  assert weights.weights_url(model, 224, include_top=False) == keras_url
   monkeypatch.setenv("TLJAX_WEIGHTS_URL", "http://127.0.0.1:8000/keras")
-  assert weights.keras_weights_url(1.0, 224, include_top=False) == (
+  assert weights.weights_url(model, 224, include_top=False) == (
       "http://127.0.0.1:8000/keras/"
       "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
 
 
 def test_resolve_imagenet_downloads_the_file_keras_would_load(server, files, tmp_path,
                                                               monkeypatch):
-  monkeypatch.setattr(weights, "BASE_URL", f"{server.url}/")
+  monkeypatch.setenv("TLJAX_WEIGHTS_URL", server.url)
   server.files[f"/{NO_TOP_NAME}"] = files["no_top"].read_bytes()
-  path = weights.resolve_weights("imagenet", alpha=0.35, input_size=96, include_top_file=False,
+  path = weights.resolve_weights("imagenet", NO_TOP, input_size=96, include_top_file=False,
                                  cache_dir=tmp_path)
   assert path == tmp_path / NO_TOP_NAME
   with pytest.raises(weights.WeightsError, match="answered HTTP 404"):
-    weights.resolve_weights("imagenet", alpha=0.35, input_size=100, include_top_file=True,
+    weights.resolve_weights("imagenet", NO_TOP, input_size=100, include_top_file=True,
                             cache_dir=tmp_path)
   assert server.requests == [f"/{NO_TOP_NAME}",
                              "/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224.h5"]
 
 
 def test_load_pretrained_imagenet_end_to_end(server, files, tmp_path, monkeypatch):
-  monkeypatch.setattr(weights, "BASE_URL", f"{server.url}/")
+  monkeypatch.setenv("TLJAX_WEIGHTS_URL", server.url)
   server.files[f"/{NO_TOP_NAME}"] = files["no_top"].read_bytes()
   variables = weights.load_pretrained("imagenet", NO_TOP, input_size=96, rng=jax.random.key(0),
                                       cache_dir=tmp_path)
@@ -392,12 +364,12 @@ def test_resolve_imagenet_uses_the_keras_cache(tmp_path, monkeypatch):
   keras_copy.parent.mkdir(parents=True)
   keras_copy.write_bytes(b"keras cached")
   monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
-  monkeypatch.setattr(weights, "BASE_URL", f"http://127.0.0.1:{_closed_port()}/")
-  kwargs = dict(alpha=0.35, include_top_file=False, cache_dir=tmp_path / "tljax")
-  assert weights.resolve_weights("imagenet", input_size=96, **kwargs) == keras_copy
+  monkeypatch.setenv("TLJAX_WEIGHTS_URL", f"http://127.0.0.1:{_closed_port()}")
+  kwargs = dict(include_top_file=False, cache_dir=tmp_path / "tljax")
+  assert weights.resolve_weights("imagenet", NO_TOP, input_size=96, **kwargs) == keras_copy
   with pytest.raises(weights.WeightsError, match="could not be reached"):
-    weights.resolve_weights("imagenet", input_size=128, **kwargs)
+    weights.resolve_weights("imagenet", NO_TOP, input_size=128, **kwargs)
   assert os.listdir(tmp_path / "tljax") == []
   (tmp_path / "tljax" / NO_TOP_NAME).write_bytes(b"own cache")  # Takes precedence.
-  assert weights.resolve_weights("imagenet", input_size=96, **kwargs) == \
+  assert weights.resolve_weights("imagenet", NO_TOP, input_size=96, **kwargs) == \
       tmp_path / "tljax" / NO_TOP_NAME

@@ -3,16 +3,20 @@
 A phase lists ordered rules ``"<action>:<pattern>"`` with action ``train`` or ``freeze``. The
 first rule whose pattern matches a parameter path (``"block_11_expand/kernel"``) decides it.
 A pattern is a regular expression matched against the whole path, or Keras's layer-index form
-``layers[a:b]`` (Python slice over ``keras.applications.MobileNetV2(include_top=False).layers``),
-which matches every parameter of those layers. Every parameter must be decided by some rule,
-and every rule must decide some parameter: either mistake is an error naming the culprits.
+``layers[a:b]`` (a Python slice over the backbone's ``base_layers``, the layers of the Keras
+application without its top, e.g. ``keras.applications.MobileNetV2(include_top=False).layers``),
+which matches every parameter of those layers; a bound may also be a layer name, standing for
+that layer's index. Every parameter must be decided by some rule, and every rule must decide
+some parameter: either mistake is an error naming the culprits.
 
-Example, the tutorial's fine-tune phase::
+Example, the tutorial's fine-tune phase, twice (layer 100 is ``block_11_expand_relu``)::
 
     rules = ("freeze:layers[:100]", "train:.*")
+    rules = ("freeze:layers[:block_11_expand_relu]", "train:.*")
 """
 
 import dataclasses
+import difflib
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,12 +24,13 @@ from typing import Any
 import optax
 from flax import traverse_util
 
-from tljax.models.mobilenet_v2 import Layer
+from tljax.models.layer_stack import Layer
 
 TRAIN = "train"
 FREEZE = "freeze"
 ACTIONS = (TRAIN, FREEZE)
-_LAYER_SLICE = re.compile(r"layers\[\s*(-?\d*)\s*(?::\s*(-?\d*)\s*)?\]")
+_BOUND = r"\s*(-?\d*|[A-Za-z_][\w.]*)\s*"  # An index or a layer name.
+_LAYER_SLICE = re.compile(rf"layers\[{_BOUND}(?::{_BOUND})?\]")
 
 Params = Mapping[str, Any]
 
@@ -59,13 +64,25 @@ class Rule:
     if slice_match is None:
       regex = re.compile(self.pattern)
       return lambda path: regex.fullmatch(path) is not None
-    start, stop = slice_match.groups()
     names = [layer.name for layer in base_layers]
-    if stop is None:  # layers[i]: a single layer
-      selected = {names[int(start)]} if start else set()
+    start, stop = (self._index(bound, names) for bound in slice_match.groups())
+    if slice_match.group(2) is None:  # layers[i]: a single layer
+      selected = {names[start]} if start is not None else set()
     else:
-      selected = set(names[slice(int(start) if start else None, int(stop) if stop else None)])
+      selected = set(names[slice(start, stop)])
     return lambda path: path.split("/", 1)[0] in selected
+
+  def _index(self, bound: str | None, names: Sequence[str]) -> int | None:
+    """A slice bound as an index: a number, or the position of the layer it names."""
+    if not bound:
+      return None
+    if bound.lstrip("-").isdigit():
+      return int(bound)
+    if bound not in names:
+      near = difflib.get_close_matches(bound, names, n=5)
+      raise ValueError(f"freeze rule '{self.action}:{self.pattern}': the model has no layer "
+                       f"{bound!r}; layers with similar names: {near}.")
+    return names.index(bound)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,30 +175,17 @@ def format_report(reports: Sequence[RuleReport]) -> str:
   return "\n".join(lines)
 
 
-# Named rule sets for the four classic transfer-learning situations (dataset size, and how
-# close its images are to ImageNet). Use as a phase's rules: ("preset:small_similar",).
-PRESETS = {
-    # Few examples, ImageNet-like images: the features fit; train only the new head.
-    "small_similar": ("train:predictions/.*", "freeze:.*"),
-    # Few examples, unlike ImageNet: keep the generic lower layers (edges, textures) and
-    # adapt the task-specific top (the tutorial's fine-tune, from block_11 on).
-    "small_different": ("freeze:layers[:100]", "train:.*"),
-    # Many examples, ImageNet-like: fine-tune all but the stem and the first blocks.
-    "large_similar": ("freeze:layers[:36]", "train:.*"),
-    # Many examples, unlike ImageNet: fine-tune everything; ImageNet is the initialisation.
-    "large_different": ("train:.*",),
-}
-
-
-def expand_presets(rules: Sequence[str]) -> tuple[str, ...]:
-  """Replaces each ``"preset:<name>"`` entry with that preset's rules."""
+def expand_presets(rules: Sequence[str],
+                   presets: Mapping[str, tuple[str, ...]]) -> tuple[str, ...]:
+  """Replaces each ``"preset:<name>"`` entry with ``presets[name]`` (the backbone's
+  ``PRESETS``)."""
   expanded = []
   for text in rules:
     if text.startswith("preset:"):
       name = text.split(":", 1)[1].strip()
-      if name not in PRESETS:
-        raise ValueError(f"freeze preset {name!r} is not one of {sorted(PRESETS)}.")
-      expanded.extend(PRESETS[name])
+      if name not in presets:
+        raise ValueError(f"freeze preset {name!r} is not one of {sorted(presets)}.")
+      expanded.extend(presets[name])
     else:
       expanded.append(text)
   return tuple(expanded)

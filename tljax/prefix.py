@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tljax.models.mobilenet_v2 import Layer
+from tljax.models.layer_stack import Layer
 
 
 def first_trainable_layer(layers: Sequence[Layer], trainable: frozenset[str]) -> int:

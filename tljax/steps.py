@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from tljax import freezing
-from tljax.models.mobilenet_v2 import MobileNetV2
+from tljax.models.layer_stack import LayerStack
 
 Batch = Mapping[str, Any]
 
@@ -43,7 +43,7 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def train_step(state: TrainState, inputs: Any, labels: jax.Array, *, model: MobileNetV2,
+def train_step(state: TrainState, inputs: Any, labels: jax.Array, *, model: LayerStack,
                tx: optax.GradientTransformation, param_labels: Any,
                train_bn: frozenset[str], start: int = 0,
                label_smoothing: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -55,7 +55,7 @@ def train_step(state: TrainState, inputs: Any, labels: jax.Array, *, model: Mobi
       at layer ``start``.
     labels: ``[B]`` integer classes.
     model, tx, param_labels: the network, the masked optimizer, the freeze labels.
-    train_bn: BatchNorm layers that use batch statistics (see ``MobileNetV2``).
+    train_bn: BatchNorm layers that use batch statistics (see ``LayerStack``).
   """
   trainable, frozen = freezing.split(state.params, param_labels)
 
@@ -101,7 +101,7 @@ def train_step(state: TrainState, inputs: Any, labels: jax.Array, *, model: Mobi
 
 
 def eval_step(variables: Any, inputs: Any, labels: jax.Array, mask: jax.Array, *,
-              model: MobileNetV2, start: int = 0) -> dict[str, jax.Array]:
+              model: LayerStack, start: int = 0) -> dict[str, jax.Array]:
   """Summed loss and correct count over the unmasked examples, and every prediction."""
   logits = model.apply(variables, inputs, start=start)
   losses = cross_entropy(logits, labels)

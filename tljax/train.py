@@ -25,8 +25,8 @@ import numpy as np
 from tljax import checkpoint, data, distributed, evaluate, freezing, optim, plots, preemption
 from tljax import prefix, reporting
 from tljax import sharding, steps, weights
-from tljax.models import mobilenet_v2
-from tljax.models.mobilenet_v2 import MobileNetV2
+from tljax import models
+from tljax.models.layer_stack import CONVOLUTIONS, LayerStack
 
 BATCHNORM_MODES = ("inference", "batch_stats")
 CACHE_MODES = ("auto", "off")
@@ -82,11 +82,8 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
          f"data.scale={config.data.scale!r} is not one of {tuple(data.SCALES)}.")
   expect(config.data.augment_shift >= 0,
          f"data.augment_shift={config.data.augment_shift} must be >= 0.")
-  expect(config.model.alpha in mobilenet_v2.ALPHAS,
-         f"model.alpha={config.model.alpha} is not one of {mobilenet_v2.ALPHAS}.")
-  expect(config.model.input_size >= mobilenet_v2.MIN_INPUT_SIZE,
-         f"model.input_size={config.model.input_size} is below MobileNetV2's minimum of "
-         f"{mobilenet_v2.MIN_INPUT_SIZE}.")
+  backbone = models.backbone(config.model.name)
+  backbone.check_config(config.model)
   expect(config.model.dtype in DTYPES,
          f"model.dtype={config.model.dtype!r} is not one of {tuple(DTYPES)}.")
   expect(0 <= config.model.bn_momentum < 1,
@@ -101,7 +98,7 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
            f"{where}: batchnorm={phase.batchnorm!r} is not one of {BATCHNORM_MODES}.")
     expect(phase.cache_prefix in CACHE_MODES,
            f"{where}: cache_prefix={phase.cache_prefix!r} is not one of {CACHE_MODES}.")
-    freezing.parse_rules(freezing.expand_presets(phase.rules))
+    freezing.parse_rules(freezing.expand_presets(phase.rules, backbone.PRESETS))
     optim.make_optimizer(phase, steps_per_epoch=1)
 
 
@@ -117,7 +114,7 @@ def config_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_phase(config: ml_collections.ConfigDict, index: int, model: MobileNetV2,
+def build_phase(config: ml_collections.ConfigDict, index: int, model: LayerStack,
                 params: Any, num_train: int) -> Phase:
   """Labels, optimizer, BatchNorm mode and prefix cut of phase ``index``."""
   phase_config = config.phases[index]
@@ -125,9 +122,8 @@ def build_phase(config: ml_collections.ConfigDict, index: int, model: MobileNetV
   if steps_per_epoch == 0:
     raise ValueError(f"the training split has {num_train} examples, fewer than one batch of "
                      f"{config.batch_size}; lower batch_size or raise data.train_examples.")
-  rules = freezing.parse_rules(freezing.expand_presets(phase_config.rules))
-  base_layers = mobilenet_v2.keras_layers(model.alpha, include_top=False)
-  labels, reports = freezing.label_params(params, rules, base_layers)
+  rules = freezing.parse_rules(freezing.expand_presets(phase_config.rules, model.PRESETS))
+  labels, reports = freezing.label_params(params, rules, model.base_layers)
   trainable = freezing.trainable_layers(labels)
   bn_layers = {l.name for l in model.layers if l.kind == "bn"}
   train_bn = frozenset(trainable & bn_layers) if phase_config.batchnorm == "batch_stats" \
@@ -179,7 +175,7 @@ def _gather(tree, indices):
 
 
 def build_prefix_caches(variables, inputs: Mapping[str, jax.Array], n: int, *,
-                        model: MobileNetV2, cuts: tuple[int, ...], config,
+                        model: LayerStack, cuts: tuple[int, ...], config,
                         mesh) -> list[dict[str, jax.Array]]:
   """Runs ``layers[:max(cuts)]`` once over ``inputs["images"]``; returns each cut's frontier
   on device."""
@@ -206,13 +202,13 @@ def build_prefix_caches(variables, inputs: Mapping[str, jax.Array], n: int, *,
 # ---------------------------------------------------------------------------------------------
 
 
-def scans_steps(phase: Phase, model: MobileNetV2) -> bool:
+def scans_steps(phase: Phase, model: LayerStack) -> bool:
   """Whether ``make_train_chunk`` runs a dispatch's steps as one ``lax.scan``: where the
   step runs no convolution."""
-  return not any(layer.kind in mobilenet_v2.CONVOLUTIONS for layer in model.layers[phase.cut:])
+  return not any(layer.kind in CONVOLUTIONS for layer in model.layers[phase.cut:])
 
 
-def make_train_chunk(phase: Phase, model: MobileNetV2, config, mesh):
+def make_train_chunk(phase: Phase, model: LayerStack, config, mesh):
   """``(state, inputs, labels, indices[K, B]) -> (state, metrics[K])``: K train steps.
 
   Where the step runs convolutions, each step is one jitted call, dispatched asynchronously;
@@ -255,7 +251,7 @@ def make_train_chunk(phase: Phase, model: MobileNetV2, config, mesh):
   return chunk
 
 
-def make_eval_batch(model: MobileNetV2, cut: int, config, mesh):
+def make_eval_batch(model: LayerStack, cut: int, config, mesh):
   """``(variables, inputs, labels, indices, mask) -> summed metrics and predictions``.
 
   The results are replicated, so every process can read them.
@@ -293,7 +289,7 @@ class RunContext:
   """What every phase shares: config, mesh, model, data on device, outputs, checkpoints."""
   config: ml_collections.ConfigDict
   mesh: Any
-  model: MobileNetV2
+  model: LayerStack
   splits: Mapping[str, data.Split]
   device_images: Mapping[str, Mapping[str, jax.Array]]  # split -> {"images": uint8}
   device_labels: Mapping[str, jax.Array]
@@ -504,11 +500,11 @@ def load_splits(config) -> tuple[data.Dataset, dict[str, data.Split]]:
   return dataset, {"train": train, "validation": validation, "test": dataset.test}
 
 
-def create_model(config, num_classes: int) -> MobileNetV2:
-  return MobileNetV2(alpha=config.model.alpha, include_top=True, num_classes=num_classes,
-                     dtype=DTYPES[config.model.dtype], depthwise=config.model.depthwise,
-                     bn_momentum=config.model.bn_momentum,
-                     fold_bn=config.model.fold_batchnorm)
+def create_model(config, num_classes: int) -> LayerStack:
+  """The backbone ``config.model`` names, with a ``num_classes`` head."""
+  return models.backbone(config.model.name).from_config(
+      config.model, num_classes, dtype=DTYPES[config.model.dtype],
+      depthwise=config.model.depthwise)
 
 
 def _restore(checkpointer, step, config, model, abstract_variables, num_train, mesh):

@@ -1,9 +1,11 @@
-"""Keras MobileNetV2 weights (legacy HDF5) as Flax variables, and which file "imagenet" means.
+"""Keras weights files (legacy HDF5) as Flax variables of a backbone; which file "imagenet" means.
 
-The files ``keras.applications.MobileNetV2`` publishes hold one HDF5 group per layer, whose
-``weight_names`` attribute lists names such as ``block_1_depthwise/depthwise_kernel:0``. The Flax
-model keeps every variable under its Keras layer name, so the port is a mapping by layer name
-and by the last component of the weight name (``_KERAS_TO_FLAX``), checked strictly both ways.
+The files ``keras.applications`` publishes (e.g. for MobileNetV2) hold one HDF5 group per
+layer, whose ``weight_names`` attribute lists names such as
+``block_1_depthwise/depthwise_kernel:0``. A backbone keeps every variable under its Keras layer
+name, so the port is a mapping by layer name and by the last component of the weight name
+(``_KERAS_TO_FLAX``, by layer kind), checked strictly both ways. Where the files are published
+is the backbone's to say (``keras_weights_url``).
 
 Typical use, the one call the trainer makes::
 
@@ -23,13 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from tljax import download
-from tljax.models import mobilenet_v2
-from tljax.models.mobilenet_v2 import MobileNetV2
+from tljax.models.layer_stack import LayerStack
 
-BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
-# A mirror of the files under BASE_URL (same names), e.g. a local server or bucket.
+# A mirror of Keras's weights files (same names), e.g. a local server or a bucket.
 MIRROR_ENV = "TLJAX_WEIGHTS_URL"
-KERAS_ROWS = (96, 128, 160, 192, 224)  # Input sizes Keras publishes weights for.
 # sha256 of the published files, by file name. keras.applications checks none for MobileNetV2
 # and none is recorded here until verified against a download; files without one are cached
 # unchecked (a damaged file then fails to load with a message saying to delete it).
@@ -68,7 +67,7 @@ def read_keras_h5(path: str | os.PathLike) -> KerasWeights:
   path = pathlib.Path(path)
   if not path.is_file():
     raise WeightsError(f"weights file {path} does not exist; pass the path of a Keras "
-                       "MobileNetV2 .h5 weights file, 'imagenet' or 'none'.")
+                       "Keras .h5 weights file, 'imagenet' or 'none'.")
   if not h5py.is_hdf5(path):
     with open(path, "rb") as f:
       looks_html = f.read(512).lstrip().startswith(b"<")
@@ -91,7 +90,7 @@ def _read_layers(f: h5py.File, path: pathlib.Path) -> KerasWeights:
     raise WeightsError(
         f"{path} is HDF5 but not a Keras legacy weights file (no 'layer_names' attribute). "
         "Keras 3 '.weights.h5' files are not supported; pass a keras.applications file such as "
-        f"{weights_file_name(1.0, 224, include_top=False)}.")
+        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5.")
   weights = {}
   for layer in layer_names:
     if layer not in group:  # Listed without a group: no weights to read.
@@ -125,7 +124,7 @@ def _string_list_attr(group: h5py.Group, name: str) -> list[str] | None:
 # Mapping onto the model.
 
 
-def load_keras_h5(path: str | os.PathLike, model: MobileNetV2, *,
+def load_keras_h5(path: str | os.PathLike, model: LayerStack, *,
                   dont_load: Sequence[str] = (), rng: jax.Array | None = None) -> Variables:
   """Loads a Keras legacy-HDF5 file as ``{"params", "batch_stats"}`` for ``model``.
 
@@ -139,10 +138,9 @@ def load_keras_h5(path: str | os.PathLike, model: MobileNetV2, *,
   return _to_variables(read_keras_h5(path), model, pathlib.Path(path), dont_load, rng)
 
 
-def _to_variables(weights: KerasWeights, model: MobileNetV2, path: pathlib.Path,
+def _to_variables(weights: KerasWeights, model: LayerStack, path: pathlib.Path,
                   dont_load: Sequence[str], rng: jax.Array | None) -> Variables:
-  dummy = jax.ShapeDtypeStruct((1, mobilenet_v2.MIN_INPUT_SIZE, mobilenet_v2.MIN_INPUT_SIZE, 3),
-                               jnp.float32)
+  dummy = jax.ShapeDtypeStruct((1, model.MIN_INPUT_SIZE, model.MIN_INPUT_SIZE, 3), jnp.float32)
   abstract = jax.eval_shape(model.init, jax.random.key(0), dummy)
   skipped = _matcher(dont_load, [*(layer.name for layer in model.layers), *weights])
   variables, problems = _match(weights, model, abstract, skipped)
@@ -152,12 +150,12 @@ def _to_variables(weights: KerasWeights, model: MobileNetV2, path: pathlib.Path,
                  if skipped(layer.name) and any(layer.name in abstract[c] for c in abstract)]
   if initialised:
     _fill_from_init(variables, model, rng, abstract, dummy, initialised)
-  logging.info("Loaded %s into MobileNetV2(alpha=%s); initialised %s.", path, model.alpha,
+  logging.info("Loaded %s into %s; initialised %s.", path, _describe(model),
                initialised or "nothing")
   return variables
 
 
-def _match(weights: KerasWeights, model: MobileNetV2, abstract: Variables,
+def _match(weights: KerasWeights, model: LayerStack, abstract: Variables,
            skipped: Callable[[str], bool]) -> tuple[Variables, list[str]]:
   """Places the file's arrays by layer name and kind; lists everything that does not fit."""
   kinds = {layer.name: layer.kind for layer in model.layers}
@@ -205,7 +203,7 @@ def _matcher(patterns: Sequence[str], names: Sequence[str]) -> Callable[[str], b
   return lambda name: any(p.fullmatch(name) for p in compiled)
 
 
-def _fill_from_init(variables: Variables, model: MobileNetV2, rng: jax.Array | None,
+def _fill_from_init(variables: Variables, model: LayerStack, rng: jax.Array | None,
                     abstract: Variables, dummy: jax.ShapeDtypeStruct,
                     layers: Sequence[str]) -> None:
   """Sets ``layers`` to their ``model.init(rng, ...)`` values.
@@ -232,28 +230,34 @@ def _fill_from_init(variables: Variables, model: MobileNetV2, rng: jax.Array | N
         variables[collection][layer] = fresh[collection][layer]
 
 
-def _mapping_message(path: pathlib.Path, model: MobileNetV2, problems: Sequence[str],
+def _mapping_message(path: pathlib.Path, model: LayerStack, problems: Sequence[str],
                      weights: KerasWeights) -> str:
   listed = problems[:_MAX_LISTED]
   more = len(problems) - len(listed)
-  lines = [f"{path} does not fit MobileNetV2(alpha={model.alpha}, include_top="
-           f"{model.include_top}, num_classes={model.num_classes}):",
+  lines = [f"{path} does not fit {_describe(model)}:",
            *(f"  - {p}" for p in listed), *([f"  ... and {more} more"] if more else [])]
   lines += [f"Hint: {hint}" for hint in _hints(model, weights)]
   return "\n".join(lines)
 
 
-def _hints(model: MobileNetV2, weights: KerasWeights) -> list[str]:
-  hints = []
-  file_alpha = infer_alpha(weights)
-  if file_alpha is not None and file_alpha != model.alpha:
-    hints.append(f"the file is for alpha={file_alpha}; set model.alpha={file_alpha} to match, "
-                 f"or use the file for alpha={model.alpha}.")
+def _describe(model: LayerStack) -> str:
+  """``MobileNetV2(alpha=1.0, include_top=True, num_classes=10)``: the fields a file must fit."""
+  fields = ("alpha", "include_top", "num_classes")
+  return f"{type(model).__name__}(" + ", ".join(
+      f"{f}={getattr(model, f)}" for f in fields if hasattr(model, f)) + ")"
+
+
+def _has_head(model: LayerStack) -> bool:
+  return any(layer.name == "predictions" for layer in model.layers)
+
+
+def _hints(model: LayerStack, weights: KerasWeights) -> list[str]:
+  hints = model.weights_hints(weights)
   head = weights.get("predictions", {}).get("kernel")
-  if head is not None and not model.include_top:
+  if head is not None and not _has_head(model):
     hints.append("the file has a classification head ('predictions'); use a _no_top file, set "
                  "include_top=True, or pass dont_load=('predictions',).")
-  elif head is None and model.include_top:
+  elif head is None and _has_head(model):
     hints.append("the file has no classification head; pass dont_load=('predictions',) to "
                  "initialise the model's head.")
   elif head is not None and head.shape[-1] != model.num_classes:
@@ -263,44 +267,17 @@ def _hints(model: MobileNetV2, weights: KerasWeights) -> list[str]:
   return hints
 
 
-def infer_alpha(weights: KerasWeights) -> float | None:
-  """The width multiplier whose convolution widths all match the file's, if any.
-
-  Example: a file whose ``block_16_project`` kernel has 112 output channels is for alpha 0.35.
-  """
-  kernels = {layer: w["kernel"].shape for layer, w in weights.items() if "kernel" in w}
-  for alpha in mobilenet_v2.ALPHAS:
-    widths = {l.name: l.features for l in mobilenet_v2.keras_layers(alpha) if l.kind == "conv"}
-    common = [name for name in widths if name in kernels]
-    if common and all(kernels[name][-1] == widths[name] for name in common):
-      return alpha
-  return None
-
-
 # ---------------------------------------------------------------------------------------------
 # Download and cache.
 
 
-def keras_rows(input_size: int | tuple[int, int]) -> int:
-  """The input size whose Keras weights serve ``input_size``: itself if published, else 224."""
-  rows, cols = (input_size, input_size) if isinstance(input_size, int) else input_size
-  return rows if rows == cols and rows in KERAS_ROWS else 224
-
-
-def weights_file_name(alpha: float, rows: int, include_top: bool) -> str:
-  """The file name keras.applications uses, e.g. ``..._kernels_1.0_224_no_top.h5``."""
-  if alpha not in mobilenet_v2.ALPHAS or rows not in KERAS_ROWS:
-    raise ValueError(f"Keras publishes MobileNetV2 weights for alpha in {mobilenet_v2.ALPHAS} "
-                     f"and rows in {KERAS_ROWS}; got alpha={alpha}, rows={rows}.")
-  suffix = "" if include_top else "_no_top"
-  return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{rows}{suffix}.h5"
-
-
-def keras_weights_url(alpha: float, rows: int, include_top: bool) -> str:
-  """The address keras.applications downloads these ImageNet weights from, or the same file
-  under ``$TLJAX_WEIGHTS_URL`` where that names a mirror."""
-  base = os.environ.get(MIRROR_ENV) or BASE_URL
-  return base.rstrip("/") + "/" + weights_file_name(alpha, rows, include_top)
+def weights_url(model: LayerStack, input_size: int | tuple[int, int], include_top: bool) -> str:
+  """Where the ImageNet weights of ``model`` for ``input_size`` are downloaded from: the
+  address keras.applications uses, or the same file under ``$TLJAX_WEIGHTS_URL`` where that
+  names a mirror."""
+  url = model.keras_weights_url(input_size, include_top)
+  mirror = os.environ.get(MIRROR_ENV)
+  return f"{mirror.rstrip('/')}/{download.file_name(url)}" if mirror else url
 
 
 def fetch(url: str, cache_dir: str | os.PathLike | None = None, sha256: str | None = None, *,
@@ -329,19 +306,19 @@ def _keras_cached(name: str) -> pathlib.Path | None:
 # The trainer's entry points.
 
 
-def resolve_weights(spec: str, *, alpha: float, input_size: int | tuple[int, int],
+def resolve_weights(spec: str, model: LayerStack, *, input_size: int | tuple[int, int],
                     include_top_file: bool,
                     cache_dir: str | os.PathLike | None = None) -> pathlib.Path | None:
   """The weights file for ``spec``: "imagenet" (downloaded, cached), "none" (None) or a path.
 
-  For "imagenet", the file Keras would load for ``input_size``: its own size when Keras
-  publishes one (96, 128, 160, 192, 224), else 224; taken from ``cache_dir``, else from Keras's
-  own cache (``$KERAS_HOME/models``), else downloaded into ``cache_dir``.
+  For "imagenet", the file Keras would load for ``model`` and ``input_size``
+  (``weights_url``); taken from ``cache_dir``, else from Keras's own cache
+  (``$KERAS_HOME/models``), else downloaded into ``cache_dir``.
   """
   if spec == "none":
     return None
   if spec == "imagenet":
-    url = keras_weights_url(alpha, keras_rows(input_size), include_top_file)
+    url = weights_url(model, input_size, include_top_file)
     cache_dir = pathlib.Path(cache_dir) if cache_dir else download.default_cache_dir()
     name = url.rsplit("/", 1)[-1]
     if not (cache_dir / name).is_file() and (keras_copy := _keras_cached(name)) is not None:
@@ -351,23 +328,23 @@ def resolve_weights(spec: str, *, alpha: float, input_size: int | tuple[int, int
   if not path.is_file():
     raise WeightsError(f"model.weights={spec!r}: no such file. Pass 'imagenet' (downloaded and "
                        "cached), 'none' (random initialisation) or the path of a Keras "
-                       "MobileNetV2 .h5 weights file.")
+                       "Keras .h5 weights file.")
   return path
 
 
-def load_pretrained(spec: str, model: MobileNetV2, *, input_size: int | tuple[int, int],
+def load_pretrained(spec: str, model: LayerStack, *, input_size: int | tuple[int, int],
                     rng: jax.Array, cache_dir: str | os.PathLike | None = None) -> Variables:
   """Variables for ``model`` from ``spec`` ("imagenet", "none" or a .h5 path).
 
   A model with a top of 1000 classes takes the ImageNet classifier; any other top is initialised
   from ``rng`` over the ``_no_top`` weights.
   """
-  include_top_file = model.include_top and model.num_classes == 1000
-  path = resolve_weights(spec, alpha=model.alpha, input_size=input_size,
-                         include_top_file=include_top_file, cache_dir=cache_dir)
+  include_top_file = _has_head(model) and model.num_classes == 1000
+  path = resolve_weights(spec, model, input_size=input_size, include_top_file=include_top_file,
+                         cache_dir=cache_dir)
   if path is None:
-    size = mobilenet_v2.MIN_INPUT_SIZE
+    size = model.MIN_INPUT_SIZE
     return dict(jax.jit(model.init)(rng, jnp.zeros((1, size, size, 3), jnp.float32)))
   weights = read_keras_h5(path)
-  dont_load = ("predictions",) if model.include_top and "predictions" not in weights else ()
+  dont_load = ("predictions",) if _has_head(model) and "predictions" not in weights else ()
   return _to_variables(weights, model, path, dont_load, rng)

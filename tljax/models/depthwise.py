@@ -2,18 +2,17 @@
 
 Both compute the same function (NHWC input, a Keras-layout ``[kh, kw, C, 1]`` kernel). XLA:CPU
 runs grouped convolutions (``feature_group_count=C``) very slowly; a sum of ``kh * kw`` strided
-slices, each scaled per channel, is 20-50x faster there, and so is its gradient, written the
-same way. On GPU and TPU XLA's own convolution is the better choice.
+slices, each scaled per channel, is much faster there (measured in benchmarks/README.md), and
+so is its gradient, written the same way. On GPU and TPU XLA's own convolution is the better
+choice.
 """
 
 import functools
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-Impl = Literal["auto", "shifted", "xla"]
 IMPLS = ("auto", "shifted", "xla")
 
 

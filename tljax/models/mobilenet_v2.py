@@ -1,57 +1,33 @@
 """MobileNetV2 as a Flax module that computes what ``keras.applications.MobileNetV2`` computes.
 
 The network is described once, as the list of Keras layers in ``model.layers`` order
-(``keras_layers``). The module executes that list, so
-
-* every parameter lives under its Keras layer name (``block_11_expand/kernel``,
-  ``block_11_expand_BN/scale``; BatchNorm statistics in ``batch_stats``), which makes the weight
-  port a plain mapping and lets freeze rules address ``layers[:100]`` as Keras does;
-* any slice of the network can run on its own: ``stop`` ends early and ``capture`` returns the
-  named intermediate tensors; ``start`` resumes from such a dict. That is how a frozen prefix is
-  computed once and cached.
-
-With ``fold_bn``, a BatchNorm layer that uses its moving statistics is folded into the
-convolution before it: the kernel is scaled by ``scale / sqrt(var + eps)`` and one bias is
-added, which is the same function (to float32 rounding) in one pass over the activations
-instead of two. Gradients reach the BatchNorm's ``scale`` and ``bias`` through the fold.
+(``keras_layers``), and run by :class:`tljax.models.layer_stack.LayerStack`: every parameter
+lives under its Keras layer name (``block_11_expand/kernel``, ``block_11_expand_BN/scale``;
+BatchNorm statistics in ``batch_stats``), and any slice of the network runs on its own. Also
+here: where Keras publishes the ImageNet weights for each width and input size, and the
+freeze presets in this network's layer names.
 
 Outputs are logits: the ``predictions`` layer has no softmax (Keras applies one by default).
 """
 
-import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
+import numpy as np
 
-from tljax.models import depthwise
-from tljax.models.batch_norm import BatchNorm
+from tljax.models.layer_stack import INPUT_NAME, Layer, LayerStack
 
 ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 POOLINGS = (None, "avg", "max")
 MIN_INPUT_SIZE = 32
-BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.999
-INPUT_NAME = "input_layer"
-CONVOLUTIONS = ("conv", "depthwise")  # Layer kinds that convolve.
+BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+KERAS_ROWS = (96, 128, 160, 192, 224)  # Input sizes Keras publishes weights for.
 
 # (expansion, output filters, stride) of the 17 inverted residual blocks, as in Keras.
 _BLOCKS = ((1, 16, 1), (6, 24, 2), (6, 24, 1), (6, 32, 2), (6, 32, 1), (6, 32, 1),
            (6, 64, 2), (6, 64, 1), (6, 64, 1), (6, 64, 1), (6, 96, 1), (6, 96, 1),
            (6, 96, 1), (6, 160, 2), (6, 160, 1), (6, 160, 1), (6, 320, 1))
-
-
-@dataclasses.dataclass(frozen=True)
-class Layer:
-  """One Keras layer: its name, what it does, the layers it reads, and its static settings."""
-  name: str
-  kind: str  # input, conv, bn, relu6, pad, depthwise, add, gap, gmp, dense
-  inputs: tuple[str, ...] = ()
-  features: int = 0
-  kernel_size: int = 1
-  stride: int = 1
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -111,196 +87,97 @@ def keras_layers(alpha: float = 1.0, include_top: bool = False,
   return tuple(layers)
 
 
-def layer_index(layers: Sequence[Layer], name: str) -> int:
-  """Position of the layer called ``name``; a clear error lists similar names when absent."""
-  for i, layer in enumerate(layers):
-    if layer.name == name:
-      return i
-  near = [l.name for l in layers if name.split("_")[0] in l.name][:8]
-  raise KeyError(f"MobileNetV2 has no layer named {name!r}; similar names: {near}")
+def keras_rows(input_size: int | tuple[int, int]) -> int:
+  """The input size whose Keras weights serve ``input_size``: itself if published, else 224."""
+  rows, cols = (input_size, input_size) if isinstance(input_size, int) else input_size
+  return rows if rows == cols and rows in KERAS_ROWS else 224
 
 
-def keras_pad(size_hw: tuple[int, int], kernel_size: int = 3) -> tuple[tuple[int, int], ...]:
-  """Keras's ``imagenet_utils.correct_pad``: zero padding before a stride-2 'valid' conv."""
-  half = kernel_size // 2
-  return tuple((half - (1 - s % 2), half) for s in size_hw)
+def weights_file_name(alpha: float, rows: int, include_top: bool) -> str:
+  """The file name keras.applications uses, e.g. ``..._kernels_1.0_224_no_top.h5``."""
+  if alpha not in ALPHAS or rows not in KERAS_ROWS:
+    raise ValueError(f"Keras publishes MobileNetV2 weights for alpha in {ALPHAS} "
+                     f"and rows in {KERAS_ROWS}; got alpha={alpha}, rows={rows}.")
+  suffix = "" if include_top else "_no_top"
+  return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{rows}{suffix}.h5"
 
 
-class Conv2D(nn.Module):
-  """Keras's Conv2D as MobileNetV2 uses it: no bias, 'SAME' padding."""
-  features: int
-  kernel_size: int = 1
-  stride: int = 1
-  dtype: Any = jnp.float32
+def infer_alpha(file_weights: Mapping[str, Mapping[str, np.ndarray]]) -> float | None:
+  """The width multiplier whose convolution widths all match a weights file's, if any.
 
-  @nn.compact
-  def __call__(self, x_NHWC: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", nn.initializers.glorot_uniform(),
-                        (self.kernel_size, self.kernel_size, x_NHWC.shape[-1], self.features),
-                        jnp.float32)
-    return keras_conv(x_NHWC.astype(self.dtype), kernel.astype(self.dtype), self.stride)
-
-
-def keras_conv(x_NHWC: jax.Array, kernel_HWIO: jax.Array, stride: int) -> jax.Array:
-  """A Keras MobileNetV2 convolution. The 1x1 ones (all but the stem) are matrix products over
-  the channels: as ``dot_general`` their gradients need no transposed copy of the kernel,
-  which XLA:CPU makes for a convolution's."""
-  if kernel_HWIO.shape[:2] == (1, 1) and stride == 1:
-    return jax.lax.dot_general(x_NHWC, kernel_HWIO[0, 0], (((3,), (0,)), ((), ())))
-  return jax.lax.conv_general_dilated(x_NHWC, kernel_HWIO, (stride, stride), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  Example: a file whose ``block_16_project`` kernel has 112 output channels is for alpha 0.35.
+  """
+  kernels = {layer: w["kernel"].shape for layer, w in file_weights.items() if "kernel" in w}
+  for alpha in ALPHAS:
+    widths = {l.name: l.features for l in keras_layers(alpha) if l.kind == "conv"}
+    common = [name for name in widths if name in kernels]
+    if common and all(kernels[name][-1] == widths[name] for name in common):
+      return alpha
+  return None
 
 
-class DepthwiseConv2D(nn.Module):
-  """Keras's DepthwiseConv2D (no bias, depth multiplier 1) with a selectable implementation."""
-  kernel_size: int = 3
-  stride: int = 1
-  impl: str = "auto"
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_NHWC: jax.Array) -> jax.Array:
-    kernel = self.param("depthwise_kernel", nn.initializers.glorot_uniform(),
-                        (self.kernel_size, self.kernel_size, x_NHWC.shape[-1], 1), jnp.float32)
-    return keras_depthwise(x_NHWC.astype(self.dtype), kernel.astype(self.dtype), self.stride,
-                           self.impl)
-
-
-def keras_depthwise(x_NHWC: jax.Array, kernel_HWC1: jax.Array, stride: int,
-                    impl: str) -> jax.Array:
-  """The depthwise convolution of a Keras MobileNetV2 layer: 'SAME' at stride 1; at stride 2
-  'VALID', since the ``pad`` layer before it has padded the input already."""
-  return depthwise.depthwise_conv(x_NHWC, kernel_HWC1, stride=stride,
-                                  padding="SAME" if stride == 1 else "VALID", impl=impl)
-
-
-class MobileNetV2(nn.Module):
+class MobileNetV2(LayerStack):
   """``keras.applications.MobileNetV2`` in Flax; returns logits when ``include_top``.
 
-  Attributes:
+  Attributes (besides LayerStack's):
     alpha: width multiplier, one of ``ALPHAS``.
     include_top: add global average pooling and the ``predictions`` dense layer.
-    num_classes: outputs of ``predictions``.
     pooling: without a top, None (feature map), "avg" or "max".
-    dtype: compute dtype; parameters and BatchNorm statistics stay float32.
-    depthwise: "auto", "shifted" or "xla" (see ``tljax.models.depthwise``).
-    bn_momentum: moving-average momentum of BatchNorm layers in batch-statistics mode.
-    fold_bn: fold moving-statistics BatchNorm into the preceding convolution (see above).
   """
   alpha: float = 1.0
   include_top: bool = True
-  num_classes: int = 1000
   pooling: str | None = None
-  dtype: Any = jnp.float32
-  depthwise: str = "auto"
   bn_momentum: float = BN_MOMENTUM
-  fold_bn: bool = False
+
+  MIN_INPUT_SIZE: ClassVar[int] = MIN_INPUT_SIZE
+  # The four classic transfer-learning situations (dataset size, and how close its images
+  # are to ImageNet), as a phase's rules: ("preset:small_similar",).
+  PRESETS: ClassVar[Mapping[str, tuple[str, ...]]] = {
+      # Few examples, ImageNet-like images: the features fit; train only the new head.
+      "small_similar": ("train:predictions/.*", "freeze:.*"),
+      # Few examples, unlike ImageNet: keep the generic lower layers (edges, textures) and
+      # adapt the task-specific top: the tutorial's layers[:100], from block 11 on.
+      "small_different": ("freeze:layers[:block_11_expand_relu]", "train:.*"),
+      # Many examples, ImageNet-like: fine-tune all but the stem and the first blocks.
+      "large_similar": ("freeze:layers[:block_4_expand]", "train:.*"),
+      # Many examples, unlike ImageNet: fine-tune everything; ImageNet is the initialisation.
+      "large_different": ("train:.*",),
+  }
 
   @property
   def layers(self) -> tuple[Layer, ...]:
     return keras_layers(self.alpha, self.include_top, self.pooling)
 
-  @nn.compact
-  def __call__(self, x: jax.Array | Mapping[str, jax.Array], *,
-               train_bn: frozenset[str] = frozenset(), start: int = 0, stop: int | None = None,
-               capture: Sequence[str] = ()) -> jax.Array | dict[str, jax.Array]:
-    """Runs ``layers[start:stop]``.
+  @property
+  def base_layers(self) -> tuple[Layer, ...]:
+    return keras_layers(self.alpha, include_top=False)
 
-    Args:
-      x: images ``[N, H, W, 3]`` when ``start == 0``, else a dict holding every tensor that
-        ``layers[start:stop]`` reads from earlier layers (what ``capture`` returned).
-      train_bn: names of BatchNorm layers that normalise with batch statistics and update
-        their moving averages (needs ``mutable=["batch_stats"]``); all others use the moving
-        statistics, as Keras does for ``training=False``.
-      start, stop: the slice of ``self.layers`` to run.
-      capture: layer names whose outputs to return, as a dict, instead of the last output.
-    """
-    layers = self.layers
-    stop = len(layers) if stop is None else stop
-    if start == 0:
-      _check_input(x)
-      tensors = {INPUT_NAME: x}
-      start = 1
-    else:
-      tensors = dict(x)
-    folds = {}
-    if self.fold_bn and not self.is_initializing():
-      folds = _foldable(layers[start:stop], train_bn, capture)
-    for layer in layers[start:stop]:
-      inputs = [tensors[n] for n in layer.inputs]
-      if layer.name in folds:
-        tensors[layer.name] = self._folded_conv(layer, folds[layer.name], inputs[0])
-      elif layer.kind == "bn" and layer.inputs[0] in folds:
-        tensors[layer.name] = inputs[0]  # Applied by the convolution before it.
-      else:
-        tensors[layer.name] = self._apply_layer(layer, inputs, layer.name in train_bn)
-    if capture:
-      return {name: tensors[name] for name in capture}
-    return tensors[layers[stop - 1].name]
+  @staticmethod
+  def check_config(model_config: Any) -> None:
+    """Raises ValueError naming a ``model`` setting this backbone cannot take."""
+    if model_config.alpha not in ALPHAS:
+      raise ValueError(f"model.alpha={model_config.alpha} is not one of {ALPHAS}.")
+    if model_config.input_size < MIN_INPUT_SIZE:
+      raise ValueError(f"model.input_size={model_config.input_size} is below MobileNetV2's "
+                       f"minimum of {MIN_INPUT_SIZE}.")
 
-  def _folded_conv(self, layer: Layer, bn_name: str, x: jax.Array) -> jax.Array:
-    """``layer`` (conv or depthwise) followed by the moving-statistics BatchNorm ``bn_name``."""
-    params = self.variables["params"]
-    stats = self.variables["batch_stats"][bn_name]
-    scale = params[bn_name]["scale"] * jax.lax.rsqrt(stats["var"] + BN_EPSILON)
-    bias = params[bn_name]["bias"] - stats["mean"] * scale
-    x = x.astype(self.dtype)
-    if layer.kind == "conv":
-      kernel = (params[layer.name]["kernel"] * scale).astype(self.dtype)
-      y = keras_conv(x, kernel, layer.stride)
-    else:
-      kernel = (params[layer.name]["depthwise_kernel"] * scale[:, None]).astype(self.dtype)
-      y = keras_depthwise(x, kernel, layer.stride, self.depthwise)
-    return y + bias.astype(self.dtype)
+  @classmethod
+  def from_config(cls, model_config: Any, num_classes: int, **kwargs) -> "MobileNetV2":
+    """The classifier for ``model_config`` (alpha, bn_momentum) and ``num_classes``;
+    ``kwargs`` set the other LayerStack attributes (dtype, depthwise)."""
+    cls.check_config(model_config)
+    return cls(alpha=model_config.alpha, include_top=True, num_classes=num_classes,
+               bn_momentum=model_config.bn_momentum, **kwargs)
 
-  def _apply_layer(self, layer: Layer, inputs: list[jax.Array], train_bn: bool) -> jax.Array:
-    x = inputs[0]
-    if layer.kind == "conv":
-      return Conv2D(layer.features, layer.kernel_size, layer.stride, self.dtype,
-                    name=layer.name)(x)
-    if layer.kind == "bn":
-      return BatchNorm(use_running_average=not train_bn, momentum=self.bn_momentum,
-                       epsilon=BN_EPSILON, dtype=self.dtype, name=layer.name)(x)
-    if layer.kind == "relu6":
-      return jax.nn.relu6(x)  # Zero gradient at 0 and 6, as in Keras.
-    if layer.kind == "pad":
-      return jnp.pad(x, ((0, 0), *keras_pad(x.shape[1:3]), (0, 0)))
-    if layer.kind == "depthwise":
-      return DepthwiseConv2D(layer.kernel_size, layer.stride, self.depthwise, self.dtype,
-                             name=layer.name)(x)
-    if layer.kind == "add":
-      return inputs[0] + inputs[1]
-    if layer.kind == "gap":
-      return jnp.mean(x, axis=(1, 2))
-    if layer.kind == "gmp":
-      return jnp.max(x, axis=(1, 2))
-    if layer.kind == "dense":
-      return nn.Dense(self.num_classes, dtype=self.dtype, name=layer.name,
-                      kernel_init=nn.initializers.glorot_uniform())(x).astype(jnp.float32)
-    raise ValueError(f"unknown layer kind {layer.kind!r} for layer {layer.name!r}")
+  def keras_weights_url(self, input_size: int | tuple[int, int], include_top: bool) -> str:
+    """The address keras.applications downloads the ImageNet weights for ``input_size``
+    from: its own size where Keras publishes one (96, 128, 160, 192, 224), else 224."""
+    return BASE_URL + weights_file_name(self.alpha, keras_rows(input_size), include_top)
 
-
-def _foldable(layers: Sequence[Layer], train_bn: frozenset[str],
-              capture: Sequence[str]) -> dict[str, str]:
-  """``conv name -> BatchNorm name`` for the pairs in ``layers`` that can be folded: the
-  BatchNorm uses moving statistics and is the only reader of a convolution whose own output
-  is not captured."""
-  readers: dict[str, list[Layer]] = {}
-  for layer in layers:
-    for name in layer.inputs:
-      readers.setdefault(name, []).append(layer)
-  return {layer.name: only.name for layer in layers
-          if layer.kind in CONVOLUTIONS and layer.name not in capture
-          and len(readers.get(layer.name, ())) == 1
-          and (only := readers[layer.name][0]).kind == "bn" and only.name not in train_bn}
-
-
-def _check_input(x: Any) -> None:
-  shape = getattr(x, "shape", None)
-  if shape is None or len(shape) != 4 or shape[-1] != 3:
-    raise ValueError(f"MobileNetV2 expects images shaped [batch, height, width, 3]; got "
-                     f"{shape}. Convert grey images to 3 channels first.")
-  if min(shape[1:3]) < MIN_INPUT_SIZE:
-    raise ValueError(f"MobileNetV2 input {shape[1]}x{shape[2]} is smaller than the "
-                     f"{MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} Keras allows; resize the images "
-                     "(config key model.input_size).")
+  def weights_hints(self, file_weights: Mapping[str, Mapping[str, np.ndarray]]) -> list[str]:
+    """What to change when a weights file does not fit this model's width."""
+    file_alpha = infer_alpha(file_weights)
+    if file_alpha is None or file_alpha == self.alpha:
+      return []
+    return [f"the file is for alpha={file_alpha}; set model.alpha={file_alpha} to match, or "
+            f"use the file for alpha={self.alpha}."]
