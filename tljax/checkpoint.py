@@ -119,9 +119,9 @@ class Checkpointer:
     except CheckpointError:
       raise
     except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many kinds
-      cause = " ".join(str(e).split())
-      raise CheckpointDamagedError(f"checkpoint {self.directory / str(step)} cannot be read: "
-                                   f"{type(e).__name__}: {cause[:200]}") from e
+      cause = " ".join(str(e).split()).split(" See full TensorStore details")[0]
+      raise CheckpointDamagedError(f"checkpoint {self.directory / str(step)} cannot be read "
+                                   f"({cause[:200]})") from e
 
   def set_aside(self, step: int) -> pathlib.Path:
     """Moves checkpoint ``step`` into ``<workdir>/checkpoints.rejected/`` (nothing is
