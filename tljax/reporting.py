@@ -47,6 +47,8 @@ def _to_builtin(obj: Any) -> Any:
 
 def _finite_or_none(obj: Any) -> Any:
   """``obj`` with every NaN or infinite number replaced by None (JSON null)."""
+  if hasattr(obj, "__array__"):  # NumPy and JAX scalars and arrays.
+    obj = _to_builtin(obj)
   if isinstance(obj, Mapping):
     return {k: _finite_or_none(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
