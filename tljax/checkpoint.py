@@ -4,9 +4,9 @@ A checkpoint holds two items: ``state`` (params, batch_stats, optimizer state, s
 pytree restored into an abstract target, so shapes and shardings are checked) and ``meta``
 (JSON: the phase it belongs to, the config fingerprint, finished phases' results, and the
 sha256 of the state's arrays, checked on restore: a damaged checkpoint raises
-CheckpointDamagedError instead of restoring wrong values). Orbax writes each checkpoint to a temporary directory and renames it when complete, so a process
-killed mid-write leaves no checkpoint that a restart could read, and older checkpoints are
-deleted (beyond ``max_to_keep``) only once a newer one is complete.
+CheckpointDamagedError instead of restoring wrong values). Orbax writes each checkpoint to a
+temporary directory and renames it when complete, so a process killed mid-write leaves no
+checkpoint that a restart could read, and older checkpoints are deleted (beyond ``max_to_keep``) only once a newer one is complete.
 """
 
 import contextlib
