@@ -6,7 +6,8 @@ pytree restored into an abstract target, so shapes and shardings are checked) an
 sha256 of the state's arrays, checked on restore: a damaged checkpoint raises
 CheckpointDamagedError instead of restoring wrong values). Orbax writes each checkpoint to a
 temporary directory and renames it when complete, so a process killed mid-write leaves no
-checkpoint that a restart could read, and older checkpoints are deleted (beyond ``max_to_keep``) only once a newer one is complete.
+checkpoint that a restart could read, and older checkpoints are deleted (beyond
+``max_to_keep``) only once a newer one is complete.
 """
 
 import contextlib
