@@ -1,8 +1,9 @@
 """Trains and evaluates a transfer-learning run: ``python main.py --config configs/mnist_mnv2.py``.
 
-Exit codes: 0 done; 2 bad command line, configuration or input (the message says which and
-how to fix it); 143 stopped by SIGTERM after saving a checkpoint (rerun the same command to
-resume); 1 any other failure (a checkpoint write failed, the loss stayed non-finite, a bug).
+Exit codes: 0 done; 2 bad command line, configuration, input or work directory (the message
+says which and how to fix it); 143 / 130 stopped by SIGTERM / Ctrl-C after saving a checkpoint
+(rerun the same command to resume); 1 any other failure (a write failed mid-run, no
+checkpoint could be restored, the loss is non-finite, a bug).
 """
 
 import difflib
@@ -14,9 +15,14 @@ from absl import app, flags
 from ml_collections import config_flags
 from ml_collections.config_flags import config_path
 
-from tljax import checkpoint, preemption, train
+from tljax import checkpoint, data, preemption, reporting, train, weights
 
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+# Failures of a run that had good inputs (exit 1), and the user's own mistakes (exit 2).
+RUN_FAILURES = (checkpoint.CheckpointWriteError, checkpoint.CheckpointDamagedError,
+                reporting.OutputWriteError, train.NonFiniteError)
+INPUT_ERRORS = (train.ConfigError, data.DataError, weights.WeightsError,
+                checkpoint.CheckpointError, reporting.WorkdirError)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file (see configs/).", lock_config=True)
@@ -32,17 +38,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     train.run(config, workdir)
   except preemption.Preempted as e:
     logging.warning("%s; rerun the same command to resume.", e)
-    return train.EXIT_PREEMPTED
-  except (checkpoint.CheckpointWriteError, train.NonFiniteError) as e:
+    return e.exit_code
+  except KeyboardInterrupt:
+    logging.warning("interrupted: stopped at once; rerun the same command to resume from the "
+                    "last checkpoint, if there is one.")
+    return EXIT_INTERRUPTED
+  except RUN_FAILURES as e:
     return _failed(e, EXIT_FAILED)
-  except (ValueError, checkpoint.CheckpointError) as e:  # Includes DataError, WeightsError.
+  except INPUT_ERRORS as e:
     return _failed(e, EXIT_BAD_INPUT)
+  except Exception as e:  # noqa: BLE001 - a bug: one message, the traceback on request
+    return _failed(e, EXIT_FAILED, f"unexpected {type(e).__name__} (a bug in tljax): ",
+                   " Rerun with --verbosity=1 for the traceback, and report it.")
   return 0
 
 
-def _failed(error: Exception, code: int) -> int:
+def _failed(error: Exception, code: int, before: str = "", after: str = "") -> int:
   """Logs ``error`` as one message (with its traceback under --verbosity=1); returns code."""
-  logging.error("%s", error, exc_info=logging.getLogger().isEnabledFor(logging.DEBUG))
+  logging.error("%s%s%s", before, error, after,
+                exc_info=logging.getLogger().isEnabledFor(logging.DEBUG))
   return code
 
 

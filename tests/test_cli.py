@@ -1,6 +1,7 @@
 """main.py: each bad command line or input is one message and exit 2, before any long work;
 the other exit codes (143 preempted, 1 failed) come from what train.run raised."""
 
+import errno
 import gzip
 import hashlib
 import logging
@@ -89,17 +90,26 @@ def _bad_magic(folder: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
      r"idx/train-labels-idx1-ubyte.gz: not a uint8 IDX file: expected magic number "
      r"0x0000080[13] .* found 0x00000d01"),
     ({"max_to_keep": 0}, r"max_to_keep=0 must be at least 1"),
+    ({"phases.1.rules": ("freeze:.*",)}, r"phases\[1\] \('fine_tune'\): the rules "
+     r"\('freeze:.\*',\) freeze every parameter, so the phase would train nothing"),
+    ({"phases.0.learning_rate": float("inf")},
+     r"learning_rate=inf must be a positive finite number"),
+    ({"model.input_size": 10000}, r"model.input_size=10000: a training batch of 16 images "
+     r"needs about [\d,]+ GiB of activations per device, more than the [\d,.]+ GiB of memory "
+     r"of cpu device 0. Lower model.input_size \(about \d+ fits\) or batch_size."),
     ({"CHECKPOINTS_IS_A_FILE": True}, r"cannot write checkpoints to .*/run/checkpoints: "
      r"\[Errno 17\] File exists"),
 ], ids=["alpha", "weight_decay_with_adam", "rule_matching_nothing", "unknown_dataset",
-        "idx_magic", "max_to_keep", "checkpoints_not_a_directory"])
+        "idx_magic", "max_to_keep", "all_frozen_phase", "infinite_learning_rate",
+        "input_size_beyond_memory", "checkpoints_not_a_directory"])
 def test_bad_input_is_one_message_and_exit_2_before_weights_load(
     overrides, message, tiny_idx_dir, tmp_path, monkeypatch, caplog):
   overrides = dict(overrides)
   if overrides.get("data.dir") == "BAD_MAGIC":
     overrides["data.dir"] = str(_bad_magic(tiny_idx_dir, tmp_path))
   workdir = tmp_path / "run"
-  if overrides.pop("CHECKPOINTS_IS_A_FILE", False):
+  checkpoints_file = overrides.pop("CHECKPOINTS_IS_A_FILE", False)
+  if checkpoints_file:
     workdir.mkdir()
     (workdir / "checkpoints").write_text("")
   monkeypatch.setattr(train.weights, "load_pretrained",
@@ -110,6 +120,67 @@ def test_bad_input_is_one_message_and_exit_2_before_weights_load(
   assert not record.exc_info and "\n" not in record.getMessage()
   assert re.search(message, record.getMessage()), record.getMessage()
   assert not (workdir / "metrics.jsonl").exists()
+  if not checkpoints_file:
+    assert not workdir.exists()  # Checked before anything is created.
+
+
+def _main_run(config, workdir, caplog) -> tuple[int, str]:
+  """``main.run``'s exit code and its one error message."""
+  with caplog.at_level(logging.ERROR):
+    code = main.run(config, str(workdir))
+  [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+  assert not record.exc_info and "\n" not in record.getMessage()
+  return code, record.getMessage()
+
+
+def test_workdir_that_is_a_file_is_one_message_and_exit_2(tiny_idx_dir, tmp_path, caplog):
+  (tmp_path / "file").write_text("")
+  for workdir in (tmp_path / "file", tmp_path / "file" / "run"):
+    caplog.clear()
+    assert _main_run(tiny_config(tiny_idx_dir), workdir, caplog) == (
+        2, f"--workdir {workdir} cannot be used: "
+        f"{'it is not a directory' if workdir.name == 'file' else 'Not a directory'}. Pass a "
+        "directory on writable storage (it is created if missing).")
+
+
+def test_workdir_on_read_only_storage_is_one_message_and_exit_2(tiny_idx_dir, tmp_path, caplog,
+                                                                 monkeypatch):
+  def read_only(self, *args, **kwargs):
+    raise OSError(errno.EROFS, "Read-only file system", str(self))
+  monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
+  assert _main_run(tiny_config(tiny_idx_dir), tmp_path / "run", caplog) == (
+      2, f"--workdir {tmp_path / 'run'} cannot be used: Read-only file system. Pass a directory "
+      "on writable storage (it is created if missing).")
+
+
+def _unreadable(module, path, monkeypatch):
+  """Makes ``open(path)`` inside ``module`` fail as a file without read permission does (the
+  tests run as root, whom file modes do not stop)."""
+  def guarded_open(file, *args, **kwargs):
+    if pathlib.Path(file) == path:
+      raise PermissionError(errno.EACCES, "Permission denied", str(file))
+    return open(file, *args, **kwargs)
+  monkeypatch.setattr(module, "open", guarded_open, raising=False)
+
+
+def test_unreadable_data_file_is_one_message_and_exit_2(tiny_idx_dir, tmp_path, caplog,
+                                                        monkeypatch):
+  labels = tiny_idx_dir / "train-labels-idx1-ubyte.gz"
+  _unreadable(train.data, labels, monkeypatch)
+  assert _main_run(tiny_config(tiny_idx_dir), tmp_path / "run", caplog) == (
+      2, f"{labels}: cannot be read (Permission denied); check its permissions and that the "
+      "storage holding it is reachable.")
+  assert not (tmp_path / "run").exists()
+
+
+def test_unreadable_weights_file_is_not_called_damaged(tiny_idx_dir, tmp_path, caplog,
+                                                       monkeypatch):
+  path = tmp_path / "weights.h5"
+  path.write_bytes(b"\x89HDF")
+  _unreadable(train.weights, path, monkeypatch)
+  assert _main_run(tiny_config(tiny_idx_dir, **{"model.weights": str(path)}), tmp_path / "run",
+                   caplog) == (2, f"weights file {path} cannot be read (Permission denied); "
+                               "check its permissions.")
 
 
 def test_batch_size_must_divide_over_the_devices(tiny_idx_dir):
@@ -134,10 +205,15 @@ def test_exit_code_of_each_failure(error, code, monkeypatch, caplog):
   assert str(error) in caplog.text
 
 
-def test_a_bug_keeps_its_traceback(monkeypatch):
-  monkeypatch.setattr(train, "run", lambda config, workdir: {}["missing"])
-  with pytest.raises(KeyError):
-    main.run(None, "/w")
+@pytest.mark.parametrize("bug", [KeyError("missing"), ValueError("operands could not be "
+                                                                 "broadcast together")])
+def test_a_bug_is_exit_1_with_the_hint_for_its_traceback(bug, monkeypatch, caplog):
+  def fail(config, workdir):
+    raise bug
+  monkeypatch.setattr(train, "run", fail)
+  assert _main_run(None, "/w", caplog) == (
+      1, f"unexpected {type(bug).__name__} (a bug in tljax): {bug} Rerun with --verbosity=1 "
+      "for the traceback, and report it.")
 
 
 # ---------------------------------------------------------------------------------------------

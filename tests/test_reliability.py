@@ -1,4 +1,5 @@
-"""Faults during a run: SIGTERM, SIGKILL mid-write, failed writes, non-finite losses.
+"""Faults during a run: SIGTERM, Ctrl-C, SIGKILL mid-write, failed writes, non-finite losses,
+damaged checkpoints, resuming on other data.
 
 One workdir is stopped five times in a row through ``main.py`` in subprocesses (SIGTERM while
 evaluating, while caching the next phase's prefix and mid fine-tune; SIGKILL while a
@@ -10,9 +11,14 @@ persistent XLA compilation cache (tests/conftest.py), so only the first one comp
 """
 
 import dataclasses
+import errno
+import gzip
+import hashlib
 import json
+import logging
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,6 +68,9 @@ DRIVER = textwrap.dedent('''
 
   def sigkill_at_step(step):
     signal_at_step(step, signal.SIGKILL)
+
+  def sigint_at_step(step):
+    signal_at_step(step, signal.SIGINT)
 
   def sigterm_in(name):  # While train.<name> runs.
     original = getattr(train, name)
@@ -310,8 +319,39 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(launch, reference, tmp_
   assert "Traceback" not in outcome.stderr
   steps = [r for r in outcome.records if r["kind"] == "step"]
   assert [(r["step"], r["skipped_steps"]) for r in steps] == [(2, 2), (4, 2)]
-  assert all(np.isnan(r["loss"]) for r in steps)
+  assert all(r["loss"] is None for r in steps)  # Strict JSON: null, not NaN.
+  assert "NaN" not in (tmp_path / "nan" / "metrics.jsonl").read_text()
   assert outcome.latest is None and not outcome.outputs
+
+
+def test_sigint_checkpoints_exits_130_and_the_rerun_ends_bit_for_bit(launch, reference,
+                                                                     tmp_path):
+  workdir = tmp_path / "ctrl_c"
+  outcome = launch(workdir, "sigint_at_step=14")
+  assert outcome.returncode == 130, outcome.stderr[-3000:]
+  assert "received SIGINT: saving a checkpoint" in outcome.stderr
+  assert "Traceback" not in outcome.stderr and "KeyboardInterrupt" not in outcome.stderr
+  assert outcome.listing == ["14"] and outcome.meta["phase_step"] == 6
+  finished = launch(workdir, "no_weights")
+  assert finished.returncode == 0 and _resumed_from(finished) == 14, finished.stderr[-3000:]
+  _assert_same_state(_checkpoint(reference[0])[2], _checkpoint(workdir)[2])
+
+
+def _assert_same_state(expected, actual):
+  expected = dict(_flatten(expected))
+  assert sorted(expected) == sorted(k for k, _ in _flatten(actual))
+  for path, leaf in _flatten(actual):
+    np.testing.assert_array_equal(leaf, expected[path], err_msg=path)
+
+
+def test_a_second_sigint_stops_at_once():
+  stop = preemption.StopSignal()
+  with stop.installed():
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.requested and stop.signum == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert preemption.Preempted("stopped", signal.SIGINT).exit_code == 130
 
 
 def test_stop_signal_records_sigterm_and_restores_the_handler():
@@ -364,3 +404,118 @@ def test_incompatible_config_is_refused_and_its_checkpoints_kept(reference, tiny
                      r"; they are left untouched"):
     train.run(config, workdir)
   assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming from the wrong data or a damaged checkpoint, in process.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_idx_dir, tmp_path_factory):
+  """A finished run keeping two checkpoints (20 and 24), and its final state."""
+  from test_train import tiny_config
+  workdir = tmp_path_factory.mktemp("finished")
+  train.run(tiny_config(tiny_idx_dir, **{**OVERRIDES, "max_to_keep": 2}), workdir)
+  return workdir, _checkpoint(workdir)[2]
+
+
+def _rerun(workdir, data_dir, caplog, **overrides) -> int:
+  import main
+  from test_train import tiny_config
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    return main.run(tiny_config(data_dir, **{**OVERRIDES, "max_to_keep": 2, **overrides}),
+                    str(workdir))
+
+
+def _copy_without_outputs(finished, tmp_path) -> pathlib.Path:
+  workdir = shutil.copytree(finished[0], tmp_path / "run")
+  (workdir / "summary.json").unlink()
+  return workdir
+
+
+def _largest_state_file(workdir, step) -> pathlib.Path:
+  files = (p for p in (workdir / "checkpoints" / str(step) / "state").rglob("*") if p.is_file())
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def _bit_rot(path):
+  data = bytearray(path.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + 4096] = bytes(4096)
+  path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def test_resuming_on_other_data_is_refused(finished, tiny_idx_dir, tmp_path, caplog):
+  other = shutil.copytree(tiny_idx_dir, tmp_path / "other")
+  images = other / "train-images-idx3-ubyte.gz"
+  data = bytearray(gzip.decompress(images.read_bytes()))
+  data[-1] ^= 1  # One pixel of one image.
+  images.write_bytes(gzip.compress(bytes(data)))
+  before = {p: p.stat().st_mtime_ns for p in finished[0].rglob("*")}
+  assert _rerun(finished[0], other, caplog) == 2
+  assert "holds checkpoints of another config (differs in ['data.identity'])" in caplog.text
+  assert {p: p.stat().st_mtime_ns for p in finished[0].rglob("*")} == before
+
+
+@pytest.mark.parametrize("damage", [_bit_rot, _truncate], ids=["bit_rot", "truncated"])
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_resumed(
+    damage, finished, tiny_idx_dir, tmp_path, caplog):
+  workdir = _copy_without_outputs(finished, tmp_path)
+  damage(_largest_state_file(workdir, 24))
+  assert _rerun(workdir, tiny_idx_dir, caplog) == 0, caplog.text
+  [report] = [r.getMessage() for r in caplog.records if "moved it to" in r.getMessage()]
+  assert report.startswith(f"checkpoint {workdir}/checkpoints/24 ")
+  assert f"moved it to {workdir}/checkpoints.rejected/24" in report and "\n" not in report
+  assert "resuming from checkpoint 20" in caplog.text
+  assert (workdir / "checkpoints.rejected" / "24" / "state").is_dir()
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["20", "24"]
+  _assert_same_state(finished[1], _checkpoint(workdir)[2])
+  assert (json.loads((workdir / "summary.json").read_text())["test_loss"]
+          == json.loads((finished[0] / "summary.json").read_text())["test_loss"])
+
+
+def test_no_restorable_checkpoint_fails_naming_the_directories_tried(
+    finished, tiny_idx_dir, tmp_path, caplog):
+  workdir = _copy_without_outputs(finished, tmp_path)
+  for step in (20, 24):
+    _truncate(_largest_state_file(workdir, step))
+  assert _rerun(workdir, tiny_idx_dir, caplog) == 1
+  [error] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+  assert error == (
+      f"no checkpoint in {workdir}/checkpoints could be restored; tried "
+      f"{workdir}/checkpoints/24 (now {workdir}/checkpoints.rejected/24), "
+      f"{workdir}/checkpoints/20 (now {workdir}/checkpoints.rejected/20). Rerunning the same "
+      "command starts the run from the beginning.")
+  assert sorted(os.listdir(workdir / "checkpoints.rejected")) == ["20", "24"]
+
+
+def test_a_full_disk_while_writing_the_outputs_fails_and_keeps_the_checkpoints(
+    finished, tiny_idx_dir, tmp_path, caplog, monkeypatch):
+  workdir = _copy_without_outputs(finished, tmp_path)
+
+  def disk_full(path, mode="w"):
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+  monkeypatch.setattr(train.reporting, "atomic_open", disk_full)
+  assert _rerun(workdir, tiny_idx_dir, caplog) == 1
+  [error] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+  assert error.startswith(f"writing the outputs to {workdir}/trained_variables.msgpack failed: "
+                          "No space left on device. The last checkpoint is kept")
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["20", "24"]
+  assert not (workdir / "summary.json").exists()
+
+
+def test_a_non_finite_test_loss_fails_the_run(finished, tiny_idx_dir, tmp_path, caplog,
+                                               monkeypatch):
+  workdir = _copy_without_outputs(finished, tmp_path)
+  evaluate_split = train.evaluate_split
+  monkeypatch.setattr(train, "evaluate_split", lambda *args: (
+      float("nan"), *evaluate_split(*args)[1:]))
+  assert _rerun(workdir, tiny_idx_dir, caplog) == 1
+  assert "the test loss is nan: the trained model computes non-finite values" in caplog.text
+  assert not (workdir / "summary.json").exists()

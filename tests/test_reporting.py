@@ -192,3 +192,9 @@ def test_progress_disabled_reports_nothing(caplog, tty):
 def test_progress_rejects_negative_total():
   with pytest.raises(ValueError, match="total must be >= 0 steps, got -1"):
     reporting.Progress(-1, "epoch")
+
+
+def test_non_finite_numbers_are_written_as_null():
+  assert reporting.to_json({"loss": float("nan"), "x": np.array([1.0, np.inf]),
+                            "y": np.float32("-inf"), "n": np.int64(3)}) == \
+      '{"loss": null, "x": [1.0, null], "y": null, "n": 3}'

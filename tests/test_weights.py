@@ -373,3 +373,14 @@ def test_resolve_imagenet_uses_the_keras_cache(tmp_path, monkeypatch):
   (tmp_path / "tljax" / NO_TOP_NAME).write_bytes(b"own cache")  # Takes precedence.
   assert weights.resolve_weights("imagenet", NO_TOP, input_size=96, **kwargs) == \
       tmp_path / "tljax" / NO_TOP_NAME
+
+
+def test_non_finite_weights_are_refused_naming_the_layer(files, tmp_path):
+  path = tmp_path / "nan.h5"
+  path.write_bytes(files["no_top"].read_bytes())
+  with h5py.File(path, "r+") as f:
+    kernel = f["block_3_project"]["block_3_project/kernel:0"]
+    kernel[0, 0, 0, :2] = [np.nan, np.inf]
+  with pytest.raises(weights.WeightsError, match=f"{path}: layer 'block_3_project' weight "
+                     "'kernel' holds 2 NaN or infinite values; the file is damaged"):
+    weights.load_pretrained(str(path), TOP, input_size=96, rng=jax.random.key(7))

@@ -2,21 +2,28 @@
 
 A checkpoint holds two items: ``state`` (params, batch_stats, optimizer state, step, RNG: a
 pytree restored into an abstract target, so shapes and shardings are checked) and ``meta``
-(JSON: the phase it belongs to, the config fingerprint, finished phases' results). Orbax
-writes each checkpoint to a temporary directory and renames it when complete, so a process
-killed mid-write leaves no checkpoint that a restart could read, and older checkpoints are
-deleted (beyond ``max_to_keep``) only once a newer one is complete.
+(JSON: the phase it belongs to, the config fingerprint, finished phases' results, and the
+sha256 of the state's arrays, checked on restore: a damaged checkpoint raises
+CheckpointDamagedError instead of restoring wrong values). Orbax writes each checkpoint to a
+temporary directory and renames it when complete, so a process killed mid-write leaves no
+checkpoint that a restart could read, and older checkpoints are deleted (beyond
+``max_to_keep``) only once a newer one is complete.
 """
 
+import contextlib
+import hashlib
+import logging
 import pathlib
 import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 _STATE, _META = "state", "meta"
+_DIGEST = "state_sha256"  # In meta: the sha256 of the state's arrays (state_digest).
 
 
 class CheckpointError(RuntimeError):
@@ -25,6 +32,10 @@ class CheckpointError(RuntimeError):
 
 class CheckpointWriteError(CheckpointError):
   """Writing a checkpoint failed while the run was going (disk full, storage gone)."""
+
+
+class CheckpointDamagedError(CheckpointError):
+  """A checkpoint that cannot be read, or whose arrays do not match the digest saved with it."""
 
 
 class Checkpointer:
@@ -36,6 +47,8 @@ class Checkpointer:
       raise ValueError(f"max_to_keep={max_to_keep} must be at least 1: a restart resumes from "
                        "the latest checkpoint.")
     _check_writable(self.directory)
+    for name in _NOISY_LOGGERS:
+      logging.getLogger(name).addFilter(_ORBAX_FAILURE_LOGS)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
         # A step directory that cannot be created then fails save() itself, instead of
@@ -49,12 +62,17 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    """The steps of the complete checkpoints, newest first."""
+    return sorted(self._manager.all_steps(), reverse=True)
+
   def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
     """Starts an asynchronous save; the previous save is finished (and checked) first."""
     self.wait()
+    meta = {**meta, _DIGEST: state_digest(state)}
     try:
       self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))), force=True)
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the directory named
       raise CheckpointWriteError(
           f"could not write checkpoint {step} to {self.directory}: {e}") from e
@@ -69,23 +87,89 @@ class Checkpointer:
           "is kept.") from e
 
   def restore_meta(self, step: int) -> dict[str, Any]:
-    return self._manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))[_META]
+    """The meta of checkpoint ``step``; CheckpointDamagedError if it cannot be read."""
+    with self._damage_reported(step):
+      return self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))[_META]
 
   def restore_state(self, step: int, abstract_state: Any) -> Any:
     """Restores ``state`` of checkpoint ``step`` into the structure of ``abstract_state``.
 
     A structure or shape mismatch (another model, another number of classes) raises
-    CheckpointError naming the first differing path and both shapes.
+    CheckpointError naming the first differing path and both shapes; a checkpoint that
+    cannot be read or whose arrays differ from the digest saved with them raises
+    CheckpointDamagedError.
     """
-    saved = self._manager.item_metadata(step)[_STATE]
+    expected = self.restore_meta(step).get(_DIGEST)  # Checkpoints of older versions lack it.
+    with self._damage_reported(step):
+      saved = self._manager.item_metadata(step)[_STATE]
     _check_compatible(saved, abstract_state, self.directory / str(step))
-    return self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))[_STATE]
+    with self._damage_reported(step):
+      state = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))[_STATE]
+    if expected is not None and state_digest(state) != expected:
+      raise CheckpointDamagedError(f"checkpoint {self.directory / str(step)} is damaged: its "
+                                   "arrays differ from the digest saved with them")
+    return state
+
+  @contextlib.contextmanager
+  def _damage_reported(self, step: int):
+    """Raises what reading checkpoint ``step`` raised as one-line CheckpointDamagedError."""
+    try:
+      yield
+    except CheckpointError:
+      raise
+    except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many kinds
+      cause = " ".join(str(e).split()).split(" See full TensorStore details")[0]
+      raise CheckpointDamagedError(f"checkpoint {self.directory / str(step)} cannot be read "
+                                   f"({cause[:200]})") from e
+
+  def set_aside(self, step: int) -> pathlib.Path:
+    """Moves checkpoint ``step`` into ``<workdir>/checkpoints.rejected/`` (nothing is
+    deleted) and returns its new path."""
+    rejected = self.directory.with_name(self.directory.name + ".rejected")
+    rejected.mkdir(exist_ok=True)
+    target, copy = rejected / str(step), 1
+    while target.exists():
+      target, copy = rejected / f"{step}.{copy}", copy + 1
+    (self.directory / str(step)).rename(target)
+    self._manager.reload()
+    return target
 
   def close(self) -> None:
-    self.wait()
-    self._manager.close()
+    try:
+      self.wait()
+      self._manager.close()
+    finally:
+      for name in _NOISY_LOGGERS:
+        logging.getLogger(name).removeFilter(_ORBAX_FAILURE_LOGS)
+
+
+class _OrbaxFailureLogs(logging.Filter):
+  """Drops Orbax's own error logs (this module reports each failure once, as a
+  CheckpointError) and the "Event loop is closed" errors its writer threads log after a
+  failed write; under --verbosity=1 everything is kept."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+      return True
+    exception = record.exc_info[1] if record.exc_info else None
+    from_orbax = record.levelno >= logging.ERROR and "/orbax/" in record.pathname
+    return not (from_orbax or "Event loop is closed" in f"{record.getMessage()} {exception}")
+
+
+_ORBAX_FAILURE_LOGS = _OrbaxFailureLogs()
+_NOISY_LOGGERS = ("absl", "asyncio")  # Orbax logs through absl; its event loops through asyncio.
+
+
+def state_digest(state: Any) -> str:
+  """The sha256 of every array of ``state``, with its path, dtype and shape."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(state)):
+    array = np.ascontiguousarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)} {array.dtype} {array.shape}\n".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
 
 
 def _check_writable(directory: pathlib.Path) -> None:

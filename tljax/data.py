@@ -21,6 +21,7 @@ import difflib
 import gzip
 import importlib.util
 import inspect
+import hashlib
 import math
 import os
 import pathlib
@@ -100,12 +101,18 @@ class Split:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-  """A train and a test split with their class names."""
+  """A train and a test split with their class names.
+
+  ``identity`` says which data this is, so that a checkpoint is not resumed on other data
+  (it is part of the checkpoint fingerprint): a digest of the content, or of what stands for
+  it (a file list with sizes and modification times; a tfds name, version and split sizes).
+  """
   train: Split
   test: Split
   num_classes: int
   class_names: tuple[str, ...]
   name: str
+  identity: str
 
   def __post_init__(self):
     if len(self.class_names) != self.num_classes:
@@ -125,12 +132,17 @@ def _slice(split: Split, start: int, stop: int) -> Split:
 def read_idx(path: str | pathlib.Path) -> np.ndarray:
   """Reads a uint8 IDX file (``.gz`` or plain): labels [N] or images [N, H, W]."""
   path = pathlib.Path(path)
-  opener = gzip.open if path.suffix == ".gz" else open
   try:
-    with opener(path, "rb") as f:
+    with open(path, "rb") as f:
       data = f.read()
   except FileNotFoundError:
     raise DataError(f"{path}: no such file. {_IDX_FIX}") from None
+  except OSError as e:
+    raise DataError(f"{path}: cannot be read ({e.strerror or e}); check its permissions and "
+                    "that the storage holding it is reachable.") from None
+  try:
+    if path.suffix == ".gz":
+      data = gzip.decompress(data)
   except (OSError, EOFError, zlib.error) as e:
     raise DataError(f"{path}: cannot be decompressed ({e}); the file is damaged or "
                     f"truncated. {_IDX_FIX}") from None
@@ -151,6 +163,16 @@ def read_idx(path: str | pathlib.Path) -> np.ndarray:
     raise DataError(f"{path}: header dims {dims} call for {expected_size} bytes of data, found "
                     f"{found_size} (truncated or corrupt). {_IDX_FIX}")
   return np.frombuffer(data, np.uint8, offset=offset).reshape(dims)
+
+
+def content_digest(*splits: Split) -> str:
+  """The sha256 of the images and labels of ``splits``, with their shapes."""
+  digest = hashlib.sha256()
+  for split in splits:
+    for array in (split.images, split.labels):
+      digest.update(f"{array.dtype} {array.shape}\n".encode())
+      digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
 
 
 def _find_idx_file(folder: pathlib.Path, stem: str) -> pathlib.Path | None:
@@ -192,7 +214,8 @@ def load_idx_folder(path: str | pathlib.Path, name: str) -> Dataset:
   if max_label >= len(class_names):
     raise DataError(f"{folder}: label {max_label} found, but {name} has {len(class_names)} "
                     "classes; is this the right dataset name for this folder?")
-  return Dataset(train, test, len(class_names), class_names, name)
+  return Dataset(train, test, len(class_names), class_names, name,
+                 identity=f"idx sha256:{content_digest(train, test)}")
 
 
 def idx_downloads(name: str) -> dict[str, tuple[str, str]]:
@@ -336,7 +359,8 @@ def load_tfds(name: str, data_dir: str | pathlib.Path | None) -> Dataset:
                     f"{e}") from None
   class_names = tuple(builder.info.features["label"].names)
   train, test = (_to_split(source, name) for source in sources)
-  return Dataset(train, test, len(class_names), class_names, name)
+  identity = f"tfds {name} {builder.info.version} train={len(train)} test={len(test)}"
+  return Dataset(train, test, len(class_names), class_names, name, identity=identity)
 
 
 def load_dataset(name: str, data_dir: str | pathlib.Path | None) -> Dataset:
@@ -354,7 +378,12 @@ def load_dataset(name: str, data_dir: str | pathlib.Path | None) -> Dataset:
     raise DataError(f"data_dir {str(data_dir)!r} is not a folder. Give a folder holding the "
                     f"four IDX files ({', '.join(IDX_FILES)}, .gz or plain), a tfds data_dir, "
                     "or no data_dir for tfds's default (~/tensorflow_datasets).")
-  if any(_find_idx_file(folder, stem) for stem in IDX_FILES):
+  try:
+    holds_idx = any(_find_idx_file(folder, stem) for stem in IDX_FILES)
+  except OSError as e:
+    raise DataError(f"data_dir {str(data_dir)!r} cannot be read ({e.strerror or e}); check its "
+                    "permissions.") from None
+  if holds_idx:
     return load_idx_folder(folder, name)  # Names the missing files if not all four are there.
   return load_tfds(name, folder)
 

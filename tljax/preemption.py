@@ -1,8 +1,9 @@
-"""SIGTERM handling: a stop request the run loop checks between device calls.
+"""SIGTERM and Ctrl-C handling: a stop request the run loop checks between device calls.
 
-Spot VMs and Cloud TPU maintenance send SIGTERM, then kill the process seconds later. A
-single process has to catch the signal itself (Orbax's preemption check only works under
-``jax.distributed``); the loop then checkpoints the current step and exits.
+Spot VMs and Cloud TPU maintenance send SIGTERM, then kill the process seconds later; users
+press Ctrl-C (SIGINT). A single process has to catch the signal itself (Orbax's preemption
+check only works under ``jax.distributed``); the loop then checkpoints the current step and
+exits with 128 + the signal's number. A second Ctrl-C stops at once, as Ctrl-C usually does.
 """
 
 import contextlib
@@ -14,9 +15,18 @@ import threading
 class Preempted(Exception):
   """Raised by the run loop after it checkpointed on a stop request."""
 
+  def __init__(self, message: str, signum: int = signal.SIGTERM):
+    super().__init__(message)
+    self.signum = signum
+
+  @property
+  def exit_code(self) -> int:
+    """128 + the signal's number, as a shell reports a process the signal ended."""
+    return 128 + self.signum
+
 
 class StopSignal:
-  """Remembers whether SIGTERM (or SIGINT, where asked) arrived while installed.
+  """Remembers whether SIGTERM or SIGINT arrived while installed.
 
   The handler only records the signal: it runs in the main thread between two bytecodes,
   possibly in the middle of a write to the log stream. The first check that sees the
@@ -24,23 +34,27 @@ class StopSignal:
   """
 
   def __init__(self):
-    self._signum: int | None = None
+    self.signum: int | None = None
     self._logged = False
 
   @property
   def requested(self) -> bool:
-    if self._signum is not None and not self._logged:
+    if self.signum is not None and not self._logged:
       self._logged = True
-      logging.warning("received %s: saving a checkpoint, then exiting",
-                      signal.Signals(self._signum).name)
-    return self._signum is not None
+      again = " (press Ctrl-C again to stop at once)" if self.signum == signal.SIGINT else ""
+      logging.warning("received %s: saving a checkpoint, then exiting%s",
+                      signal.Signals(self.signum).name, again)
+    return self.signum is not None
 
   def request(self, signum: int = signal.SIGTERM, frame=None) -> None:
+    """The handler: records ``signum``; a second SIGINT raises KeyboardInterrupt."""
     del frame
-    self._signum = signum
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
 
   @contextlib.contextmanager
-  def installed(self, signals=(signal.SIGTERM,)):
+  def installed(self, signals=(signal.SIGTERM, signal.SIGINT)):
     """Handles ``signals`` inside the block (main thread only); restores the old handlers."""
     if threading.current_thread() is not threading.main_thread():
       yield self

@@ -7,7 +7,9 @@ or NumPy/JAX scalars that are already computed).
 import contextlib
 import json
 import logging
+import math
 import os
+import pathlib
 import secrets
 import sys
 import time
@@ -43,9 +45,53 @@ def _to_builtin(obj: Any) -> Any:
                   "convert it to a number, string, list or dict first.")
 
 
+def _finite_or_none(obj: Any) -> Any:
+  """``obj`` with every NaN or infinite number replaced by None (JSON null)."""
+  if hasattr(obj, "__array__"):  # NumPy and JAX scalars and arrays.
+    obj = _to_builtin(obj)
+  if isinstance(obj, Mapping):
+    return {k: _finite_or_none(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_finite_or_none(v) for v in obj]
+  if isinstance(obj, (float, np.floating)) and not math.isfinite(obj):
+    return None
+  return obj
+
+
 def to_json(obj: Any, **kwargs) -> str:
-  """``json.dumps`` that also accepts NumPy and JAX scalars and arrays."""
-  return json.dumps(obj, default=_to_builtin, **kwargs)
+  """``json.dumps`` that also accepts NumPy and JAX scalars and arrays, and writes NaN and
+  infinity as ``null`` (strict JSON readers reject ``NaN``)."""
+  return json.dumps(_finite_or_none(obj), default=_to_builtin, allow_nan=False, **kwargs)
+
+
+class WorkdirError(ValueError):
+  """The work directory cannot be used: not a directory, read-only, not writable."""
+
+
+class OutputWriteError(RuntimeError):
+  """Writing to the work directory failed mid-run (disk full, storage gone)."""
+
+
+def make_workdir(path: str | os.PathLike) -> pathlib.Path:
+  """Creates ``path`` (with its parents) if missing; WorkdirError names the path and cause."""
+  path = pathlib.Path(path)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    cause = "it is not a directory" if path.exists() and not path.is_dir() else e.strerror or e
+    raise WorkdirError(f"--workdir {path} cannot be used: {cause}. Pass a directory on "
+                       "writable storage (it is created if missing).") from None
+  return path
+
+
+@contextlib.contextmanager
+def write_errors_reported(what: str, path: str | os.PathLike) -> Iterator[None]:
+  """Raises an OSError inside the block as OutputWriteError: ``what``, the path, the cause."""
+  try:
+    yield
+  except OSError as e:
+    raise OutputWriteError(f"{what} {e.filename or path} failed: {e.strerror or e}. The last "
+                           "checkpoint is kept: fix the cause and rerun the same command.") from e
 
 
 @contextlib.contextmanager
@@ -97,7 +143,7 @@ class MetricsWriter:
   Each ``write`` is flushed and fsynced, so a crash loses nothing already
   written. Opening an existing file appends to it: a resumed run continues the
   same file. ``enabled=False`` writes nothing (all but the first process). NaN and
-  infinity are written as Python's ``json`` does (``NaN``).
+  infinity are written as ``null``.
 
     with MetricsWriter(workdir / "metrics.jsonl") as w:
       w.write({"phase": 0, "epoch": 1, "loss": np.float32(0.31)})
@@ -122,9 +168,10 @@ class MetricsWriter:
       raise TypeError(f"a metrics record must be a mapping, got {type(record).__name__}.")
     if self._file is None:
       return
-    self._file.write(to_json(dict(record)) + "\n")
-    self._file.flush()
-    os.fsync(self._file.fileno())
+    with write_errors_reported("appending to", self.path):
+      self._file.write(to_json(dict(record)) + "\n")
+      self._file.flush()
+      os.fsync(self._file.fileno())
 
   def close(self) -> None:
     if self._file is not None:

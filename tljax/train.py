@@ -7,10 +7,13 @@ periodically, at epoch ends and at its end. A restart in the same workdir resume
 latest complete checkpoint, in whatever phase it was.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
+import math
+import os
 import pathlib
 import time
 from collections.abc import Mapping
@@ -35,7 +38,11 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect from a process the
 
 
 class NonFiniteError(RuntimeError):
-  """Too many consecutive steps had a non-finite loss or gradient."""
+  """Too many consecutive steps had a non-finite loss or gradient, or the test loss is."""
+
+
+class ConfigError(ValueError):
+  """A setting is out of range, contradicts another or cannot work on this machine."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,14 +71,29 @@ class Phase:
 # ---------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _as_config_error():
+  """A ValueError raised inside (by the modules that check their own settings) becomes
+  ConfigError, with the same message."""
+  try:
+    yield
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+
+@_as_config_error()
 def check_config(config: ml_collections.ConfigDict, mesh) -> None:
-  """Raises ValueError naming the first bad setting and how to fix it."""
+  """Raises ConfigError naming the first bad setting and how to fix it."""
   def expect(ok: bool, message: str):
     if not ok:
-      raise ValueError(message)
+      raise ConfigError(message)
 
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  expect(config.max_to_keep >= 1, f"max_to_keep={config.max_to_keep} must be at least 1: a "
+         "restart resumes from the latest checkpoint.")
   expect(config.steps_per_dispatch >= 1,
          f"steps_per_dispatch={config.steps_per_dispatch} must be at least 1.")
   expect(config.data.train_examples >= 0,
@@ -92,8 +114,8 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   for i, phase in enumerate(config.phases):
     where = f"phases[{i}] ({phase.name!r})"
     expect(phase.epochs >= 1, f"{where}: epochs={phase.epochs} must be at least 1.")
-    expect(phase.learning_rate > 0,
-           f"{where}: learning_rate={phase.learning_rate} must be positive.")
+    expect(math.isfinite(phase.learning_rate) and phase.learning_rate > 0,
+           f"{where}: learning_rate={phase.learning_rate} must be a positive finite number.")
     expect(phase.batchnorm in BATCHNORM_MODES,
            f"{where}: batchnorm={phase.batchnorm!r} is not one of {BATCHNORM_MODES}.")
     expect(phase.cache_prefix in CACHE_MODES,
@@ -102,9 +124,54 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
     optim.make_optimizer(phase, steps_per_epoch=1)
 
 
-def config_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The settings a checkpoint must agree with to be resumed (state shape and data order)."""
-  return {"data.name": config.data.name, "model.alpha": config.model.alpha,
+@_as_config_error()
+def check_phases(config: ml_collections.ConfigDict, model: LayerStack, abstract_params: Any,
+                 num_train: int) -> None:
+  """Builds every phase once, so that bad freeze rules fail before any work."""
+  for index in range(len(config.phases)):
+    build_phase(config, index, model, abstract_params, num_train)
+
+
+def check_memory(config: ml_collections.ConfigDict, model: LayerStack,
+                 abstract_variables: Any, mesh) -> None:
+  """Refuses an input size whose training activations cannot fit in a device's memory.
+
+  The estimate (every layer's output for a training batch, as kept for the backward pass)
+  is rough, so only a size that clearly cannot work is refused.
+  """
+  size = config.model.input_size
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  names = tuple(layer.name for layer in model.layers)
+  outputs = jax.eval_shape(lambda v, x: model.apply(v, x, capture=names), abstract_variables, x)
+  per_image = sum(math.prod(o.shape) * o.dtype.itemsize for o in jax.tree.leaves(outputs))
+  needed = per_image * config.batch_size // mesh.devices.size
+  device = mesh.devices.flat[0]
+  available = _memory_bytes(device)
+  if needed > available:
+    fits = int(size * math.sqrt(available / needed))
+    raise ConfigError(
+        f"model.input_size={size}: a training batch of {config.batch_size} images needs about "
+        f"{needed / 2**30:,.0f} GiB of activations per device, more than the "
+        f"{available / 2**30:,.1f} GiB of memory of {device.platform} device {device.id}. "
+        f"Lower model.input_size (about {fits} fits) or batch_size.")
+
+
+def _memory_bytes(device) -> int:
+  """An accelerator's memory, or the host's physical memory for the CPU."""
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def config_fingerprint(config: ml_collections.ConfigDict, data_identity: str,
+                       weights_identity: str) -> dict[str, Any]:
+  """What a checkpoint must agree with to be resumed: the settings that shape the state and
+  the data order, the data itself (``data.Dataset.identity``) and the pretrained weights
+  (``weights.identity``)."""
+  return {"data.name": config.data.name, "data.identity": data_identity,
+          "model.weights": weights_identity, "model.name": config.model.name,
+          "model.alpha": config.model.alpha,
           "batch_size": config.batch_size, "seed": config.seed,
           "phases": [[p.name, list(p.rules), p.optimizer] for p in config.phases]}
 
@@ -125,6 +192,12 @@ def build_phase(config: ml_collections.ConfigDict, index: int, model: LayerStack
   rules = freezing.parse_rules(freezing.expand_presets(phase_config.rules, model.PRESETS))
   labels, reports = freezing.label_params(params, rules, model.base_layers)
   trainable = freezing.trainable_layers(labels)
+  if not trainable:
+    raise ConfigError(
+        f"phases[{index}] ({phase_config.name!r}): the rules {tuple(phase_config.rules)} "
+        "freeze every parameter, so the phase would train nothing. Add a rule that trains "
+        "something before the rule that freezes the rest, e.g. 'train:predictions/.*', or "
+        "remove the phase.")
   bn_layers = {l.name for l in model.layers if l.kind == "bn"}
   train_bn = frozenset(trainable & bn_layers) if phase_config.batchnorm == "batch_stats" \
       else frozenset()
@@ -320,7 +393,8 @@ def _stop_if_requested(ctx: RunContext, phase: Phase, state: steps.TrainState,
     _save(ctx, phase, state, global_step)
     ctx.checkpointer.wait()
   raise preemption.Preempted(f"stopped in phase {phase.name} at step {int(state.step)} of "
-                             f"{phase.total_steps}; checkpoint {global_step} is saved")
+                             f"{phase.total_steps}; checkpoint {global_step} is saved",
+                             ctx.stop.signum)
 
 
 def _chunk_sizes(total: int, target: int) -> int:
@@ -507,10 +581,30 @@ def create_model(config, num_classes: int) -> LayerStack:
       depthwise=config.model.depthwise)
 
 
-def _restore(checkpointer, step, config, model, abstract_variables, num_train, mesh):
+def _restore_newest_good(checkpointer, fingerprint, config, model, abstract_variables,
+                         num_train, mesh):
+  """``(step, meta, phase, state)`` of the newest checkpoint that reads and verifies, or None
+  where there is none. A damaged one is reported in one line and moved aside."""
+  tried = []
+  for step in checkpointer.all_steps():
+    try:
+      return step, *_restore(checkpointer, step, fingerprint, config, model,
+                             abstract_variables, num_train, mesh)
+    except checkpoint.CheckpointDamagedError as e:
+      moved = checkpointer.set_aside(step)
+      logging.warning("%s; moved it to %s, trying the checkpoint before it", e, moved)
+      tried.append(f"{checkpointer.directory / str(step)} (now {moved})")
+  if tried:
+    raise checkpoint.CheckpointDamagedError(
+        f"no checkpoint in {checkpointer.directory} could be restored; tried {', '.join(tried)}. "
+        "Rerunning the same command starts the run from the beginning.")
+  return None
+
+
+def _restore(checkpointer, step, fingerprint, config, model, abstract_variables, num_train,
+             mesh):
   """The saved meta, phase and state of checkpoint ``step``, checked against the config."""
   meta = checkpointer.restore_meta(step)
-  fingerprint = config_fingerprint(config)
   if meta.get("fingerprint") != fingerprint:
     differs = sorted(k for k in fingerprint if meta.get("fingerprint", {}).get(k) != fingerprint[k])
     raise checkpoint.CheckpointError(
@@ -533,8 +627,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   distributed.initialize(config.distributed)
   if not distributed.is_main_process():
     logging.getLogger().setLevel(logging.WARNING)
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.data_mesh()
   replicated = sharding.replicated(mesh)
   check_config(config, mesh)
@@ -543,13 +635,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   size = config.model.input_size
   sample = jnp.zeros((1, size, size, 3), jnp.float32)
   abstract_variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), sample)
-  for index in range(len(config.phases)):  # Every phase's freeze rules, before any work.
-    build_phase(config, index, model, abstract_variables["params"], len(splits["train"].labels))
+  check_phases(config, model, abstract_variables["params"], len(splits["train"].labels))
+  check_memory(config, model, abstract_variables, mesh)
+  fingerprint = config_fingerprint(config, dataset.identity, weights.identity(
+      config.model.weights, model, input_size=size, cache_dir=config.model.cache_dir or None))
+  workdir = reporting.make_workdir(workdir)
   checkpointer = checkpoint.Checkpointer(workdir, max_to_keep=config.max_to_keep)
-  latest = checkpointer.latest_step()
+  restored = _restore_newest_good(checkpointer, fingerprint, config, model, abstract_variables,
+                                  len(splits["train"].labels), mesh)
   state, variables = None, None
-  if latest is None:
-    meta = {"fingerprint": config_fingerprint(config), "results": [], "global_step": 0,
+  if restored is None:
+    meta = {"fingerprint": fingerprint, "results": [], "global_step": 0,
             "phase": 0, "phase_step": 0}
     start_phase = 0
     variables = sharding.put(weights.load_pretrained(
@@ -557,8 +653,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         rng=jax.random.PRNGKey(config.seed), cache_dir=config.model.cache_dir or None),
         replicated)
   else:
-    meta, phase, state = _restore(checkpointer, latest, config, model, abstract_variables,
-                                  len(splits["train"].labels), mesh)
+    latest, meta, phase, state = restored
     logging.info("resuming from checkpoint %d: phase %s, step %d of %d", latest, phase.name,
                  meta["phase_step"], phase.total_steps)
     start_phase = meta["phase"]
@@ -592,8 +687,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         _stop_if_requested(ctx, phase, state, global_step)
         variables, state = {"params": state.params, "batch_stats": state.batch_stats}, None
     checkpointer.wait()  # A failed last checkpoint fails the run before its outputs are written.
-    summary = write_outputs(workdir, config, dataset, splits, model, variables,
-                            device_images, device_labels, mesh, meta["results"])
+    with reporting.write_errors_reported("writing the outputs to", workdir):
+      summary = write_outputs(workdir, config, dataset, splits, model, variables,
+                              device_images, device_labels, mesh, meta["results"])
   finally:
     checkpointer.close()  # Whatever happened, a checkpoint being written is finished.
   return summary
@@ -609,6 +705,10 @@ def write_outputs(workdir, config, dataset, splits, model, variables, device_ima
                                                device_labels["test"], len(test.labels),
                                                config, mesh)
   logging.info("test loss %.4f, test accuracy %.4f", loss, accuracy)
+  if not math.isfinite(loss):
+    raise NonFiniteError(f"the test loss is {loss}: the trained model computes non-finite "
+                         "values, so no outputs were written. Train again in a new --workdir "
+                         "with a lower learning rate, or check the inputs.")
   summary = {"test_loss": loss, "test_accuracy": accuracy, "test_examples": len(test.labels),
              "phases": phase_results, "devices": [str(d) for d in jax.devices()],
              "processes": jax.process_count(),

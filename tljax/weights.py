@@ -67,7 +67,8 @@ def read_keras_h5(path: str | os.PathLike) -> KerasWeights:
   path = pathlib.Path(path)
   if not path.is_file():
     raise WeightsError(f"weights file {path} does not exist; pass the path of a Keras "
-                       "Keras .h5 weights file, 'imagenet' or 'none'.")
+                       ".h5 weights file, 'imagenet' or 'none'.")
+  _check_readable(path)
   if not h5py.is_hdf5(path):
     with open(path, "rb") as f:
       looks_html = f.read(512).lstrip().startswith(b"<")
@@ -81,6 +82,15 @@ def read_keras_h5(path: str | os.PathLike) -> KerasWeights:
   except (OSError, KeyError, RuntimeError) as e:  # h5py's errors for damaged files.
     raise WeightsError(f"{path} is a corrupt or truncated HDF5 file ({e}); delete it and "
                        "download it again, or pass a valid Keras .h5 weights file.") from e
+
+
+def _check_readable(path: pathlib.Path) -> None:
+  try:
+    with open(path, "rb") as f:
+      f.read(1)
+  except OSError as e:
+    raise WeightsError(f"weights file {path} cannot be read ({e.strerror or e}); check its "
+                       "permissions.") from None
 
 
 def _read_layers(f: h5py.File, path: pathlib.Path) -> KerasWeights:
@@ -101,6 +111,11 @@ def _read_layers(f: h5py.File, path: pathlib.Path) -> KerasWeights:
       if short in layer_weights:
         raise WeightsError(f"{path}: layer {layer!r} holds two weights called {short!r}.")
       layer_weights[short] = np.asarray(group[layer][name])
+      bad = int(np.size(layer_weights[short]) - np.isfinite(layer_weights[short]).sum())
+      if bad:
+        raise WeightsError(f"{path}: layer {layer!r} weight {short!r} holds {bad} NaN or "
+                           "infinite values; the file is damaged. Download it again, or pass "
+                           "another weights file.")
     if layer_weights:
       weights[layer] = layer_weights
   return weights
@@ -297,7 +312,8 @@ def _keras_cached(name: str) -> pathlib.Path | None:
   """The copy keras.applications already cached (``$KERAS_HOME/models``), if it verifies."""
   keras_home = pathlib.Path(os.environ.get("KERAS_HOME") or "~/.keras").expanduser()
   path = keras_home / "models" / name
-  if path.is_file() and (name not in KNOWN_SHA256 or download.sha256_of(path) == KNOWN_SHA256[name]):
+  known = KNOWN_SHA256.get(name)
+  if path.is_file() and (known is None or download.sha256_of(path) == known):
     return path
   return None
 
@@ -328,23 +344,42 @@ def resolve_weights(spec: str, model: LayerStack, *, input_size: int | tuple[int
   if not path.is_file():
     raise WeightsError(f"model.weights={spec!r}: no such file. Pass 'imagenet' (downloaded and "
                        "cached), 'none' (random initialisation) or the path of a Keras "
-                       "Keras .h5 weights file.")
+                       ".h5 weights file.")
   return path
+
+
+def _resolve_for(spec: str, model: LayerStack, input_size: int | tuple[int, int],
+                 cache_dir: str | os.PathLike | None) -> pathlib.Path | None:
+  include_top_file = _has_head(model) and model.num_classes == 1000
+  return resolve_weights(spec, model, input_size=input_size, include_top_file=include_top_file,
+                         cache_dir=cache_dir)
+
+
+def identity(spec: str, model: LayerStack, *, input_size: int | tuple[int, int],
+             cache_dir: str | os.PathLike | None = None) -> str:
+  """Which weights ``spec`` gives ``model``: "none", or "sha256:<hex>" of the file."""
+  path = _resolve_for(spec, model, input_size, cache_dir)
+  if path is None:
+    return "none"
+  _check_readable(path)
+  return f"sha256:{download.sha256_of(path)}"
 
 
 def load_pretrained(spec: str, model: LayerStack, *, input_size: int | tuple[int, int],
                     rng: jax.Array, cache_dir: str | os.PathLike | None = None) -> Variables:
   """Variables for ``model`` from ``spec`` ("imagenet", "none" or a .h5 path).
 
-  A model with a top of 1000 classes takes the ImageNet classifier; any other top is initialised
-  from ``rng`` over the ``_no_top`` weights.
+  A model with a top of 1000 classes takes the ImageNet classifier; any other top, and a head
+  in the file that does not fit the model's classes, is initialised from ``rng``.
   """
-  include_top_file = _has_head(model) and model.num_classes == 1000
-  path = resolve_weights(spec, model, input_size=input_size, include_top_file=include_top_file,
-                         cache_dir=cache_dir)
+  path = _resolve_for(spec, model, input_size, cache_dir)
   if path is None:
+    logging.warning("model.weights='none': training from random initialisation, without "
+                    "pretrained weights.")
     size = model.MIN_INPUT_SIZE
     return dict(jax.jit(model.init)(rng, jnp.zeros((1, size, size, 3), jnp.float32)))
   weights = read_keras_h5(path)
-  dont_load = ("predictions",) if _has_head(model) and "predictions" not in weights else ()
+  head = weights.get("predictions", {}).get("kernel")
+  head_fits = head is not None and head.shape[-1] == model.num_classes
+  dont_load = ("predictions",) if _has_head(model) and not head_fits else ()
   return _to_variables(weights, model, path, dont_load, rng)

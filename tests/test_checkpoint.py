@@ -1,0 +1,86 @@
+"""Checkpoint digests: a checkpoint whose arrays are damaged or unreadable is never restored."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tljax import checkpoint
+
+
+def _state(value: float):
+  return {"params": {"dense": {"kernel": jnp.full((64, 32), value)}}, "step": jnp.int32(3)}
+
+
+def _abstract():
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _state(0.0))
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path):
+  """A Checkpointer holding steps 1 and 2 (states filled with 1.0 and 2.0)."""
+  ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=2)
+  for step in (1, 2):
+    ckpt.save(step, _state(float(step)), {"phase": 0})
+    ckpt.wait()
+  yield ckpt
+  ckpt.close()
+
+
+def _largest_state_file(ckpt, step):
+  files = (p for p in (ckpt.directory / str(step) / "state").rglob("*") if p.is_file())
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def test_restore_returns_the_saved_arrays_and_the_meta_carries_their_digest(two_checkpoints):
+  state = two_checkpoints.restore_state(2, _abstract())
+  np.testing.assert_array_equal(state["params"]["dense"]["kernel"], np.full((64, 32), 2.0))
+  meta = two_checkpoints.restore_meta(2)
+  assert meta["state_sha256"] == checkpoint.state_digest(_state(2.0))
+  assert meta["phase"] == 0
+
+
+def test_arrays_that_differ_from_their_digest_are_refused(two_checkpoints):
+  # Orbax reads the arrays without complaint, but they are not the ones saved with this meta.
+  directory = two_checkpoints.directory
+  shutil.rmtree(directory / "2" / "state")
+  shutil.copytree(directory / "1" / "state", directory / "2" / "state")
+  with pytest.raises(checkpoint.CheckpointDamagedError,
+                     match=f"checkpoint {directory}/2 is damaged: its arrays differ from the "
+                     "digest saved with them"):
+    two_checkpoints.restore_state(2, _abstract())
+
+
+def test_a_truncated_checkpoint_is_damaged_in_one_line(two_checkpoints):
+  path = _largest_state_file(two_checkpoints, 2)
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  with pytest.raises(checkpoint.CheckpointDamagedError,
+                     match=f"checkpoint {two_checkpoints.directory}/2 cannot be read") as caught:
+    two_checkpoints.restore_state(2, _abstract())
+  assert "\n" not in str(caught.value)
+
+
+def test_unreadable_meta_is_damaged(two_checkpoints):
+  (two_checkpoints.directory / "2" / "meta" / "metadata").write_text("{not json")
+  with pytest.raises(checkpoint.CheckpointDamagedError, match="/2 cannot be read"):
+    two_checkpoints.restore_meta(2)
+
+
+def test_set_aside_moves_a_checkpoint_and_deletes_nothing(two_checkpoints):
+  first = two_checkpoints.set_aside(2)
+  assert first == two_checkpoints.directory.parent / "checkpoints.rejected" / "2"
+  assert (first / "state").is_dir()
+  assert two_checkpoints.all_steps() == [1] and two_checkpoints.latest_step() == 1
+  two_checkpoints.save(2, _state(2.0), {})
+  two_checkpoints.wait()
+  assert two_checkpoints.set_aside(2).name == "2.1" and first.is_dir()
+
+
+def test_digest_covers_paths_dtypes_and_values():
+  digests = {checkpoint.state_digest(s) for s in (
+      _state(1.0), _state(2.0), {"params": {"dense": {"kernel": jnp.full((64, 32), 1.0)}},
+                                 "step": jnp.float32(3)})}
+  assert len(digests) == 3
+  assert checkpoint.state_digest(_state(1.0)) == checkpoint.state_digest(_state(1.0))
