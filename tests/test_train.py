@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from tljax import checkpoint, train
+from tljax import checkpoint, evaluate, train
 
 
 def tiny_config(data_dir, **overrides):
@@ -66,6 +66,12 @@ def test_run_writes_every_output(uninterrupted):
   assert saved["test_accuracy"] == pytest.approx(
       np.mean(recount["labels"] == recount["predictions"]), abs=1e-12)
   assert len(recount["labels"]) == saved["test_examples"] == 40
+  report = saved["classification_report"]
+  assert [c["support"] for c in report["classes"]] == [4] * 10
+  assert report["accuracy"] == pytest.approx(saved["test_accuracy"])
+  np.testing.assert_array_equal(np.argmax(recount["probabilities"], 1), recount["predictions"])
+  assert report["top5_accuracy"] == pytest.approx(evaluate.top_k_accuracy(
+      recount["labels"], recount["probabilities"], 5))
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   epochs = [(r["phase"], r["epoch"]) for r in records if r["kind"] == "epoch"]
   assert epochs == [(0, 1), (0, 2), (1, 1)]

@@ -272,15 +272,17 @@ def make_eval_batch(model: MobileNetV2, cut: int, config, mesh):
 
 
 def evaluate_split(eval_batch, variables, inputs, labels: jax.Array, n: int, config,
-                   mesh) -> tuple[float, float, np.ndarray]:
-  """Mean loss, accuracy and every prediction over ``n`` examples."""
-  loss_sum, correct, predictions = 0.0, 0, []
+                   mesh) -> tuple[float, float, np.ndarray, np.ndarray]:
+  """Mean loss, accuracy, every prediction and its class probabilities over ``n`` examples."""
+  loss_sum, correct, predictions, probabilities = 0.0, 0, [], []
   for indices, mask in _index_batches(n, config.eval_batch_size, mesh):
     out = eval_batch(variables, inputs, labels, indices, mask)
     loss_sum, correct = loss_sum + out["loss_sum"], correct + out["correct"]
     predictions.append(out["predictions"])
-  predictions = np.concatenate(jax.device_get(predictions))[:n]
-  return float(loss_sum) / n, int(correct) / n, predictions
+    probabilities.append(out["probabilities"])
+  predictions, probabilities = (np.concatenate(jax.device_get(a))[:n]
+                                for a in (predictions, probabilities))
+  return float(loss_sum) / n, int(correct) / n, predictions, probabilities
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +415,7 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     val_loss = val_acc = None
     if n_val:
-      val_loss, val_acc, _ = evaluate_split(eval_batch, variables, val_inputs,
+      val_loss, val_acc, *_ = evaluate_split(eval_batch, variables, val_inputs,
                                             ctx.device_labels["validation"], n_val, config, mesh)
     record = {"kind": "epoch", "phase": phase.index, "phase_name": phase.name,
               "epoch": epoch + 1, "step": global_step,
@@ -617,11 +619,16 @@ def write_outputs(workdir, config, dataset, splits, model, variables, device_ima
   grid, curves and summary.json."""
   test = splits["test"]
   eval_batch = make_eval_batch(model, 0, config, mesh)
-  loss, accuracy, predictions = evaluate_split(eval_batch, variables, device_images["test"],
-                                               device_labels["test"], len(test.labels),
-                                               config, mesh)
-  logging.info("test loss %.4f, test accuracy %.4f", loss, accuracy)
+  loss, accuracy, predictions, probabilities = evaluate_split(
+      eval_batch, variables, device_images["test"], device_labels["test"], len(test.labels),
+      config, mesh)
+  cm = evaluate.confusion_matrix(test.labels, predictions, dataset.num_classes)
+  report = evaluate.classification_report(cm, dataset.class_names, labels=test.labels,
+                                          probabilities=probabilities)
+  logging.info("test loss %.4f, test accuracy %.4f\n%s", loss, accuracy,
+               evaluate.format_classification_report(report))
   summary = {"test_loss": loss, "test_accuracy": accuracy, "test_examples": len(test.labels),
+             "classification_report": report,
              "phases": phase_results, "devices": [str(d) for d in jax.devices()],
              "processes": jax.process_count(),
              "config": json.loads(config.to_json_best_effort())}
@@ -629,8 +636,8 @@ def write_outputs(workdir, config, dataset, splits, model, variables, device_ima
     return summary
   with reporting.atomic_open(workdir / "trained_variables.msgpack", "wb") as f:
     f.write(flax.serialization.msgpack_serialize(jax.device_get(dict(variables))))
-  np.savez(workdir / "test_predictions.npz", labels=test.labels, predictions=predictions)
-  cm = evaluate.confusion_matrix(test.labels, predictions, dataset.num_classes)
+  np.savez(workdir / "test_predictions.npz", labels=test.labels, predictions=predictions,
+           probabilities=probabilities)
   plots.plot_confusion_matrix(cm, dataset.class_names, workdir / "confusion_matrix.png")
   picked = evaluate.pick_samples(test.labels, predictions, n=9, seed=config.seed)
   plots.plot_samples(test.images[picked], test.labels[picked], predictions[picked],
