@@ -1,6 +1,9 @@
 """End-to-end runs on a tiny dataset: outputs, resume, and the cached-prefix fast path."""
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import flax.serialization
 import jax
@@ -8,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from tljax import checkpoint, evaluate, train
+from tljax import checkpoint, data, evaluate, train
 
 
 def tiny_config(data_dir, **overrides):
@@ -53,7 +56,8 @@ def uninterrupted(tiny_idx_dir, tmp_path_factory):
 def test_run_writes_every_output(uninterrupted):
   workdir, summary = uninterrupted
   for name in ("metrics.jsonl", "summary.json", "confusion_matrix.png", "samples.png",
-               "curves.png", "test_predictions.npz", "trained_variables.msgpack"):
+               "curves.png", "test_predictions.npz", "trained_variables.msgpack",
+               "export/model.jax_exported", "export/model.json"):
     assert (workdir / name).stat().st_size > 0, name
   trained = flax.serialization.msgpack_restore(
       (workdir / "trained_variables.msgpack").read_bytes())
@@ -82,6 +86,36 @@ def test_run_writes_every_output(uninterrupted):
   # Phase 2's prefix (layers[:100], frozen in phase 1 too) came from phase 1's caching pass.
   assert saved["phases"][1]["cached_prefix"] == ["block_10_project_BN", "block_11_expand_relu"]
   assert [p["prefix_cached_by_previous_phase"] for p in saved["phases"]] == [False, True]
+
+
+# Imports only jax and numpy: what another program has to load an exported model.
+_LOAD_EXPORTED = textwrap.dedent("""
+    import json, pathlib, sys
+    import jax, numpy as np
+    export_dir, images_path, out_path = map(pathlib.Path, sys.argv[1:])
+    meta = json.loads((export_dir / "model.json").read_text())
+    exported = jax.export.deserialize(bytearray((export_dir / "model.jax_exported").read_bytes()))
+    images = np.load(images_path)
+    assert images.shape[1:] == tuple(meta["input"]["shape"][1:]), images.shape
+    np.save(out_path, np.asarray(exported.call(images.astype(meta["input"]["dtype"]))))
+    print(json.dumps(sorted(m for m in ("tljax", "flax", "optax") if m in sys.modules)))
+""")
+
+
+def test_export_round_trips_in_a_process_without_tljax(uninterrupted, tiny_idx_dir, tmp_path):
+  workdir, _ = uninterrupted
+  meta = json.loads((workdir / "export" / "model.json").read_text())
+  assert meta["class_names"] == [str(i) for i in range(10)]
+  assert meta["input"] == {"shape": [None, 28, 28], "dtype": "uint8"}
+  images = data.load_idx_folder(tiny_idx_dir, "mnist").test.images[:7]  # Not the eval batch.
+  np.save(tmp_path / "images.npy", images)
+  loaded = subprocess.run(
+      [sys.executable, "-c", _LOAD_EXPORTED, str(workdir / "export"),
+       str(tmp_path / "images.npy"), str(tmp_path / "out.npy")],
+      capture_output=True, text=True, check=True)
+  assert json.loads(loaded.stdout) == []
+  expected = np.load(workdir / "test_predictions.npz")["probabilities"][:7]
+  np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=0, atol=1e-5)
 
 
 def test_restart_after_phase_one_continues_in_phase_two(uninterrupted, tiny_idx_dir,

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tljax import checkpoint, data, distributed, evaluate, freezing, optim, plots, preemption
-from tljax import prefix, reporting
+from tljax import checkpoint, data, distributed, evaluate, export, freezing, optim, plots
+from tljax import preemption, prefix, reporting
 from tljax import sharding, steps, weights
 from tljax.models import mobilenet_v2
 from tljax.models.mobilenet_v2 import MobileNetV2
@@ -615,8 +615,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
 
 def write_outputs(workdir, config, dataset, splits, model, variables, device_images,
                   device_labels, mesh, phase_results) -> dict[str, Any]:
-  """Test evaluation, then (on process 0) the trained variables, confusion matrix, sample
-  grid, curves and summary.json."""
+  """Test evaluation, then (on process 0) the trained variables, the exported model, confusion
+  matrix, sample grid, curves and summary.json."""
   test = splits["test"]
   eval_batch = make_eval_batch(model, 0, config, mesh)
   loss, accuracy, predictions, probabilities = evaluate_split(
@@ -636,6 +636,8 @@ def write_outputs(workdir, config, dataset, splits, model, variables, device_ima
     return summary
   with reporting.atomic_open(workdir / "trained_variables.msgpack", "wb") as f:
     f.write(flax.serialization.msgpack_serialize(jax.device_get(dict(variables))))
+  export.save(workdir / "export", model, variables, config, dataset.class_names,
+              test.images.shape[1:])
   np.savez(workdir / "test_predictions.npz", labels=test.labels, predictions=predictions,
            probabilities=probabilities)
   plots.plot_confusion_matrix(cm, dataset.class_names, workdir / "confusion_matrix.png")
