@@ -23,6 +23,14 @@ def phase(**overrides) -> ml_collections.ConfigDict:
   p.weight_decay = 0.0           # Decoupled weight decay (adamw only); trainable params only.
   p.grad_clip_norm = 0.0         # Clip trainable gradients to this global norm; 0 = off.
   p.label_smoothing = 0.0        # Cross-entropy label smoothing.
+  # Exponential moving average of the trainable weights, updated every step and used for
+  # validation, test, the saved variables and the next phase; 0 = off (e.g. 0.999).
+  p.ema_decay = 0.0
+  # The weights the phase hands on: "last" (its final epoch's) or "best" (the epoch with the
+  # best select_metric; the epoch's weights are saved in <workdir>/best_checkpoints).
+  p.select = "last"
+  p.select_metric = "val_accuracy"  # val_accuracy (higher is better) | val_loss (lower).
+  p.early_stopping_patience = 0  # End the phase after N epochs without a better select_metric.
   # BatchNorm of trainable layers: "inference" uses and keeps the moving statistics (the
   # Keras fine-tuning guide; the tutorial's training=False); "batch_stats" normalises with
   # batch statistics and updates the moving averages (what Keras 3's fit does after

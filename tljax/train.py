@@ -24,7 +24,7 @@ import numpy as np
 
 from tljax import checkpoint, data, distributed, evaluate, export, freezing, optim, plots
 from tljax import preemption, prefix, reporting
-from tljax import sharding, steps, weights
+from tljax import selection, sharding, steps, weights
 from tljax.models import mobilenet_v2
 from tljax.models.mobilenet_v2 import MobileNetV2
 
@@ -103,13 +103,15 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
            f"{where}: cache_prefix={phase.cache_prefix!r} is not one of {CACHE_MODES}.")
     freezing.parse_rules(freezing.expand_presets(phase.rules))
     optim.make_optimizer(phase, steps_per_epoch=1)
+    selection.check(phase, config.data.validation_split > 0, where)
 
 
 def config_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The settings a checkpoint must agree with to be resumed (state shape and data order)."""
   return {"data.name": config.data.name, "model.alpha": config.model.alpha,
           "batch_size": config.batch_size, "seed": config.seed,
-          "phases": [[p.name, list(p.rules), p.optimizer] for p in config.phases]}
+          "phases": [[p.name, list(p.rules), p.optimizer, p.ema_decay > 0]
+                     for p in config.phases]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +375,7 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
   eval_batch = make_eval_batch(model, phase.cut, config, mesh)
   batch = config.batch_size
   train_time, train_images, compiled = 0.0, 0, False
-  step = int(state.step)
+  step, stopped = int(state.step), False
   while step < phase.total_steps:
     epoch, position = divmod(step, phase.steps_per_epoch)
     order = data.epoch_permutation(config.seed, phase.index, epoch, n_train)
@@ -412,7 +414,7 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
         if (every and global_step // every != (global_step - k) // every
             and position < phase.steps_per_epoch):  # Epoch ends are saved below.
           _save(ctx, phase, state, global_step)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    variables = eval_variables(phase, state)
     val_loss = val_acc = None
     if n_val:
       val_loss, val_acc, *_ = evaluate_split(eval_batch, variables, val_inputs,
@@ -426,9 +428,13 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
     ctx.metrics.write(record)
     logging.info("%s: loss %.4f accuracy %.4f%s", desc, record["loss"], record["accuracy"],
                  f" val_loss {val_loss:.4f} val_accuracy {val_acc:.4f}" if n_val else "")
+    if _track_epoch(ctx, phase, variables, record, global_step):
+      stopped = True
+      break
     if step < phase.total_steps:  # The phase's last checkpoint is written by run().
       _save(ctx, phase, state, global_step)
       _stop_if_requested(ctx, phase, state, global_step)
+  state, weights_from = _selected_state(ctx, phase, state, record, stopped)
   trainable = sum(r.size for r in phase.reports if r.rule.action == freezing.TRAIN)
   frozen = sum(r.size for r in phase.reports if r.rule.action == freezing.FREEZE)
   results = {"name": phase.name, "epochs": phase.config.epochs,
@@ -437,8 +443,71 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
              "trainable_params": trainable, "frozen_params": frozen,
              "cached_prefix": list(frontier) if phase.cut else None,
              "prefix_cached_by_previous_phase": handed_over,
-             "batchnorm": phase.config.batchnorm}
+             "batchnorm": phase.config.batchnorm, "weights_from": weights_from,
+             "stopped_early_after_epoch": record["epoch"] if stopped else None}
   return state, results
+
+
+# ---------------------------------------------------------------------------------------------
+# The weights a phase evaluates and hands on: EMA, best epoch, early stopping.
+# ---------------------------------------------------------------------------------------------
+
+
+def eval_variables(phase: Phase, state: steps.TrainState) -> dict[str, Any]:
+  """What a phase evaluates, saves and hands on: the moving average of its trainable weights
+  where ``ema_decay`` is set, else its current weights."""
+  params = state.params
+  if phase.config.ema_decay:
+    params = optim.ema_params(state.opt_state, state.params, phase.labels)
+  return {"params": params, "batch_stats": state.batch_stats}
+
+
+def _track_epoch(ctx: RunContext, phase: Phase, variables, record: Mapping[str, Any],
+                 global_step: int) -> bool:
+  """Follows the phase's validation metric (kept in the checkpoint meta), saves a new best
+  epoch's variables; returns whether to stop the phase early."""
+  if not selection.tracks(phase.config):
+    return False
+  metric = phase.config.select_metric
+  tracker = selection.Tracker.from_meta(ctx.meta.get("selection"), phase.index, metric)
+  improved = tracker.update(record["epoch"], record[metric], step=global_step)
+  ctx.meta["selection"] = tracker.to_meta(phase.index)
+  if improved and phase.config.select == "best":
+    checkpoint.save_best(ctx.checkpointer.directory.parent, global_step, variables,
+                         ctx.meta["selection"])
+  stop = tracker.should_stop(phase.config.early_stopping_patience)
+  if stop:
+    logging.info("phase %s: %s has not improved on epoch %d's %.4f for %d epochs; stopping "
+                 "early", phase.name, metric, tracker.best_epoch, tracker.best_value,
+                 tracker.epochs_without_improvement)
+  return stop
+
+
+def _selected_state(ctx: RunContext, phase: Phase, state: steps.TrainState,
+                    last: Mapping[str, Any], stopped: bool):
+  """The state a phase ends with, and where its weights came from: the selected weights in
+  place of the trained ones and, stopped early, the phase's last step (a restart then finds
+  the phase finished)."""
+  variables = eval_variables(phase, state)
+  weights_from = {"phase": phase.name, "epoch": last["epoch"], "step": last["step"],
+                  "select": phase.config.select, "ema": bool(phase.config.ema_decay)}
+  if selection.tracks(phase.config):
+    metric = phase.config.select_metric
+    weights_from.update(metric=metric, value=last[metric])
+    tracker = selection.Tracker.from_meta(ctx.meta.get("selection"), phase.index, metric)
+    if phase.config.select == "best" and tracker.best_step not in (None, last["step"]):
+      abstract = jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), variables)
+      variables = checkpoint.restore_best(ctx.checkpointer.directory.parent,
+                                          tracker.best_step, abstract)
+      weights_from.update(epoch=tracker.best_epoch, step=tracker.best_step,
+                          value=tracker.best_value)
+      logging.info("phase %s: continuing with epoch %d's weights (%s %.4f)", phase.name,
+                   tracker.best_epoch, metric, tracker.best_value)
+  step = jnp.full_like(state.step, phase.total_steps) if stopped else state.step
+  state = state.replace(step=step, params=variables["params"],
+                        batch_stats=variables["batch_stats"])
+  return state, weights_from
 
 
 def _cut_where_cache_fits(ctx: RunContext, phase: Phase, state: steps.TrainState) -> Phase:
@@ -628,6 +697,7 @@ def write_outputs(workdir, config, dataset, splits, model, variables, device_ima
   logging.info("test loss %.4f, test accuracy %.4f\n%s", loss, accuracy,
                evaluate.format_classification_report(report))
   summary = {"test_loss": loss, "test_accuracy": accuracy, "test_examples": len(test.labels),
+             "weights_from": phase_results[-1]["weights_from"],
              "classification_report": report,
              "phases": phase_results, "devices": [str(d) for d in jax.devices()],
              "processes": jax.process_count(),
