@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_to_keep = 2             # Checkpoints kept in <workdir>/checkpoints.
   config.cache_max_gb = 4.0          # Largest prefix cache held in device memory.
   config.max_bad_steps = 10          # Consecutive non-finite steps before the run stops.
+  config.tensorboard = True          # TensorBoard event files in the workdir (process 0).
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "mnist"         # A tensorflow-datasets name (image + label features).

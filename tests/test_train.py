@@ -189,3 +189,37 @@ def test_ema_weights_are_evaluated_and_saved_and_frozen_ones_untouched(tiny_idx_
   frozen_before.pop("predictions")
   for a, b in zip(jax.tree.leaves(saved["params"]), jax.tree.leaves(frozen_before)):
     np.testing.assert_array_equal(a, b)
+
+
+def read_events(workdir):
+  """``tag -> [(step, value)]`` of scalars, and the image tags, of every event file."""
+  from tensorboardX.proto import event_pb2
+  scalars, images = {}, set()
+  for path in sorted(workdir.glob("events.out.tfevents.*")):
+    blob, position = path.read_bytes(), 0
+    while position < len(blob):  # TFRecord: length, its CRC, the event, its CRC.
+      length = int.from_bytes(blob[position:position + 8], "little")
+      event = event_pb2.Event.FromString(blob[position + 12:position + 12 + length])
+      position += 12 + length + 4
+      for value in event.summary.value:
+        if value.HasField("image"):
+          images.add(value.tag)
+        else:
+          scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars, images
+
+
+def test_tensorboard_events_hold_the_logged_scalars(uninterrupted):
+  workdir, _ = uninterrupted
+  scalars, images = read_events(workdir)
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  dispatches = [r for r in records if r["kind"] == "step"]
+  epochs = [r for r in records if r["kind"] == "epoch"]
+  for key in ("loss", "accuracy", "learning_rate", "images_per_s"):
+    assert scalars[f"train/{key}"] == [(r["step"], pytest.approx(r[key], rel=1e-6))
+                                       for r in dispatches], key
+  assert {r["learning_rate"] for r in dispatches} == {1e-3}
+  assert scalars["validation/accuracy"] == [(r["step"], pytest.approx(r["val_accuracy"]))
+                                            for r in epochs]
+  assert [step for step, _ in scalars["epoch/loss"]] == [r["step"] for r in epochs]
+  assert images == {"test/confusion_matrix"}

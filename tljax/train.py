@@ -24,7 +24,7 @@ import numpy as np
 
 from tljax import checkpoint, data, distributed, evaluate, export, freezing, optim, plots
 from tljax import preemption, prefix, reporting
-from tljax import selection, sharding, steps, weights
+from tljax import selection, sharding, steps, tensorboard, weights
 from tljax.models import mobilenet_v2
 from tljax.models.mobilenet_v2 import MobileNetV2
 
@@ -375,6 +375,7 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
   eval_batch = make_eval_batch(model, phase.cut, config, mesh)
   batch = config.batch_size
   train_time, train_images, compiled = 0.0, 0, False
+  learning_rate = optim.learning_rate_schedule(phase.config, phase.steps_per_epoch)
   step, stopped = int(state.step), False
   while step < phase.total_steps:
     epoch, position = divmod(step, phase.steps_per_epoch)
@@ -407,6 +408,7 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
         ctx.metrics.write({"kind": "step", "phase": phase.index, "phase_name": phase.name,
                            "epoch": epoch + 1, "step": global_step, "loss": chunk_loss,
                            "accuracy": chunk_acc, "skipped_steps": int((~finite).sum()),
+                           "learning_rate": float(learning_rate(step - 1)),
                            "images_per_s": k * batch / (time.perf_counter() - t0)})
         _check_bad_steps(state, config, phase, step)  # After the record: it counts the skips.
         _stop_if_requested(ctx, phase, state, global_step)
@@ -653,8 +655,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   device_labels = {k: sharding.put(s.labels, replicated) for k, s in splits.items()}
   stop = preemption.StopSignal()
   try:
-    with (reporting.MetricsWriter(workdir / "metrics.jsonl",
-                                  enabled=distributed.is_main_process()) as metrics,
+    events = tensorboard.EventWriter(workdir, enabled=distributed.is_main_process()
+                                     and config.tensorboard)
+    with (reporting.MetricsWriter(workdir / "metrics.jsonl", enabled=distributed.is_main_process(),
+                                  mirrors=[events]) as metrics,
           stop.installed()):
       ctx = RunContext(config, mesh, model, splits, device_images, device_labels,
                        checkpointer, metrics, stop, meta)
@@ -716,5 +720,9 @@ def write_outputs(workdir, config, dataset, splits, model, variables, device_ima
                      dataset.class_names, workdir / "samples.png")
   epochs = [r for r in reporting.read_metrics(workdir / "metrics.jsonl") if r["kind"] == "epoch"]
   plots.plot_curves(epochs, workdir / "curves.png")
+  if config.tensorboard:
+    with tensorboard.EventWriter(workdir) as events:
+      events.add_image("test/confusion_matrix", workdir / "confusion_matrix.png",
+                       epochs[-1]["step"] if epochs else 0)
   reporting.write_json(workdir / "summary.json", summary)
   return summary
