@@ -420,7 +420,8 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
     val_loss = val_acc = None
     if n_val:
       val_loss, val_acc, *_ = evaluate_split(eval_batch, variables, val_inputs,
-                                            ctx.device_labels["validation"], n_val, config, mesh)
+                                             ctx.device_labels["validation"], n_val, config,
+                                             mesh)
     record = {"kind": "epoch", "phase": phase.index, "phase_name": phase.name,
               "epoch": epoch + 1, "step": global_step,
               "loss": loss_sum / max(1, finite_steps),
@@ -430,7 +431,7 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
     ctx.metrics.write(record)
     logging.info("%s: loss %.4f accuracy %.4f%s", desc, record["loss"], record["accuracy"],
                  f" val_loss {val_loss:.4f} val_accuracy {val_acc:.4f}" if n_val else "")
-    if _track_epoch(ctx, phase, variables, record, global_step):
+    if _track_epoch(ctx, phase, variables, record, global_step) and step < phase.total_steps:
       stopped = True
       break
     if step < phase.total_steps:  # The phase's last checkpoint is written by run().
