@@ -24,6 +24,14 @@ def phase(**overrides) -> ml_collections.ConfigDict:
   p.weight_decay = 0.0           # Decoupled weight decay (adamw only); trainable params only.
   p.grad_clip_norm = 0.0         # Clip trainable gradients to this global norm; 0 = off.
   p.label_smoothing = 0.0        # Cross-entropy label smoothing.
+  # Exponential moving average of the trainable weights, updated every step and used for
+  # validation, test, the saved variables and the next phase; 0 = off (e.g. 0.999).
+  p.ema_decay = 0.0
+  # The weights the phase hands on: "last" (its final epoch's) or "best" (the epoch with the
+  # best select_metric; the epoch's weights are saved in <workdir>/best_checkpoints).
+  p.select = "last"
+  p.select_metric = "val_accuracy"  # val_accuracy (higher is better) | val_loss (lower).
+  p.early_stopping_patience = 0  # End the phase after N epochs without a better select_metric.
   # BatchNorm of trainable layers: "inference" uses and keeps the moving statistics (the
   # Keras fine-tuning guide; the tutorial's training=False); "batch_stats" normalises with
   # batch statistics and updates the moving averages (what Keras 3's fit does after
@@ -46,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_to_keep = 2             # Checkpoints kept in <workdir>/checkpoints.
   config.cache_max_gb = 4.0          # Largest prefix cache held in device memory.
   config.max_bad_steps = 10          # Consecutive non-finite steps before the run stops.
+  config.tensorboard = True          # TensorBoard event files in the workdir (process 0).
 
   config.data = ml_collections.ConfigDict()
   # mnist | fashion_mnist (IDX files, downloaded by tljax) | another tensorflow-datasets name.

@@ -91,3 +91,45 @@ def test_pick_samples_rejects_bad_input():
     evaluate.pick_samples([0, 1], [0, 1], n=0)
   with pytest.raises(ValueError, match="same length"):
     evaluate.pick_samples([0, 1], [0], n=1)
+
+
+def test_classification_report_matches_hand_computed_counts():
+  # cm = [[1, 1, 0], [0, 1, 0], [1, 0, 2]] (rows true, columns predicted), plus class 3 that
+  # is neither present nor predicted.
+  cm = evaluate.confusion_matrix(LABELS, PREDICTIONS, num_classes=4)
+  report = evaluate.classification_report(cm, ["a", "b", "c", "d"])
+  rows = [(c["name"], c["precision"], c["recall"], c["f1"], c["support"])
+          for c in report["classes"]]
+  assert rows == [("a", 0.5, 0.5, 0.5, 2), ("b", 0.5, 1.0, pytest.approx(2 / 3), 1),
+                  ("c", 1.0, pytest.approx(2 / 3), pytest.approx(0.8), 3),
+                  ("d", 0.0, 0.0, 0.0, 0)]
+  assert report["macro_avg"] == {"precision": pytest.approx(2 / 4),
+                                 "recall": pytest.approx((0.5 + 1 + 2 / 3) / 4),
+                                 "f1": pytest.approx((0.5 + 2 / 3 + 0.8) / 4), "support": 6}
+  assert report["weighted_avg"] == {"precision": pytest.approx(4.5 / 6),
+                                    "recall": pytest.approx(4 / 6),
+                                    "f1": pytest.approx((1 + 2 / 3 + 2.4) / 6),
+                                    "support": 6}
+  assert report["accuracy"] == pytest.approx(4 / 6)
+  assert "top5_accuracy" not in report  # Only 4 classes.
+  table = evaluate.format_classification_report(report)
+  assert table.splitlines()[1].split() == ["a", "0.5000", "0.5000", "0.5000", "2"]
+  assert "weighted avg" in table and "0.6667" in table.splitlines()[-1]
+
+
+def test_classification_report_top5_accuracy_from_probabilities():
+  labels = [0, 1, 2]
+  probabilities = np.full((3, 7), 0.1)
+  probabilities[0, 0] = 0.4          # Most probable: a hit.
+  probabilities[1, 2:6] = 0.2        # Four classes above the true one, fifth: a hit.
+  probabilities[2, [0, 1, 3, 4, 5]] = 0.15  # Five classes above: a miss.
+  predictions = np.argmax(probabilities, axis=1)
+  cm = evaluate.confusion_matrix(labels, predictions, num_classes=7)
+  report = evaluate.classification_report(cm, list("abcdefg"), labels=labels,
+                                          probabilities=probabilities)
+  assert report["top5_accuracy"] == pytest.approx(2 / 3)
+  assert "top5 accuracy" in evaluate.format_classification_report(report)
+  with pytest.raises(ValueError, match=r"probabilities must be \[N, classes\] with N=2"):
+    evaluate.top_k_accuracy([0, 1], probabilities, k=5)
+  with pytest.raises(ValueError, match="3 class names for a 7-class"):
+    evaluate.classification_report(cm, ["a", "b", "c"])

@@ -1,6 +1,9 @@
 """End-to-end runs on a tiny dataset: outputs, resume, and the cached-prefix fast path."""
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import flax.serialization
 import jax
@@ -8,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from tljax import checkpoint, train
+from tljax import checkpoint, data, evaluate, train
 
 
 def tiny_config(data_dir, **overrides):
@@ -53,7 +56,8 @@ def uninterrupted(tiny_idx_dir, tmp_path_factory):
 def test_run_writes_every_output(uninterrupted):
   workdir, summary = uninterrupted
   for name in ("metrics.jsonl", "summary.json", "confusion_matrix.png", "samples.png",
-               "curves.png", "test_predictions.npz", "trained_variables.msgpack"):
+               "curves.png", "test_predictions.npz", "trained_variables.msgpack",
+               "export/model.jax_exported", "export/model.json"):
     assert (workdir / name).stat().st_size > 0, name
   trained = flax.serialization.msgpack_restore(
       (workdir / "trained_variables.msgpack").read_bytes())
@@ -66,6 +70,12 @@ def test_run_writes_every_output(uninterrupted):
   assert saved["test_accuracy"] == pytest.approx(
       np.mean(recount["labels"] == recount["predictions"]), abs=1e-12)
   assert len(recount["labels"]) == saved["test_examples"] == 40
+  report = saved["classification_report"]
+  assert [c["support"] for c in report["classes"]] == [4] * 10
+  assert report["accuracy"] == pytest.approx(saved["test_accuracy"])
+  np.testing.assert_array_equal(np.argmax(recount["probabilities"], 1), recount["predictions"])
+  assert report["top5_accuracy"] == pytest.approx(evaluate.top_k_accuracy(
+      recount["labels"], recount["probabilities"], 5))
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   epochs = [(r["phase"], r["epoch"]) for r in records if r["kind"] == "epoch"]
   assert epochs == [(0, 1), (0, 2), (1, 1)]
@@ -76,6 +86,36 @@ def test_run_writes_every_output(uninterrupted):
   # Phase 2's prefix (layers[:100], frozen in phase 1 too) came from phase 1's caching pass.
   assert saved["phases"][1]["cached_prefix"] == ["block_10_project_BN", "block_11_expand_relu"]
   assert [p["prefix_cached_by_previous_phase"] for p in saved["phases"]] == [False, True]
+
+
+# Imports only jax and numpy: what another program has to load an exported model.
+_LOAD_EXPORTED = textwrap.dedent("""
+    import json, pathlib, sys
+    import jax, numpy as np
+    export_dir, images_path, out_path = map(pathlib.Path, sys.argv[1:])
+    meta = json.loads((export_dir / "model.json").read_text())
+    exported = jax.export.deserialize(bytearray((export_dir / "model.jax_exported").read_bytes()))
+    images = np.load(images_path)
+    assert images.shape[1:] == tuple(meta["input"]["shape"][1:]), images.shape
+    np.save(out_path, np.asarray(exported.call(images.astype(meta["input"]["dtype"]))))
+    print(json.dumps(sorted(m for m in ("tljax", "flax", "optax") if m in sys.modules)))
+""")
+
+
+def test_export_round_trips_in_a_process_without_tljax(uninterrupted, tiny_idx_dir, tmp_path):
+  workdir, _ = uninterrupted
+  meta = json.loads((workdir / "export" / "model.json").read_text())
+  assert meta["class_names"] == [str(i) for i in range(10)]
+  assert meta["input"] == {"shape": [None, 28, 28], "dtype": "uint8"}
+  images = data.load_idx_folder(tiny_idx_dir, "mnist").test.images[:7]  # Not the eval batch.
+  np.save(tmp_path / "images.npy", images)
+  loaded = subprocess.run(
+      [sys.executable, "-c", _LOAD_EXPORTED, str(workdir / "export"),
+       str(tmp_path / "images.npy"), str(tmp_path / "out.npy")],
+      capture_output=True, text=True, check=True)
+  assert json.loads(loaded.stdout) == []
+  expected = np.load(workdir / "test_predictions.npz")["probabilities"][:7]
+  np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=0, atol=1e-5)
 
 
 def test_restart_after_phase_one_continues_in_phase_two(uninterrupted, tiny_idx_dir,
@@ -115,3 +155,71 @@ def test_incompatible_checkpoints_are_refused(uninterrupted, tiny_idx_dir):
   config.phases[1].rules = ("freeze:layers[:50]", "train:.*")
   with pytest.raises(checkpoint.CheckpointError, match="another config.*phases"):
     train.run(config, uninterrupted[0])
+
+
+def test_ema_weights_are_evaluated_and_saved_and_frozen_ones_untouched(tiny_idx_dir, tmp_path,
+                                                                       monkeypatch):
+  config = tiny_config(tiny_idx_dir)
+  config.phases = (default.phase(name="head", epochs=1, ema_decay=0.9,
+                                 rules=("train:predictions/.*", "freeze:.*")),)
+  initial, evaluated, trained_raw = [], [], []
+  load, evaluate_split, select = (train.weights.load_pretrained, train.evaluate_split,
+                                  train._selected_state)
+  monkeypatch.setattr(train.weights, "load_pretrained",
+                      lambda *a, **k: initial.append(load(*a, **k)) or initial[-1])
+  monkeypatch.setattr(train, "evaluate_split", lambda eval_batch, variables, *a: (
+      evaluated.append(jax.device_get(variables)) or evaluate_split(eval_batch, variables, *a)))
+  monkeypatch.setattr(train, "_selected_state", lambda ctx, phase, state, *a: (
+      trained_raw.append(jax.device_get(state.params)) or select(ctx, phase, state, *a)))
+  summary = train.run(config, tmp_path)
+  assert summary["weights_from"]["ema"]
+  saved = flax.serialization.msgpack_restore((tmp_path / "trained_variables.msgpack").read_bytes())
+  validation = evaluated[0]  # Then the test split, with the same variables.
+  for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(validation)):
+    np.testing.assert_array_equal(a, b)
+  _, state = final_state(tmp_path)
+  averaged = state["opt_state"]["inner_states"]["train"]["inner_state"][1]["ema_params"]
+  # No moving average of a frozen weight: their places hold no array.
+  assert [path[0].key for path, _ in jax.tree_util.tree_leaves_with_path(averaged)] == \
+      ["predictions", "predictions"]
+  head = saved["params"].pop("predictions")
+  np.testing.assert_array_equal(head["kernel"], averaged["predictions"]["kernel"])
+  assert not np.allclose(head["kernel"], trained_raw[0]["predictions"]["kernel"])
+  frozen_before = jax.device_get(initial[0]["params"])
+  frozen_before.pop("predictions")
+  for a, b in zip(jax.tree.leaves(saved["params"]), jax.tree.leaves(frozen_before)):
+    np.testing.assert_array_equal(a, b)
+
+
+def read_events(workdir):
+  """``tag -> [(step, value)]`` of scalars, and the image tags, of every event file."""
+  from tensorboardX.proto import event_pb2
+  scalars, images = {}, set()
+  for path in sorted(workdir.glob("events.out.tfevents.*")):
+    blob, position = path.read_bytes(), 0
+    while position < len(blob):  # TFRecord: length, its CRC, the event, its CRC.
+      length = int.from_bytes(blob[position:position + 8], "little")
+      event = event_pb2.Event.FromString(blob[position + 12:position + 12 + length])
+      position += 12 + length + 4
+      for value in event.summary.value:
+        if value.HasField("image"):
+          images.add(value.tag)
+        else:
+          scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars, images
+
+
+def test_tensorboard_events_hold_the_logged_scalars(uninterrupted):
+  workdir, _ = uninterrupted
+  scalars, images = read_events(workdir)
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  dispatches = [r for r in records if r["kind"] == "step"]
+  epochs = [r for r in records if r["kind"] == "epoch"]
+  for key in ("loss", "accuracy", "learning_rate", "images_per_s"):
+    assert scalars[f"train/{key}"] == [(r["step"], pytest.approx(r[key], rel=1e-6))
+                                       for r in dispatches], key
+  assert {r["learning_rate"] for r in dispatches} == {1e-3}
+  assert scalars["validation/accuracy"] == [(r["step"], pytest.approx(r["val_accuracy"]))
+                                            for r in epochs]
+  assert [step for step, _ in scalars["epoch/loss"]] == [r["step"] for r in epochs]
+  assert images == {"test/confusion_matrix"}

@@ -39,10 +39,11 @@ class CheckpointDamagedError(CheckpointError):
 
 
 class Checkpointer:
-  """Saves and restores ``(state, meta)`` pairs under ``<workdir>/checkpoints``."""
+  """Saves and restores ``(state, meta)`` pairs under ``<workdir>/<name>``."""
 
-  def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int = 2):
-    self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+  def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int = 2,
+               name: str = "checkpoints"):
+    self.directory = pathlib.Path(workdir).absolute() / name
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep={max_to_keep} must be at least 1: a restart resumes from "
                        "the latest checkpoint.")
@@ -85,6 +86,11 @@ class Checkpointer:
       raise CheckpointWriteError(
           f"writing a checkpoint to {self.directory} failed: {e}; the previous checkpoint "
           "is kept.") from e
+
+  def delete(self, step: int) -> None:
+    """Removes checkpoint ``step`` if there is one."""
+    if step in self._manager.all_steps():
+      self._manager.delete(step)
 
   def restore_meta(self, step: int) -> dict[str, Any]:
     """The meta of checkpoint ``step``; CheckpointDamagedError if it cannot be read."""
@@ -170,6 +176,35 @@ def state_digest(state: Any) -> str:
     digest.update(f"{jax.tree_util.keystr(path)} {array.dtype} {array.shape}\n".encode())
     digest.update(array.tobytes())
   return digest.hexdigest()
+
+
+BEST = "best_checkpoints"
+
+
+def save_best(workdir: str | pathlib.Path, step: int, variables: Any,
+              meta: Mapping[str, Any]) -> None:
+  """Saves a phase's best ``variables`` so far as ``<workdir>/best_checkpoints/<step>``,
+  completely, before returning. The previous best is kept until the run's next checkpoint
+  names this one."""
+  best = Checkpointer(workdir, max_to_keep=2, name=BEST)
+  try:
+    best.delete(step)  # Written before a crash, by the same epoch of the same run.
+    best.save(step, variables, meta)
+  finally:
+    best.close()
+
+
+def restore_best(workdir: str | pathlib.Path, step: int, abstract_variables: Any) -> Any:
+  """The variables :func:`save_best` saved at ``step``, into ``abstract_variables``."""
+  best = Checkpointer(workdir, name=BEST)
+  try:
+    if step not in best._manager.all_steps():
+      raise CheckpointError(f"{best.directory} lacks checkpoint {step}, the best epoch that "
+                            "the run's checkpoint names; it was deleted or the workdir copied "
+                            "in part. Copy it back, or rerun in a new --workdir.")
+    return best.restore_state(step, abstract_variables)
+  finally:
+    best.close()
 
 
 def _check_writable(directory: pathlib.Path) -> None:

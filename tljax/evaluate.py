@@ -116,3 +116,83 @@ def pick_samples(labels, predictions, n: int = 9, seed: int = 0) -> np.ndarray:
       rng.choice(right, size=n - n_wrong, replace=False),
   ])
   return np.sort(picked).astype(np.int64)
+
+
+def top_k_accuracy(labels, probabilities, k: int) -> float:
+  """Fraction of examples whose true class is among the ``k`` most probable.
+
+  A class ranks by how many classes have a strictly higher probability, so a tie with the
+  k-th class counts as a hit.
+
+  >>> top_k_accuracy([0, 1], [[0.5, 0.3, 0.2], [0.6, 0.1, 0.3]], k=2)
+  0.5
+  """
+  labels = _class_ids("labels", labels)
+  probabilities = np.asarray(probabilities)
+  if probabilities.ndim != 2 or probabilities.shape[0] != labels.size:
+    raise ValueError(f"probabilities must be [N, classes] with N={labels.size} labels, got "
+                     f"shape {probabilities.shape}.")
+  if not labels.size:
+    raise ValueError("top-k accuracy of zero examples is undefined; got empty labels.")
+  true_probability = probabilities[np.arange(labels.size), labels]
+  rank = np.sum(probabilities > true_probability[:, None], axis=1)
+  return float(np.mean(rank < k))
+
+
+def classification_report(cm: np.ndarray, class_names, *, labels=None,
+                          probabilities=None, top_k: int = 5) -> dict:
+  """Per-class precision, recall, F1 and support, their macro and weighted averages, and
+  accuracy, all from a confusion matrix (rows true, columns predicted).
+
+  A class never predicted has precision 0, one absent from the labels recall 0 (as
+  scikit-learn's ``zero_division=0``). Where there are more than ``top_k`` classes and
+  ``labels`` and ``probabilities`` [N, classes] are given, adds ``top{k}_accuracy``.
+
+  >>> r = classification_report(np.array([[3, 1], [0, 2]]), ["a", "b"])
+  >>> r["classes"][0]
+  {'name': 'a', 'precision': 1.0, 'recall': 0.75, 'f1': 0.8571428571428571, 'support': 4}
+  """
+  cm = np.asarray(cm)
+  if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+    raise ValueError(f"cm must be a square confusion matrix, got shape {cm.shape}.")
+  if len(class_names) != cm.shape[0]:
+    raise ValueError(f"{len(class_names)} class names for a {cm.shape[0]}-class confusion "
+                     "matrix; give one name per class.")
+  true_positives = np.diagonal(cm).astype(np.float64)
+  support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+  precision = np.divide(true_positives, predicted, out=np.zeros_like(true_positives),
+                        where=predicted > 0)
+  recall = np.divide(true_positives, support, out=np.zeros_like(true_positives),
+                     where=support > 0)
+  both = precision + recall
+  f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(both), where=both > 0)
+  total = int(support.sum())
+  scores = {"precision": precision, "recall": recall, "f1": f1}
+  report = {
+      "classes": [{"name": str(name), **{k: float(v[i]) for k, v in scores.items()},
+                   "support": int(support[i])} for i, name in enumerate(class_names)],
+      "macro_avg": {**{k: float(v.mean()) for k, v in scores.items()}, "support": total},
+      "weighted_avg": {**{k: float(np.average(v, weights=support)) if total else 0.0
+                          for k, v in scores.items()}, "support": total},
+      "accuracy": float(true_positives.sum() / total) if total else 0.0,
+  }
+  if cm.shape[0] > top_k and labels is not None and probabilities is not None:
+    report[f"top{top_k}_accuracy"] = top_k_accuracy(labels, probabilities, top_k)
+  return report
+
+
+def format_classification_report(report: dict) -> str:
+  """``report`` (from :func:`classification_report`) as a fixed-width table."""
+  width = max(12, *(len(c["name"]) for c in report["classes"]))
+  header = f"{'':<{width}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>9}"
+
+  def row(name, r):
+    return (f"{name:<{width}} {r['precision']:>9.4f} {r['recall']:>9.4f} {r['f1']:>9.4f} "
+            f"{r['support']:>9}")
+
+  lines = [header, *(row(c["name"], c) for c in report["classes"]), "",
+           row("macro avg", report["macro_avg"]), row("weighted avg", report["weighted_avg"]),
+           f"{'accuracy':<{width}} {report['accuracy']:>39.4f}"]
+  lines += [f"{key.replace('_', ' '):<{width}} {value:>39.4f}"
+            for key, value in report.items() if key.startswith("top")]
+  return "\n".join(lines)

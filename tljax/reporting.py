@@ -143,14 +143,16 @@ class MetricsWriter:
   Each ``write`` is flushed and fsynced, so a crash loses nothing already
   written. Opening an existing file appends to it: a resumed run continues the
   same file. ``enabled=False`` writes nothing (all but the first process). NaN and
-  infinity are written as ``null``.
+  infinity are written as ``null``. Each record also goes to ``mirrors`` (objects with
+  ``write(record)`` and ``close()``, e.g. TensorBoard's), which are closed with the writer.
 
     with MetricsWriter(workdir / "metrics.jsonl") as w:
       w.write({"phase": 0, "epoch": 1, "loss": np.float32(0.31)})
   """
 
-  def __init__(self, path: str | os.PathLike, *, enabled: bool = True):
+  def __init__(self, path: str | os.PathLike, *, enabled: bool = True, mirrors=()):
     self.path = os.fspath(path)
+    self.mirrors = tuple(mirrors)
     self._file = None
     if not enabled:  # All but the first process of a multi-process run.
       return
@@ -172,8 +174,12 @@ class MetricsWriter:
       self._file.write(to_json(dict(record)) + "\n")
       self._file.flush()
       os.fsync(self._file.fileno())
+    for mirror in self.mirrors:
+      mirror.write(record)
 
   def close(self) -> None:
+    for mirror in self.mirrors:
+      mirror.close()
     if self._file is not None:
       self._file.close()
 

@@ -102,11 +102,13 @@ def train_step(state: TrainState, inputs: Any, labels: jax.Array, *, model: Laye
 
 def eval_step(variables: Any, inputs: Any, labels: jax.Array, mask: jax.Array, *,
               model: LayerStack, start: int = 0) -> dict[str, jax.Array]:
-  """Summed loss and correct count over the unmasked examples, and every prediction."""
+  """Summed loss and correct count over the unmasked examples, and every prediction with its
+  class probabilities."""
   logits = model.apply(variables, inputs, start=start)
   losses = cross_entropy(logits, labels)
   predictions = jnp.argmax(logits, -1)
   return {"loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
           "correct": jnp.sum(jnp.where(mask, predictions == labels, False)),
           "count": jnp.sum(mask),
-          "predictions": predictions}
+          "predictions": predictions,
+          "probabilities": jax.nn.softmax(logits.astype(jnp.float32), axis=-1)}

@@ -25,10 +25,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tljax import checkpoint, data, distributed, evaluate, freezing, optim, plots, preemption
-from tljax import prefix, reporting
-from tljax import sharding, steps, weights
-from tljax import models
+from tljax import checkpoint, data, distributed, evaluate, export, freezing, models, optim
+from tljax import plots, preemption, prefix, reporting
+from tljax import selection, sharding, steps, tensorboard, weights
 from tljax.models.layer_stack import CONVOLUTIONS, LayerStack
 
 BATCHNORM_MODES = ("inference", "batch_stats")
@@ -122,6 +121,7 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
            f"{where}: cache_prefix={phase.cache_prefix!r} is not one of {CACHE_MODES}.")
     freezing.parse_rules(freezing.expand_presets(phase.rules, backbone.PRESETS))
     optim.make_optimizer(phase, steps_per_epoch=1)
+    selection.check(phase, config.data.validation_split > 0, where)
 
 
 @_as_config_error()
@@ -173,7 +173,8 @@ def config_fingerprint(config: ml_collections.ConfigDict, data_identity: str,
           "model.weights": weights_identity, "model.name": config.model.name,
           "model.alpha": config.model.alpha,
           "batch_size": config.batch_size, "seed": config.seed,
-          "phases": [[p.name, list(p.rules), p.optimizer] for p in config.phases]}
+          "phases": [[p.name, list(p.rules), p.optimizer, p.ema_decay > 0]
+                     for p in config.phases]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,15 +342,17 @@ def make_eval_batch(model: LayerStack, cut: int, config, mesh):
 
 
 def evaluate_split(eval_batch, variables, inputs, labels: jax.Array, n: int, config,
-                   mesh) -> tuple[float, float, np.ndarray]:
-  """Mean loss, accuracy and every prediction over ``n`` examples."""
-  loss_sum, correct, predictions = 0.0, 0, []
+                   mesh) -> tuple[float, float, np.ndarray, np.ndarray]:
+  """Mean loss, accuracy, every prediction and its class probabilities over ``n`` examples."""
+  loss_sum, correct, predictions, probabilities = 0.0, 0, [], []
   for indices, mask in _index_batches(n, config.eval_batch_size, mesh):
     out = eval_batch(variables, inputs, labels, indices, mask)
     loss_sum, correct = loss_sum + out["loss_sum"], correct + out["correct"]
     predictions.append(out["predictions"])
-  predictions = np.concatenate(jax.device_get(predictions))[:n]
-  return float(loss_sum) / n, int(correct) / n, predictions
+    probabilities.append(out["probabilities"])
+  predictions, probabilities = (np.concatenate(jax.device_get(a))[:n]
+                                for a in (predictions, probabilities))
+  return float(loss_sum) / n, int(correct) / n, predictions, probabilities
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,7 +444,8 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
   eval_batch = make_eval_batch(model, phase.cut, config, mesh)
   batch = config.batch_size
   train_time, train_images, compiled = 0.0, 0, False
-  step = int(state.step)
+  learning_rate = optim.learning_rate_schedule(phase.config, phase.steps_per_epoch)
+  step, stopped = int(state.step), False
   while step < phase.total_steps:
     epoch, position = divmod(step, phase.steps_per_epoch)
     order = data.epoch_permutation(config.seed, phase.index, epoch, n_train)
@@ -473,6 +477,7 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
         ctx.metrics.write({"kind": "step", "phase": phase.index, "phase_name": phase.name,
                            "epoch": epoch + 1, "step": global_step, "loss": chunk_loss,
                            "accuracy": chunk_acc, "skipped_steps": int((~finite).sum()),
+                           "learning_rate": float(learning_rate(step - 1)),
                            "images_per_s": k * batch / (time.perf_counter() - t0)})
         _check_bad_steps(state, config, phase, step)  # After the record: it counts the skips.
         _stop_if_requested(ctx, phase, state, global_step)
@@ -480,11 +485,12 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
         if (every and global_step // every != (global_step - k) // every
             and position < phase.steps_per_epoch):  # Epoch ends are saved below.
           _save(ctx, phase, state, global_step)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    variables = eval_variables(phase, state)
     val_loss = val_acc = None
     if n_val:
-      val_loss, val_acc, _ = evaluate_split(eval_batch, variables, val_inputs,
-                                            ctx.device_labels["validation"], n_val, config, mesh)
+      val_loss, val_acc, *_ = evaluate_split(eval_batch, variables, val_inputs,
+                                             ctx.device_labels["validation"], n_val, config,
+                                             mesh)
     record = {"kind": "epoch", "phase": phase.index, "phase_name": phase.name,
               "epoch": epoch + 1, "step": global_step,
               "loss": loss_sum / max(1, finite_steps),
@@ -494,9 +500,13 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
     ctx.metrics.write(record)
     logging.info("%s: loss %.4f accuracy %.4f%s", desc, record["loss"], record["accuracy"],
                  f" val_loss {val_loss:.4f} val_accuracy {val_acc:.4f}" if n_val else "")
+    if _track_epoch(ctx, phase, variables, record, global_step) and step < phase.total_steps:
+      stopped = True
+      break
     if step < phase.total_steps:  # The phase's last checkpoint is written by run().
       _save(ctx, phase, state, global_step)
       _stop_if_requested(ctx, phase, state, global_step)
+  state, weights_from = _selected_state(ctx, phase, state, record, stopped)
   trainable = sum(r.size for r in phase.reports if r.rule.action == freezing.TRAIN)
   frozen = sum(r.size for r in phase.reports if r.rule.action == freezing.FREEZE)
   results = {"name": phase.name, "epochs": phase.config.epochs,
@@ -505,8 +515,71 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
              "trainable_params": trainable, "frozen_params": frozen,
              "cached_prefix": list(frontier) if phase.cut else None,
              "prefix_cached_by_previous_phase": handed_over,
-             "batchnorm": phase.config.batchnorm}
+             "batchnorm": phase.config.batchnorm, "weights_from": weights_from,
+             "stopped_early_after_epoch": record["epoch"] if stopped else None}
   return state, results
+
+
+# ---------------------------------------------------------------------------------------------
+# The weights a phase evaluates and hands on: EMA, best epoch, early stopping.
+# ---------------------------------------------------------------------------------------------
+
+
+def eval_variables(phase: Phase, state: steps.TrainState) -> dict[str, Any]:
+  """What a phase evaluates, saves and hands on: the moving average of its trainable weights
+  where ``ema_decay`` is set, else its current weights."""
+  params = state.params
+  if phase.config.ema_decay:
+    params = optim.ema_params(state.opt_state, state.params, phase.labels)
+  return {"params": params, "batch_stats": state.batch_stats}
+
+
+def _track_epoch(ctx: RunContext, phase: Phase, variables, record: Mapping[str, Any],
+                 global_step: int) -> bool:
+  """Follows the phase's validation metric (kept in the checkpoint meta), saves a new best
+  epoch's variables; returns whether to stop the phase early."""
+  if not selection.tracks(phase.config):
+    return False
+  metric = phase.config.select_metric
+  tracker = selection.Tracker.from_meta(ctx.meta.get("selection"), phase.index, metric)
+  improved = tracker.update(record["epoch"], record[metric], step=global_step)
+  ctx.meta["selection"] = tracker.to_meta(phase.index)
+  if improved and phase.config.select == "best":
+    checkpoint.save_best(ctx.checkpointer.directory.parent, global_step, variables,
+                         ctx.meta["selection"])
+  stop = tracker.should_stop(phase.config.early_stopping_patience)
+  if stop:
+    logging.info("phase %s: %s has not improved on epoch %d's %.4f for %d epochs; stopping "
+                 "early", phase.name, metric, tracker.best_epoch, tracker.best_value,
+                 tracker.epochs_without_improvement)
+  return stop
+
+
+def _selected_state(ctx: RunContext, phase: Phase, state: steps.TrainState,
+                    last: Mapping[str, Any], stopped: bool):
+  """The state a phase ends with, and where its weights came from: the selected weights in
+  place of the trained ones and, stopped early, the phase's last step (a restart then finds
+  the phase finished)."""
+  variables = eval_variables(phase, state)
+  weights_from = {"phase": phase.name, "epoch": last["epoch"], "step": last["step"],
+                  "select": phase.config.select, "ema": bool(phase.config.ema_decay)}
+  if selection.tracks(phase.config):
+    metric = phase.config.select_metric
+    weights_from.update(metric=metric, value=last[metric])
+    tracker = selection.Tracker.from_meta(ctx.meta.get("selection"), phase.index, metric)
+    if phase.config.select == "best" and tracker.best_step not in (None, last["step"]):
+      abstract = jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), variables)
+      variables = checkpoint.restore_best(ctx.checkpointer.directory.parent,
+                                          tracker.best_step, abstract)
+      weights_from.update(epoch=tracker.best_epoch, step=tracker.best_step,
+                          value=tracker.best_value)
+      logging.info("phase %s: continuing with epoch %d's weights (%s %.4f)", phase.name,
+                   tracker.best_epoch, metric, tracker.best_value)
+  step = jnp.full_like(state.step, phase.total_steps) if stopped else state.step
+  state = state.replace(step=step, params=variables["params"],
+                        batch_stats=variables["batch_stats"])
+  return state, weights_from
 
 
 def _cut_where_cache_fits(ctx: RunContext, phase: Phase, state: steps.TrainState) -> Phase:
@@ -665,8 +738,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   device_labels = {k: sharding.put(s.labels, replicated) for k, s in splits.items()}
   stop = preemption.StopSignal()
   try:
-    with (reporting.MetricsWriter(workdir / "metrics.jsonl",
-                                  enabled=distributed.is_main_process()) as metrics,
+    events = tensorboard.EventWriter(workdir, enabled=distributed.is_main_process()
+                                     and config.tensorboard)
+    with (reporting.MetricsWriter(workdir / "metrics.jsonl", enabled=distributed.is_main_process(),
+                                  mirrors=[events]) as metrics,
           stop.installed()):
       ctx = RunContext(config, mesh, model, splits, device_images, device_labels,
                        checkpointer, metrics, stop, meta)
@@ -697,19 +772,25 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
 
 def write_outputs(workdir, config, dataset, splits, model, variables, device_images,
                   device_labels, mesh, phase_results) -> dict[str, Any]:
-  """Test evaluation, then (on process 0) the trained variables, confusion matrix, sample
-  grid, curves and summary.json."""
+  """Test evaluation, then (on process 0) the trained variables, the exported model, confusion
+  matrix, sample grid, curves and summary.json."""
   test = splits["test"]
   eval_batch = make_eval_batch(model, 0, config, mesh)
-  loss, accuracy, predictions = evaluate_split(eval_batch, variables, device_images["test"],
-                                               device_labels["test"], len(test.labels),
-                                               config, mesh)
-  logging.info("test loss %.4f, test accuracy %.4f", loss, accuracy)
+  loss, accuracy, predictions, probabilities = evaluate_split(
+      eval_batch, variables, device_images["test"], device_labels["test"], len(test.labels),
+      config, mesh)
   if not math.isfinite(loss):
     raise NonFiniteError(f"the test loss is {loss}: the trained model computes non-finite "
                          "values, so no outputs were written. Train again in a new --workdir "
                          "with a lower learning rate, or check the inputs.")
+  cm = evaluate.confusion_matrix(test.labels, predictions, dataset.num_classes)
+  report = evaluate.classification_report(cm, dataset.class_names, labels=test.labels,
+                                          probabilities=probabilities)
+  logging.info("test loss %.4f, test accuracy %.4f\n%s", loss, accuracy,
+               evaluate.format_classification_report(report))
   summary = {"test_loss": loss, "test_accuracy": accuracy, "test_examples": len(test.labels),
+             "weights_from": phase_results[-1]["weights_from"],
+             "classification_report": report,
              "phases": phase_results, "devices": [str(d) for d in jax.devices()],
              "processes": jax.process_count(),
              "config": json.loads(config.to_json_best_effort())}
@@ -717,13 +798,19 @@ def write_outputs(workdir, config, dataset, splits, model, variables, device_ima
     return summary
   with reporting.atomic_open(workdir / "trained_variables.msgpack", "wb") as f:
     f.write(flax.serialization.msgpack_serialize(jax.device_get(dict(variables))))
-  np.savez(workdir / "test_predictions.npz", labels=test.labels, predictions=predictions)
-  cm = evaluate.confusion_matrix(test.labels, predictions, dataset.num_classes)
+  export.save(workdir / "export", model, variables, config, dataset.class_names,
+              test.images.shape[1:])
+  np.savez(workdir / "test_predictions.npz", labels=test.labels, predictions=predictions,
+           probabilities=probabilities)
   plots.plot_confusion_matrix(cm, dataset.class_names, workdir / "confusion_matrix.png")
   picked = evaluate.pick_samples(test.labels, predictions, n=9, seed=config.seed)
   plots.plot_samples(test.images[picked], test.labels[picked], predictions[picked],
                      dataset.class_names, workdir / "samples.png")
   epochs = [r for r in reporting.read_metrics(workdir / "metrics.jsonl") if r["kind"] == "epoch"]
   plots.plot_curves(epochs, workdir / "curves.png")
+  if config.tensorboard:
+    with tensorboard.EventWriter(workdir) as events:
+      events.add_image("test/confusion_matrix", workdir / "confusion_matrix.png",
+                       epochs[-1]["step"] if epochs else 0)
   reporting.write_json(workdir / "summary.json", summary)
   return summary

@@ -1,0 +1,80 @@
+"""Which epoch's weights a phase hands on: the last, or the best by a validation metric; and
+when validation has stopped improving for long enough to stop the phase early.
+
+The tracker is plain data, saved in every checkpoint's meta, so a resumed phase knows its
+best epoch so far and how long ago it was.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import ml_collections
+
+SELECT_MODES = ("last", "best")
+# Validation metric -> +1 when higher is better, -1 when lower is.
+METRICS = {"val_accuracy": 1, "val_loss": -1}
+
+
+def check(phase: ml_collections.ConfigDict, has_validation: bool, where: str) -> None:
+  """Raises ValueError naming a bad ``select``, ``select_metric`` or patience setting."""
+  if phase.select not in SELECT_MODES:
+    raise ValueError(f"{where}: select={phase.select!r} is not one of {SELECT_MODES}.")
+  if phase.select_metric not in METRICS:
+    raise ValueError(f"{where}: select_metric={phase.select_metric!r} is not one of "
+                     f"{tuple(METRICS)}.")
+  if phase.early_stopping_patience < 0:
+    raise ValueError(f"{where}: early_stopping_patience={phase.early_stopping_patience} must "
+                     "be >= 0 epochs (0 = off).")
+  if tracks(phase) and not has_validation:
+    raise ValueError(f"{where}: select='best' and early stopping read the validation split, "
+                     "but data.validation_split is 0; set it above 0 (e.g. 0.1), or use "
+                     "select='last' and early_stopping_patience=0.")
+
+
+def tracks(phase: ml_collections.ConfigDict) -> bool:
+  """Whether ``phase`` needs its validation metric followed epoch by epoch."""
+  return phase.select == "best" or phase.early_stopping_patience > 0
+
+
+@dataclasses.dataclass
+class Tracker:
+  """The best value of a validation metric in a phase so far, and where it was reached.
+
+  >>> t = Tracker("val_loss")
+  >>> [t.update(epoch, loss, step=10 * epoch) for epoch, loss in [(1, 0.5), (2, 0.7)]]
+  [True, False]
+  >>> t.best_epoch, t.epochs_without_improvement
+  (1, 1)
+  """
+  metric: str
+  best_value: float | None = None
+  best_epoch: int | None = None        # 1-based epoch of the phase.
+  best_step: int | None = None         # Global step at the end of that epoch.
+  epochs_without_improvement: int = 0
+
+  def update(self, epoch: int, value: float, *, step: int) -> bool:
+    """Records one epoch's metric; returns whether it is a new best (ties are not)."""
+    sign = METRICS[self.metric]
+    improved = not math.isnan(value) and (
+        self.best_value is None or sign * value > sign * self.best_value)
+    if improved:
+      self.best_value, self.best_epoch, self.best_step = float(value), epoch, step
+      self.epochs_without_improvement = 0
+    else:
+      self.epochs_without_improvement += 1
+    return improved
+
+  def should_stop(self, patience: int) -> bool:
+    """Whether ``patience`` (> 0) epochs in a row have not improved on the best."""
+    return patience > 0 and self.epochs_without_improvement >= patience
+
+  def to_meta(self, phase_index: int) -> dict[str, Any]:
+    return {"phase": phase_index, **dataclasses.asdict(self)}
+
+  @classmethod
+  def from_meta(cls, meta: dict[str, Any] | None, phase_index: int, metric: str) -> "Tracker":
+    """The tracker saved for ``phase_index``, or a fresh one."""
+    if not meta or meta["phase"] != phase_index:
+      return cls(metric)
+    return cls(**{k: v for k, v in meta.items() if k != "phase"})
