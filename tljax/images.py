@@ -94,3 +94,11 @@ def load_stored(path: str | os.PathLike, size: int) -> np.ndarray:
   ``size`` pixels on each side, which makes decoding several times faster.
   """
   return resize_stored(_open_rgb(path, draft_size=size), size)
+
+
+def try_load_stored(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
+  """``(load_stored(path, size), None)``, or ``(None, why)`` if the file cannot be read."""
+  try:
+    return load_stored(path, size), None
+  except ImageError as e:
+    return None, str(e)
