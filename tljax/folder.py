@@ -181,9 +181,9 @@ def split_listing(listing: Listing, *, validation_split: float, test_split: floa
                   seed: int) -> dict[str, list[tuple[str, int]]]:
   """Each split's sorted ``(path, label)``; splits without a folder are cut from train.
 
-  The cut is per class (stratified): a class of n images gives ``round(n * fraction)`` to
-  each cut split (at least one image stays in train), chosen by a permutation seeded by
-  ``seed`` and the class.
+  The cut is per class (stratified): a class of n images gives ``n * fraction`` images,
+  rounded half up, to each cut split (at least one image stays in train), chosen by a
+  permutation seeded by ``seed`` and the class.
   """
   fractions = {split: fraction for split, fraction in
                (("validation", validation_split), ("test", test_split))
@@ -197,7 +197,7 @@ def split_listing(listing: Listing, *, validation_split: float, test_split: floa
     order = np.random.default_rng([seed, label]).permutation(len(paths))
     start = 0
     for split, fraction in fractions.items():
-      count = min(int(round(len(paths) * fraction)), len(paths) - 1 - start)
+      count = min(int(len(paths) * fraction + 0.5), len(paths) - 1 - start)
       splits[split] += [(paths[i], label) for i in order[start:start + count]]
       start += count
     splits["train"] += [(paths[i], label) for i in order[start:]]
@@ -228,6 +228,11 @@ def read_split_lists(directory: pathlib.Path,
     raise _problem(f"files listed in {directory} (this run's splits) missing from "
                    f"{listing.root}", missing,
                    "Restore them, or start a new run in another --workdir.")
+  added = len(labels) - sum(len(paths) for paths in splits.values())
+  if added:
+    logging.warning("%s: %d image files are not in this run's split lists in %s (added since "
+                    "it began); they are not used. Start a new run in another --workdir to "
+                    "use them.", listing.root, added, directory)
   return {split: [(p, labels[p]) for p in paths] for split, paths in splits.items()}
 
 
@@ -347,18 +352,17 @@ def load_folder(config: ml_collections.ConfigDict, splits_dir: pathlib.Path | No
                 *, write_splits: bool = True, progress: bool = True) -> data.Dataset:
   """The folder ``config.data.dir`` as a Dataset with its own validation split.
 
-  Split lists are read from ``splits_dir`` if an earlier run wrote them, else cut and (if
-  ``write_splits``) written there. Bad image files raise one DataError listing them, unless
+  Split lists are read from ``splits_dir`` if an earlier run wrote them, else cut and, once
+  every file has been read (and if ``write_splits``), written there. Bad image files raise one DataError listing them, unless
   ``data.skip_bad_images``: then they are left out with a warning and named in
   ``Dataset.skipped``.
   """
   listing = scan(config.data.dir)
   splits = read_split_lists(splits_dir, listing) if splits_dir else None
-  if splits is None:
+  new_splits = splits is None
+  if new_splits:
     splits = split_listing(listing, validation_split=config.data.validation_split,
                            test_split=config.data.test_split, seed=config.seed)
-    if splits_dir and write_splits:
-      write_split_lists(splits_dir, splits)
   _log_listing(listing, splits)
   if not splits["test"]:
     raise data.DataError(f"{listing.root} has no test images: add a test/ folder beside "
@@ -370,11 +374,13 @@ def load_folder(config: ml_collections.ConfigDict, splits_dir: pathlib.Path | No
                else default_cache_dir())
   pixels, failed = decoded_images(listing.root, paths, size, cache_dir, progress)
   if failed and not config.data.skip_bad_images:
-    raise _problem("image files that cannot be read", list(failed.values()),
+    raise _problem("image files that cannot be read", [f"{p} ({why})" for p, why in failed.items()],
                    f"Replace or remove them, {_SKIP_FIX}.")
   if failed:
     logging.warning("%s: skipping %d image files that cannot be read: %s", listing.root,
                     len(failed), ", ".join(list(failed)[:_LISTED]))
+  if new_splits and splits_dir and write_splits:
+    write_split_lists(splits_dir, splits)
   row = {path: i for i, path in enumerate(paths)}
 
   def to_split(files):

@@ -25,6 +25,10 @@ _WHITE = (255, 255, 255)
 class ImageError(ValueError):
   """An image file cannot be read or decoded; the message names the path and the cause."""
 
+  def __init__(self, path: str | os.PathLike, cause: str):
+    super().__init__(f"{path}: {cause}; replace or remove it.")
+    self.path, self.cause = os.fspath(path), cause
+
 
 def is_image_name(name: str) -> bool:
   """Whether a file name has one of :data:`IMAGE_EXTENSIONS` (any case)."""
@@ -53,7 +57,7 @@ def _open_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.I
   path = pathlib.Path(path)
   try:
     if path.stat().st_size == 0:
-      raise ImageError(f"{path}: empty file (0 bytes); replace or remove it.")
+      raise ImageError(path, "empty file (0 bytes)")
     with Image.open(path) as image:
       image.seek(0)  # The first frame of an animated GIF or WebP.
       if draft_size and image.format == "JPEG":
@@ -63,11 +67,10 @@ def _open_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.I
   except ImageError:
     raise
   except Image.UnidentifiedImageError:
-    raise ImageError(f"{path}: not an image Pillow can identify (expected JPEG, PNG, BMP, GIF, "
-                     "WebP or TIFF); replace or remove it.") from None
+    raise ImageError(path, "not an image Pillow can identify (expected JPEG, PNG, BMP, GIF, "
+                     "WebP or TIFF)") from None
   except Exception as e:  # noqa: BLE001 - decoders fail on bad data with many exception types.
-    raise ImageError(f"{path}: cannot be read as an image ({type(e).__name__}: {e}); replace "
-                     "or remove it.") from None
+    raise ImageError(path, f"cannot be read as an image ({type(e).__name__}: {e})") from None
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
@@ -97,8 +100,9 @@ def load_stored(path: str | os.PathLike, size: int) -> np.ndarray:
 
 
 def try_load_stored(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
-  """``(load_stored(path, size), None)``, or ``(None, why)`` if the file cannot be read."""
+  """``(load_stored(path, size), None)``, or ``(None, the cause)`` if the file cannot be
+  read."""
   try:
     return load_stored(path, size), None
   except ImageError as e:
-    return None, str(e)
+    return None, e.cause
