@@ -40,6 +40,9 @@ def phase(**overrides) -> ml_collections.ConfigDict:
   # Compute the frozen prefix of the network once per phase and train on its cached
   # output. "auto": on when exact (no augmentation) and the cache fits cache_max_gb.
   p.cache_prefix = "auto"        # auto | off
+  # Apply the data augmentation settings (augment_shift, random_crop, flip) in this phase.
+  # False trains on the evaluation view, which lets the frozen prefix be cached.
+  p.augment = True
   p.update(overrides)
   return p
 
@@ -57,15 +60,35 @@ def get_config() -> ml_collections.ConfigDict:
   config.tensorboard = True          # TensorBoard event files in the workdir (process 0).
 
   config.data = ml_collections.ConfigDict()
+  # auto: a folder of class folders, else a folder of IDX files, else tensorflow-datasets |
+  # folder | idx | tfds. See README, "Your own images".
+  config.data.source = "auto"
   # mnist | fashion_mnist (IDX files, downloaded by tljax) | another tensorflow-datasets name.
   config.data.name = "mnist"
-  # A folder of IDX *-ubyte.gz files, or a tfds data_dir; "" = download into the cache
-  # ($TLJAX_CACHE or ~/.cache/tljax; mnist and fashion_mnist) or tfds's default data_dir.
+  # An image folder, a folder of IDX *-ubyte.gz files, or a tfds data_dir; "" = download into
+  # the cache ($TLJAX_CACHE or ~/.cache/tljax; mnist and fashion_mnist) or tfds's default.
   config.data.dir = ""
   config.data.train_examples = 0     # Use the first N training examples; 0 = all.
-  config.data.validation_split = 0.2  # Last fraction held out, as Keras's validation_split.
+  # Held out for validation: IDX/tfds the last fraction, as Keras's validation_split; a
+  # folder without validation/ this fraction of each class (seeded).
+  config.data.validation_split = 0.2
+  config.data.test_split = 0.1       # Of each class, for a folder without test/ (seeded).
   config.data.scale = "unit"         # unit: x/255 | symmetric: x/127.5 - 1 (MobileNetV2's).
   config.data.augment_shift = 0      # Random translation of up to N pixels; 0 = none.
+  config.data.random_crop = False    # Random resized crop (photos); needs stored room.
+  config.data.crop_scale = (0.35, 1.0)   # Random crop: range of its area fraction.
+  config.data.crop_ratio = (0.75, 1.333)  # Random crop: range of its width / height.
+  config.data.flip = False           # Random horizontal flip (photos; not digits or text).
+  # Evaluation (and unaugmented training) view: the centre crop of this fraction of each
+  # side, resized to model.input_size; 1.0 = the whole image.
+  config.data.eval_crop = 1.0
+  # Folder datasets: side of the square images decoded into the cache; 0 = model.input_size
+  # * 8/7 rounded up to a multiple of 8 (room for crops).
+  config.data.image_size = 0
+  config.data.cache_dir = ""         # Decoded cache; "" = $TLJAX_CACHE or ~/.cache/tljax
+                                     # + /decoded.
+  config.data.skip_bad_images = False  # Skip unreadable images (warned, in summary.json).
+  config.data.max_memory_gb = 8.0    # Largest decoded folder dataset held in memory.
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "mobilenet_v2"  # The backbone (tljax.models.BACKBONES).

@@ -520,3 +520,71 @@ def test_num_batches(n, batch, drop, expected):
 def test_num_batches_rejects_bad_batch_size():
   with pytest.raises(ValueError, match="batch_size=0 must be > 0"):
     data.num_batches(10, 0, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Photo augmentation and the evaluation view.
+# ---------------------------------------------------------------------------------------------
+
+
+def _photos(n=4, h=8, w=8):
+  return (np.random.default_rng(0).integers(0, 256, (n, h, w, 3))).astype(np.uint8)
+
+
+def test_evaluation_input_without_crop_is_preprocess():
+  images = _photos()
+  np.testing.assert_array_equal(data.evaluation_input(images, size=6, scale="symmetric"),
+                                data.preprocess(images, size=6, scale="symmetric"))
+
+
+def test_evaluation_input_takes_the_centre_crop():
+  images = _photos(h=10, w=10)
+  got = data.evaluation_input(images, size=6, scale="unit", crop_fraction=0.6)
+  np.testing.assert_array_equal(got, data.preprocess(images[:, 2:8, 2:8], size=6, scale="unit"))
+  with pytest.raises(ValueError, match=r"crop_fraction=0 must be in \(0, 1\]"):
+    data.evaluation_input(images, size=6, scale="unit", crop_fraction=0)
+
+
+def test_random_resized_crop_of_the_whole_image_is_a_bilinear_resize():
+  images = _photos(h=12, w=12)
+  whole = dict(scale_range=(1.0, 1.0), ratio_range=(1.0, 1.0))
+  same = data.random_resized_crop(jax.random.PRNGKey(0), images, size=12, **whole)
+  np.testing.assert_allclose(same, images.astype(np.float32), atol=1e-4)
+  smaller = data.random_resized_crop(jax.random.PRNGKey(0), images, size=8, **whole)
+  np.testing.assert_allclose(smaller, tf_bilinear_resize(images, 8, 8), atol=1e-3)
+
+
+def test_random_resized_crop_varies_per_image_and_key_within_range():
+  images = np.repeat(_photos(n=1, h=16, w=16), 8, axis=0)
+  crop = jax.jit(lambda k, x: data.random_resized_crop(
+      k, x, size=8, scale_range=(0.2, 0.6), ratio_range=(0.75, 1.333)))
+  out = np.asarray(crop(jax.random.PRNGKey(1), images))
+  assert out.shape == (8, 8, 8, 3) and 0 <= out.min() and out.max() <= 255
+  assert len({out[i].tobytes() for i in range(8)}) == 8
+  np.testing.assert_array_equal(out, crop(jax.random.PRNGKey(1), images))
+  assert not np.array_equal(out, crop(jax.random.PRNGKey(2), images))
+
+
+def test_random_flip_mirrors_some_images_and_keeps_the_others():
+  x = jnp.asarray(_photos(n=16), jnp.float32)
+  out = np.asarray(data.random_flip(jax.random.PRNGKey(0), x))
+  mirrored = [np.array_equal(o, xi[:, ::-1]) for o, xi in zip(out, np.asarray(x))]
+  kept = [np.array_equal(o, xi) for o, xi in zip(out, np.asarray(x))]
+  assert all(m or k for m, k in zip(mirrored, kept)) and any(mirrored) and any(kept)
+
+
+def test_training_input_with_only_a_shift_is_the_shift_of_preprocess():
+  images, key = _photos(), jax.random.PRNGKey(3)
+  got = data.training_input(key, images, size=8, scale="unit", crop_fraction=1.0,
+                            augmentation=data.Augmentation(shift=2))
+  want = data.augment(key, data.preprocess(images, size=8, scale="unit"), max_shift=2)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_augmentation_from_config():
+  from configs import default
+  config = default.get_config()
+  assert not data.Augmentation.from_config(config.data).active
+  config.data.random_crop, config.data.flip = True, True
+  augmentation = data.Augmentation.from_config(config.data)
+  assert augmentation.active and augmentation.crop_scale == (0.35, 1.0) and augmentation.flip

@@ -101,7 +101,8 @@ class Split:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-  """A train and a test split with their class names.
+  """A train and a test split with their class names; a validation split where the source
+  has its own (a folder dataset), else None (cut from train by :func:`holdout_split`).
 
   ``identity`` says which data this is, so that a checkpoint is not resumed on other data
   (it is part of the checkpoint fingerprint): a digest of the content, or of what stands for
@@ -113,6 +114,8 @@ class Dataset:
   class_names: tuple[str, ...]
   name: str
   identity: str
+  validation: Split | None = None
+  skipped: tuple[str, ...] = ()  # Files left out because they could not be read.
 
   def __post_init__(self):
     if len(self.class_names) != self.num_classes:
@@ -458,6 +461,108 @@ def preprocess(images: jax.Array, *, size: int, scale: str) -> jax.Array:
     x_NHWC = jnp.repeat(x_NHWC, 3, axis=-1)
   divisor, offset = SCALES[scale]
   return x_NHWC / divisor + offset
+
+
+def evaluation_input(images: jax.Array, *, size: int, scale: str,
+                     crop_fraction: float = 1.0) -> jax.Array:
+  """Stored uint8 images [B,H,W(,C)] -> float32 [B,size,size,3]: the model input of
+  evaluation, prediction and unaugmented training.
+
+  Takes the centre crop of ``crop_fraction`` of each side (1.0: the whole image), then
+  :func:`preprocess` (bilinear resize, grey to RGB, scaling).
+  """
+  if not 0.0 < crop_fraction <= 1.0:
+    raise ValueError(f"crop_fraction={crop_fraction} must be in (0, 1].")
+  if crop_fraction < 1.0:
+    h, w = images.shape[1:3]
+    crop_h, crop_w = max(1, round(h * crop_fraction)), max(1, round(w * crop_fraction))
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    images = images[:, top:top + crop_h, left:left + crop_w]
+  return preprocess(images, size=size, scale=scale)
+
+
+def _bilinear_weights(start: jax.Array, length: jax.Array, n_in: int, n_out: int) -> jax.Array:
+  """[n_out, n_in] weights sampling ``[start, start + length)`` of an axis of ``n_in`` pixels
+  at ``n_out`` evenly spaced points (half-pixel centres, clamped at the edges)."""
+  centres = start + (jnp.arange(n_out) + 0.5) * (length / n_out) - 0.5
+  centres = jnp.clip(centres, 0.0, n_in - 1.0)
+  lower = jnp.floor(centres)
+  frac = (centres - lower)[:, None]
+  lower = lower.astype(jnp.int32)
+  upper = jnp.minimum(lower + 1, n_in - 1)
+  return (jax.nn.one_hot(lower, n_in) * (1.0 - frac) + jax.nn.one_hot(upper, n_in) * frac)
+
+
+def random_resized_crop(rng: jax.Array, images: jax.Array, *, size: int,
+                        scale_range: tuple[float, float],
+                        ratio_range: tuple[float, float]) -> jax.Array:
+  """uint8 [B,H,W(,C)] -> float32 [B,size,size,C] (pixel values, not yet scaled): each image's
+  own random crop, resized (bilinear).
+
+  A crop covers an area fraction drawn uniformly from ``scale_range`` with a width / height
+  ratio drawn log-uniformly from ``ratio_range`` (each side clipped to the image), at a
+  uniformly random position: Inception's and timm's ``RandomResizedCrop``.
+  """
+  x_NHWC = images.astype(jnp.float32)
+  if x_NHWC.ndim == 3:
+    x_NHWC = x_NHWC[..., None]
+  b, h, w, _ = x_NHWC.shape
+  k_area, k_ratio, k_top, k_left = jax.random.split(rng, 4)
+  area = jax.random.uniform(k_area, (b,), minval=scale_range[0], maxval=scale_range[1])
+  ratio = jnp.exp(jax.random.uniform(k_ratio, (b,), minval=math.log(ratio_range[0]),
+                                     maxval=math.log(ratio_range[1])))
+  crop_h = jnp.clip(jnp.sqrt(area / ratio) * h, 1.0, h)
+  crop_w = jnp.clip(jnp.sqrt(area * ratio) * w, 1.0, w)
+  top = jax.random.uniform(k_top, (b,)) * (h - crop_h)
+  left = jax.random.uniform(k_left, (b,)) * (w - crop_w)
+  rows = jax.vmap(_bilinear_weights, (0, 0, None, None))(top, crop_h, h, size)
+  cols = jax.vmap(_bilinear_weights, (0, 0, None, None))(left, crop_w, w, size)
+  return jnp.einsum("boh,bhwc,bpw->bopc", rows, x_NHWC, cols)
+
+
+def random_flip(rng: jax.Array, x_NHWC: jax.Array) -> jax.Array:
+  """Mirrors each image of [B,H,W,C] left-right with probability 1/2."""
+  flipped = jax.random.bernoulli(rng, 0.5, (x_NHWC.shape[0], 1, 1, 1))
+  return jnp.where(flipped, x_NHWC[:, :, ::-1], x_NHWC)
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+  """Random changes to training images, made on device (see :func:`training_input`)."""
+  shift: int = 0                                   # Translation of up to N pixels.
+  crop_scale: tuple[float, float] | None = None    # Random resized crop; None = off.
+  crop_ratio: tuple[float, float] = (0.75, 1.333)
+  flip: bool = False
+
+  @property
+  def active(self) -> bool:
+    return bool(self.shift or self.crop_scale or self.flip)
+
+  @classmethod
+  def from_config(cls, data_config) -> "Augmentation":
+    """The augmentation the ``data`` section of a config asks for."""
+    return cls(shift=data_config.augment_shift,
+               crop_scale=tuple(data_config.crop_scale) if data_config.random_crop else None,
+               crop_ratio=tuple(data_config.crop_ratio), flip=data_config.flip)
+
+
+def training_input(rng: jax.Array, images: jax.Array, *, size: int, scale: str,
+                   crop_fraction: float, augmentation: Augmentation) -> jax.Array:
+  """Stored uint8 images -> augmented float32 [B,size,size,3] model input.
+
+  A random resized crop (else the evaluation view, :func:`evaluation_input`), then a random
+  flip, then a random shift, each where ``augmentation`` asks for it.
+  """
+  if augmentation.crop_scale:
+    x_NHWC = random_resized_crop(jax.random.fold_in(rng, 1), images, size=size,
+                                 scale_range=augmentation.crop_scale,
+                                 ratio_range=augmentation.crop_ratio)
+    x_NHWC = preprocess(x_NHWC, size=size, scale=scale)
+  else:
+    x_NHWC = evaluation_input(images, size=size, scale=scale, crop_fraction=crop_fraction)
+  if augmentation.flip:
+    x_NHWC = random_flip(jax.random.fold_in(rng, 2), x_NHWC)
+  return augment(rng, x_NHWC, max_shift=augmentation.shift)
 
 
 def augment(rng: jax.Array, images: jax.Array, *, max_shift: int) -> jax.Array:

@@ -4,8 +4,8 @@ A phase lists ordered rules ``"<action>:<pattern>"`` with action ``train`` or ``
 first rule whose pattern matches a parameter path (``"block_11_expand/kernel"``) decides it.
 A pattern is a regular expression matched against the whole path, or Keras's layer-index form
 ``layers[a:b]`` (a Python slice over the backbone's ``base_layers``, the layers of the Keras
-application without its top, e.g. ``keras.applications.MobileNetV2(include_top=False).layers``),
-which matches every parameter of those layers; a bound may also be a layer name, standing for
+application without its top, as ``keras.applications.MobileNetV2(include_top=False).layers``
+lists them), which matches every parameter of those layers; a bound may also be a layer name, standing for
 that layer's index. Every parameter must be decided by some rule, and every rule must decide
 some parameter: either mistake is an error naming the culprits.
 

@@ -25,13 +25,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tljax import checkpoint, data, distributed, evaluate, export, freezing, models, optim
-from tljax import plots, preemption, prefix, reporting
+from tljax import checkpoint, data, distributed, evaluate, export, folder, freezing, models
+from tljax import optim, plots, preemption, prefix, reporting
 from tljax import selection, sharding, steps, tensorboard, weights
 from tljax.models.layer_stack import CONVOLUTIONS, LayerStack
 
 BATCHNORM_MODES = ("inference", "batch_stats")
 CACHE_MODES = ("auto", "off")
+SOURCES = ("auto", "idx", "tfds", "folder")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect from a process they stopped.
 
@@ -55,6 +56,7 @@ class Phase:
   train_bn: frozenset[str]       # BatchNorm layers in batch-statistics mode.
   cut: int                       # First layer the train step runs (0: from the images).
   steps_per_epoch: int
+  augmentation: data.Augmentation  # What this phase changes in its training images.
 
   @property
   def total_steps(self) -> int:
@@ -103,6 +105,7 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
          f"data.scale={config.data.scale!r} is not one of {tuple(data.SCALES)}.")
   expect(config.data.augment_shift >= 0,
          f"data.augment_shift={config.data.augment_shift} must be >= 0.")
+  _check_data_config(config.data, expect)
   backbone = models.backbone(config.model.name)
   backbone.check_config(config.model)
   expect(config.model.dtype in DTYPES,
@@ -122,6 +125,28 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
     freezing.parse_rules(freezing.expand_presets(phase.rules, backbone.PRESETS))
     optim.make_optimizer(phase, steps_per_epoch=1)
     selection.check(phase, config.data.validation_split > 0, where)
+
+
+def _check_data_config(data_config, expect) -> None:
+  expect(data_config.source in SOURCES,
+         f"data.source={data_config.source!r} is not one of {SOURCES}.")
+  expect(0 <= data_config.test_split < 1 and
+         data_config.validation_split + data_config.test_split < 1,
+         f"data.test_split={data_config.test_split} must be in [0, 1) and leave training "
+         f"images beside data.validation_split={data_config.validation_split}.")
+  low, high = data_config.crop_scale
+  expect(0 < low <= high <= 1,
+         f"data.crop_scale={tuple(data_config.crop_scale)} must be (low, high) with "
+         "0 < low <= high <= 1 (area fractions).")
+  low, high = data_config.crop_ratio
+  expect(0 < low <= high, f"data.crop_ratio={tuple(data_config.crop_ratio)} must be "
+         "(low, high) with 0 < low <= high (width / height).")
+  expect(0 < data_config.eval_crop <= 1,
+         f"data.eval_crop={data_config.eval_crop} must be in (0, 1] (1 = whole image).")
+  expect(data_config.image_size >= 0,
+         f"data.image_size={data_config.image_size} must be >= 0 (0 = from input_size).")
+  expect(data_config.max_memory_gb > 0,
+         f"data.max_memory_gb={data_config.max_memory_gb} must be positive.")
 
 
 @_as_config_error()
@@ -202,12 +227,15 @@ def build_phase(config: ml_collections.ConfigDict, index: int, model: LayerStack
   bn_layers = {l.name for l in model.layers if l.kind == "bn"}
   train_bn = frozenset(trainable & bn_layers) if phase_config.batchnorm == "batch_stats" \
       else frozenset()
+  augmentation = (data.Augmentation.from_config(config.data) if phase_config.augment
+                  else data.Augmentation())
   cut = 0
-  if phase_config.cache_prefix == "auto" and not config.data.augment_shift:
+  if phase_config.cache_prefix == "auto" and not augmentation.active:
     cut = prefix.first_trainable_layer(model.layers, trainable)
     cut = cut if cut > 1 else 0
   tx = freezing.masked_optimizer(optim.make_optimizer(phase_config, steps_per_epoch), labels)
-  return Phase(index, phase_config, labels, reports, tx, train_bn, cut, steps_per_epoch)
+  return Phase(index, phase_config, labels, reports, tx, train_bn, cut, steps_per_epoch,
+               augmentation)
 
 
 def init_state(phase: Phase, variables: Mapping[str, Any], seed: int) -> steps.TrainState:
@@ -225,14 +253,15 @@ def init_state(phase: Phase, variables: Mapping[str, Any], seed: int) -> steps.T
 
 
 def _model_inputs(batch: Mapping[str, jax.Array], rng: jax.Array, *, cut: int, size: int,
-                  scale: str, augment_shift: int):
+                  scale: str, crop_fraction: float, augmentation: data.Augmentation):
   """What the model reads at layer ``cut`` for one gathered batch."""
   if cut:
     return dict(batch)
-  images = data.preprocess(batch["images"], size=size, scale=scale)
-  if augment_shift:
-    images = data.augment(rng, images, max_shift=augment_shift)
-  return images
+  if augmentation.active:
+    return data.training_input(rng, batch["images"], size=size, scale=scale,
+                               crop_fraction=crop_fraction, augmentation=augmentation)
+  return data.evaluation_input(batch["images"], size=size, scale=scale,
+                               crop_fraction=crop_fraction)
 
 
 def _index_batches(n: int, batch: int, mesh):
@@ -259,7 +288,8 @@ def build_prefix_caches(variables, inputs: Mapping[str, jax.Array], n: int, *,
 
   @jax.jit
   def extract(variables, inputs, indices):
-    x = data.preprocess(inputs["images"][indices], size=size, scale=scale)
+    x = data.evaluation_input(inputs["images"][indices], size=size, scale=scale,
+                              crop_fraction=config.data.eval_crop)
     return model.apply(variables, x, stop=max(cuts), capture=names)
 
   @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
@@ -297,8 +327,8 @@ def make_train_chunk(phase: Phase, model: LayerStack, config, mesh):
       train_bn=phase.train_bn, start=phase.cut,
       label_smoothing=phase.config.label_smoothing)
   prepare = functools.partial(_model_inputs, cut=phase.cut, size=config.model.input_size,
-                              scale=config.data.scale,
-                              augment_shift=config.data.augment_shift)
+                              scale=config.data.scale, crop_fraction=config.data.eval_crop,
+                              augmentation=phase.augmentation)
 
   def train_on(state, inputs, labels, batch_indices):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -331,7 +361,8 @@ def make_eval_batch(model: LayerStack, cut: int, config, mesh):
   The results are replicated, so every process can read them.
   """
   prepare = functools.partial(_model_inputs, cut=cut, size=config.model.input_size,
-                              scale=config.data.scale, augment_shift=0)
+                              scale=config.data.scale, crop_fraction=config.data.eval_crop,
+                              augmentation=data.Augmentation())
 
   @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def eval_batch(variables, inputs, labels, indices, mask):
@@ -634,16 +665,42 @@ def _check_bad_steps(state, config, phase, step) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_splits(config) -> tuple[data.Dataset, dict[str, data.Split]]:
-  """The dataset, and its train / validation / test splits as this config cuts them.
+def load_dataset(config, workdir: pathlib.Path | None = None) -> data.Dataset:
+  """The dataset ``config.data`` names, from the source it names or detects (``auto``: a
+  folder of class folders, else IDX files or a tfds data_dir). A folder's split lists go to
+  ``<workdir>/splits``."""
+  source, data_dir = config.data.source, config.data.dir
+  if source == "auto" and data_dir and folder.is_image_folder(data_dir):
+    source = "folder"
+  if source == "folder":
+    if not data_dir:
+      raise data.DataError("data.source=folder needs --config.data.dir=<folder of class "
+                           "folders>.")
+    return folder.load_folder(config, workdir / "splits" if workdir else None,
+                              write_splits=distributed.is_main_process(),
+                              progress=distributed.is_main_process())
+  if source == "idx":
+    return data.load_idx_folder(data_dir, config.data.name)
+  if source == "tfds":
+    return data.load_tfds(config.data.name, data_dir or None)
+  return data.load_dataset(config.data.name, data_dir or None)
+
+
+def load_splits(config, workdir: pathlib.Path | None = None
+                ) -> tuple[data.Dataset, dict[str, data.Split]]:
+  """The dataset, and its train / validation / test splits as this config cuts them: a
+  folder's own validation split, else Keras's holdout of the last fraction of train.
 
   Every process loads the whole (in-memory) dataset; process 0 first, so that a download
-  into shared storage happens once.
+  or a decoded cache in shared storage is made once.
   """
   with distributed.main_process_first("dataset"):
-    dataset = data.load_dataset(config.data.name, config.data.dir or None)
+    dataset = load_dataset(config, workdir)
   train = data.take(dataset.train, config.data.train_examples)
-  train, validation = data.holdout_split(train, config.data.validation_split)
+  if dataset.validation is None:
+    train, validation = data.holdout_split(train, config.data.validation_split)
+  else:
+    validation = dataset.validation
   return dataset, {"train": train, "validation": validation, "test": dataset.test}
 
 
@@ -703,7 +760,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   mesh = sharding.data_mesh()
   replicated = sharding.replicated(mesh)
   check_config(config, mesh)
-  dataset, splits = load_splits(config)
+  dataset, splits = load_splits(config, workdir)
   model = create_model(config, dataset.num_classes)
   size = config.model.input_size
   sample = jnp.zeros((1, size, size, 3), jnp.float32)
@@ -791,6 +848,9 @@ def write_outputs(workdir, config, dataset, splits, model, variables, device_ima
   summary = {"test_loss": loss, "test_accuracy": accuracy, "test_examples": len(test.labels),
              "weights_from": phase_results[-1]["weights_from"],
              "classification_report": report,
+             "dataset": dataset.name, "class_names": list(dataset.class_names),
+             "split_sizes": {name: len(split) for name, split in splits.items()},
+             "skipped_images": list(dataset.skipped),
              "phases": phase_results, "devices": [str(d) for d in jax.devices()],
              "processes": jax.process_count(),
              "config": json.loads(config.to_json_best_effort())}

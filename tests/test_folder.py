@@ -1,0 +1,310 @@
+"""Folder datasets: layouts, class order, splits, the decoded cache, bad input, a short run."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import default
+from tljax import data, folder, images, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def write_image(path: pathlib.Path, label: int = 0, size=(12, 10)) -> pathlib.Path:
+  """A small image whose colour encodes ``label`` (and whose format is the suffix's)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  pixels = np.zeros((*size, 3), np.uint8)
+  pixels[..., label % 3] = 200
+  pixels[: size[0] // 2, :, (label + 1) % 3] = 100 + 40 * (label // 3)
+  Image.fromarray(pixels).save(path)
+  return path
+
+
+def make_folder(root: pathlib.Path, counts: dict[str, int], prefix: str = "",
+                ext: str = "png") -> pathlib.Path:
+  for label, (name, n) in enumerate(sorted(counts.items())):
+    for i in range(n):
+      write_image(root / prefix / name / f"{i:03d}.{ext}", label)
+  return root
+
+
+def folder_config(root, **data_overrides):
+  config = default.get_config()
+  config.data.dir = str(root)
+  config.data.cache_dir = str(pathlib.Path(root).parent / f"{pathlib.Path(root).name}_cache")
+  config.model.input_size = 32
+  config.data.update(data_overrides)
+  return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Scanning.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_class_layout_nested_files_hidden_and_other_files(tmp_path):
+  root = make_folder(tmp_path / "photos", {"cat": 2, "dog": 1})
+  write_image(root / "cat" / "2021" / "summer" / "deep.jpg")
+  (root / "cat" / ".DS_Store").write_bytes(b"x")
+  (root / "dog" / "notes.txt").write_text("x")
+  (root / ".hidden").mkdir()
+  write_image(root / "dog" / ".thumbs" / "t.png")
+  (root / "README.md").write_text("x")
+  listing = folder.scan(root)
+  assert listing.layout == "classes" and listing.class_names == ("cat", "dog")
+  assert listing.files == {"train": [("cat/000.png", 0), ("cat/001.png", 0),
+                                     ("cat/2021/summer/deep.jpg", 0), ("dog/000.png", 1)]}
+  assert listing.ignored == {"hidden": [".hidden", "cat/.DS_Store", "dog/.thumbs"],
+                             "not an image file": ["dog/notes.txt"],
+                             "not in a class folder": ["README.md"]}
+
+
+def test_split_layout_with_val_alias(tmp_path):
+  root = make_folder(tmp_path / "d", {"b": 3, "a": 2}, "train")
+  make_folder(root, {"a": 1, "b": 1}, "val")
+  listing = folder.scan(root)
+  assert listing.layout == "splits" and listing.class_names == ("a", "b")
+  assert sorted(listing.files) == ["train", "validation"]
+  assert listing.files["validation"] == [("val/a/000.png", 0), ("val/b/000.png", 1)]
+
+
+def test_class_names_are_the_sorted_folder_names(tmp_path):
+  root = make_folder(tmp_path / "d", {"zebra": 1, "Apple": 1, "mango": 1, "10": 1, "9": 1})
+  assert folder.scan(root).class_names == ("10", "9", "Apple", "mango", "zebra")
+
+
+def test_is_image_folder(tmp_path, tiny_idx_dir):
+  assert folder.is_image_folder(make_folder(tmp_path / "a", {"x": 1, "y": 1}))
+  assert folder.is_image_folder(make_folder(tmp_path / "b", {"x": 1, "y": 1}, "train"))
+  assert not folder.is_image_folder(tiny_idx_dir)
+  assert not folder.is_image_folder(tmp_path / "missing")
+
+
+def test_clothing_small_listing(shared_dir):
+  listing = folder.scan(shared_dir / "data" / "clothing-small")
+  assert listing.layout == "splits" and len(listing.class_names) == 10
+  assert listing.class_names[:3] == ("dress", "hat", "longsleeve")
+  assert {k: len(v) for k, v in listing.files.items()} == {
+      "train": 3068, "validation": 341, "test": 372}
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_split_is_stratified_seeded_and_complete(tmp_path):
+  listing = folder.scan(make_folder(tmp_path / "d", {"a": 20, "b": 10}))
+  splits = folder.split_listing(listing, validation_split=0.2, test_split=0.1, seed=0)
+  counts = {s: np.bincount([l for _, l in files], minlength=2).tolist()
+            for s, files in splits.items()}
+  assert counts == {"train": [14, 7], "validation": [4, 2], "test": [2, 1]}
+  every = sorted(p for files in splits.values() for p in files)
+  assert every == listing.files["train"]
+  assert splits == folder.split_listing(listing, validation_split=0.2, test_split=0.1, seed=0)
+  assert splits != folder.split_listing(listing, validation_split=0.2, test_split=0.1, seed=1)
+
+
+def test_existing_split_folders_are_kept_and_missing_ones_cut(tmp_path):
+  root = make_folder(tmp_path / "d", {"a": 10, "b": 10}, "train")
+  make_folder(root, {"a": 2, "b": 2}, "test")
+  splits = folder.split_listing(folder.scan(root), validation_split=0.3, test_split=0.5,
+                                seed=0)
+  assert [len(splits[s]) for s in folder.SPLITS] == [14, 6, 4]
+  assert all(p.startswith("test/") for p, _ in splits["test"])
+
+
+def test_split_lists_are_written_and_reused(tmp_path):
+  root = make_folder(tmp_path / "d", {"a": 6, "b": 6})
+  splits_dir = tmp_path / "run" / "splits"
+  first = folder.load_folder(folder_config(root), splits_dir, progress=False)
+  train_list = (splits_dir / "train.txt").read_text().split()
+  assert len(train_list) == len(first.train) == 8 and "a/000.png" in "".join(
+      (splits_dir / f"{s}.txt").read_text() for s in folder.SPLITS)
+  config = folder_config(root)
+  config.seed = 5  # A resumed run reads the lists back, whatever would be cut now.
+  again = folder.load_folder(config, splits_dir, progress=False)
+  np.testing.assert_array_equal(again.train.images, first.train.images)
+  os.remove(root / train_list[0])
+  with pytest.raises(data.DataError, match=r"1 files listed in .*splits.* missing") as e:
+    folder.load_folder(config, splits_dir, progress=False)
+  assert train_list[0] in str(e.value) and "another --workdir" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoded cache.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, monkeypatch):
+  root = make_folder(tmp_path / "d", {"a": 3, "b": 3}, ext="bmp")
+  paths = [p for p, _ in folder.scan(root).files["train"]]
+  decoded = []
+  load = images.try_load_stored
+  monkeypatch.setattr(images, "try_load_stored", lambda p, s: decoded.append(p) or load(p, s))
+  first, failed = folder.decoded_images(root, paths, 16, tmp_path / "cache", progress=False)
+  assert first.shape == (6, 16, 16, 3) and first.dtype == np.uint8 and failed == {}
+  assert len(decoded) == 6 and not list((tmp_path / "cache").glob(".*tmp"))
+  again, _ = folder.decoded_images(root, paths, 16, tmp_path / "cache", progress=False)
+  assert len(decoded) == 6 and isinstance(again, np.memmap)
+  np.testing.assert_array_equal(again, first)
+  write_image(root / paths[0], label=2)  # Another colour: new size or mtime.
+  os.utime(root / paths[0], ns=(1, 1))
+  rebuilt, _ = folder.decoded_images(root, paths, 16, tmp_path / "cache", progress=False)
+  assert len(decoded) == 12
+  assert not np.array_equal(rebuilt[0], first[0])
+  np.testing.assert_array_equal(rebuilt[1:], first[1:])
+
+
+def test_parallel_decode_matches_serial(tmp_path):
+  root = make_folder(tmp_path / "d", {"a": 40, "b": 30}, ext="jpg")
+  paths = [p for p, _ in folder.scan(root).files["train"]]
+  pooled, _ = folder.decoded_images(root, paths, 8, tmp_path / "cache", progress=False)
+  serial = np.stack([images.load_stored(root / p, 8) for p in paths])
+  np.testing.assert_array_equal(pooled, serial)
+
+
+def test_dataset_images_labels_and_stored_size(tmp_path):
+  root = make_folder(tmp_path / "d", {"a": 5, "b": 5}, "train")
+  make_folder(root, {"a": 2, "b": 1}, "valid")
+  make_folder(root, {"a": 1, "b": 2}, "test")
+  ds = folder.load_folder(folder_config(root), None, progress=False)
+  assert ds.class_names == ("a", "b") and ds.name == "d"
+  assert ds.train.images.shape == (10, 40, 40, 3)  # 32 * 8/7 -> 40.
+  assert ds.validation.labels.tolist() == [0, 0, 1] and ds.test.labels.tolist() == [0, 1, 1]
+  np.testing.assert_array_equal(ds.test.images[2], images.load_stored(
+      root / "test" / "b" / "001.png", 40))
+
+
+def test_too_big_for_memory_is_refused_before_decoding(tmp_path):
+  root = make_folder(tmp_path / "d", {"a": 3, "b": 3})
+  config = folder_config(root, max_memory_gb=1e-5, test_split=0.2)
+  with pytest.raises(data.DataError, match=r"6 decoded images at 40x40 need .* "
+                     r"data.max_memory_gb=1e-05"):
+    folder.load_folder(config, None, progress=False)
+  assert not (tmp_path / "d_cache").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input.
+# ---------------------------------------------------------------------------------------------
+
+
+def _corrupt(path: pathlib.Path, kind: str) -> None:
+  if kind == "zero_bytes":
+    path.write_bytes(b"")
+  elif kind == "text_named_jpg":
+    path.write_text("not a photo")
+  elif kind == "truncated":
+    noise = np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8)
+    Image.fromarray(noise).save(path, format="JPEG")
+    path.write_bytes(path.read_bytes()[:300])
+  elif kind == "unreadable":
+    path.chmod(0)
+
+
+@pytest.mark.parametrize("kind, cause", [
+    ("zero_bytes", "empty file"), ("text_named_jpg", "not an image Pillow can identify"),
+    ("truncated", "cannot be read as an image"), ("unreadable", "Permission denied")])
+def test_bad_image_is_named_or_skipped(tmp_path, kind, cause):
+  if kind == "unreadable" and os.geteuid() == 0:
+    pytest.skip("root reads files whatever their permissions")
+  root = make_folder(tmp_path / "d", {"a": 4, "b": 4}, ext="jpg")
+  _corrupt(root / "a" / "002.jpg", kind)
+  config = folder_config(root, validation_split=0.25, test_split=0.25)
+  with pytest.raises(data.DataError, match=rf"^1 image files that cannot be read: "
+                     rf"a/002.jpg \({cause}.*Replace or remove them, or pass "
+                     r"--config.data.skip_bad_images=true") as e:
+    folder.load_folder(config, None, progress=False)
+  assert "\n" not in str(e.value)
+  config.data.skip_bad_images = True
+  ds = folder.load_folder(config, None, progress=False)
+  assert ds.skipped == ("a/002.jpg",)
+  assert len(ds.train) + len(ds.validation) + len(ds.test) == 7
+
+
+def test_many_bad_images_list_ten_and_the_count(tmp_path):
+  root = make_folder(tmp_path / "d", {"a": 14, "b": 2})
+  for i in range(12):
+    (root / "a" / f"{i:03d}.png").write_bytes(b"")
+  with pytest.raises(data.DataError, match=r"^12 image files .*a/009.png \(empty file "
+                     r"\(0 bytes\)\); \.\.\. and 2 more\. Replace") as e:
+    folder.load_folder(folder_config(root), None, progress=False)
+  assert "a/010.png" not in str(e.value)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda r: make_folder(r, {"a": 2, "c": 2}) and (r / "b").mkdir(), r"^1 class folders without images: d/b\. "
+     r"Put images in them or remove them\."),
+    (lambda r: make_folder(r, {"only": 3}), r"found 1 class folder \(only\); a classifier "
+     "needs at least two"),
+    (lambda r: (r / "a").mkdir(parents=True) or (r / "a" / "x.txt").write_text("x"),
+     r"holds no images \(\.jpg.*Put each class's images in .*/d/<class>/"),
+    (lambda r: make_folder(r, {"a": 2, "b": 2}, "train") and make_folder(r, {"c": 1}, "test"),
+     r"^1 class folders with no counterpart in train/: test/c\. The classes are train/'s "
+     r"folders \(a, b\)"),
+    (lambda r: make_folder(r, {"a": 2, "b": 2}, "train") and make_folder(r, {"a": 1}, "val")
+     and make_folder(r, {"a": 1}, "validation"), "has 2 validation folders"),
+    (lambda r: make_folder(r, {"a": 2, "b": 2}, "train") and make_folder(r, {"a": 1}, "extra"),
+     r"^1 folders in .* beside train/ that are no split: extra\."),
+], ids=["empty_class", "single_class", "no_images", "class_not_in_train", "two_val_folders",
+        "stray_folder"])
+def test_bad_folder_layout_is_one_message(tmp_path, build, message):
+  build(tmp_path / "d")
+  with pytest.raises(data.DataError, match=message) as e:
+    folder.load_folder(folder_config(tmp_path / "d"), None, progress=False)
+  assert "\n" not in str(e.value)
+
+
+def test_main_exits_2_on_a_bad_image_and_keeps_the_workdir(tmp_path):
+  root = make_folder(tmp_path / "d", {"a": 5, "b": 5})
+  (root / "b" / "001.png").write_text("not a png")
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "notes.txt").write_text("mine")
+  result = subprocess.run(
+      [sys.executable, "main.py", "--config=configs/default.py", f"--workdir={workdir}",
+       f"--config.data.dir={root}", f"--config.data.cache_dir={tmp_path / 'cache'}",
+       "--config.model.weights=none"],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 2, result.stderr
+  assert "1 image files that cannot be read: b/001.png" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert (workdir / "notes.txt").read_text() == "mine"
+  assert sorted(p.name for p in workdir.iterdir()) == ["notes.txt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A short run.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_run_on_a_tiny_folder(tmp_path):
+  root = make_folder(tmp_path / "photos", {"red": 12, "green": 12, "blue": 12}, ext="jpg")
+  config = folder_config(root, validation_split=0.25, test_split=0.25, random_crop=True,
+                         flip=True, eval_crop=0.875, scale="symmetric")
+  config.model.alpha = 0.35
+  config.model.weights = "none"
+  config.batch_size = 6
+  config.eval_batch_size = 12
+  config.phases[0].epochs = 1
+  config.phases[0].augment = False
+  config.phases[1].epochs = 1
+  config.phases[1].learning_rate = 1e-3
+  workdir = tmp_path / "run"
+  summary = train.run(config, workdir)
+  assert summary["class_names"] == ["blue", "green", "red"]
+  assert summary["split_sizes"] == {"train": 18, "validation": 9, "test": 9}
+  assert summary["skipped_images"] == [] and summary["test_examples"] == 9
+  assert json.loads((workdir / "summary.json").read_text())["dataset"] == "photos"
+  assert len((workdir / "splits" / "test.txt").read_text().split()) == 9
+  head, fine_tune = summary["phases"]
+  assert head["cached_prefix"] and fine_tune["cached_prefix"] is None  # It augments.
+  assert (workdir / "confusion_matrix.png").stat().st_size > 0
