@@ -31,7 +31,8 @@ METADATA = "model.json"
 
 def preprocess(images: jax.Array, config) -> jax.Array:
   """The evaluation preprocessing of a run: uint8 images -> the model's float input."""
-  return data.preprocess(images, size=config.model.input_size, scale=config.data.scale)
+  return data.evaluation_input(images, size=config.model.input_size, scale=config.data.scale,
+                               crop_fraction=config.data.eval_crop)
 
 
 def inference_function(model, variables: Any, config):
@@ -73,7 +74,8 @@ def save(directory: str | pathlib.Path, model, variables: Any, config,
       "input": {"shape": [None, *map(int, image_shape)], "dtype": "uint8"},
       "output": {"shape": [None, len(class_names)], "dtype": "float32",
                  "meaning": "class probabilities (softmax), in class_names order"},
-      "preprocessing": {"size": config.model.input_size, "scale": config.data.scale},
+      "preprocessing": {"size": config.model.input_size, "scale": config.data.scale,
+                        "centre_crop": config.data.eval_crop},
       "platforms": list(exported.platforms),
       "jax_version": jax.__version__,
   })

@@ -846,6 +846,7 @@ def write_outputs(workdir, config, dataset, splits, model, variables, device_ima
   logging.info("test loss %.4f, test accuracy %.4f\n%s", loss, accuracy,
                evaluate.format_classification_report(report))
   summary = {"test_loss": loss, "test_accuracy": accuracy, "test_examples": len(test.labels),
+             "image_shape": list(test.images.shape[1:]),
              "weights_from": phase_results[-1]["weights_from"],
              "classification_report": report,
              "dataset": dataset.name, "class_names": list(dataset.class_names),

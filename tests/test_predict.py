@@ -1,0 +1,125 @@
+"""tljax.predict: a finished run's predictions on files, folders, globs and IDX files equal the
+run's own, with the run's preprocessing; bad input is one message and exit 2."""
+
+import csv
+import json
+import logging
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from test_folder import folder_config, make_folder
+from test_train import tiny_config
+from tljax import predict, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def idx_run(tiny_idx_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("idx_run")
+  train.run(tiny_config(tiny_idx_dir, **{"phases.0.epochs": 1}), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+  root = make_folder(tmp_path_factory.mktemp("photos") / "photos",
+                     {"red": 8, "green": 8, "blue": 8}, ext="jpg")
+  config = folder_config(root, validation_split=0.25, test_split=0.25, eval_crop=0.875,
+                         scale="symmetric")
+  config.model.alpha = 0.35
+  config.model.weights = "none"
+  config.batch_size = 6
+  config.eval_batch_size = 12
+  for phase in config.phases:
+    phase.epochs = 1
+  workdir = root.parent / "run"
+  train.run(config, workdir)
+  return root, workdir
+
+
+def test_idx_file_predictions_are_the_runs_own(idx_run, tiny_idx_dir):
+  run = predict.load_run(idx_run)
+  images_file = tiny_idx_dir / "t10k-images-idx3-ubyte.gz"
+  rows = predict.predict(run, predict.read_inputs(predict.expand_paths([str(images_file)]),
+                                                  run.image_shape), batch_size=16, top_k=3)
+  saved = np.load(idx_run / "test_predictions.npz")
+  assert [r["path"] for r in rows] == [f"{images_file}#{i}" for i in range(40)]
+  assert [r["label"] for r in rows] == [run.class_names[p] for p in saved["predictions"]]
+  probabilities = [r["probability"] for r in rows]
+  np.testing.assert_allclose(probabilities, saved["probabilities"].max(1), rtol=0, atol=1e-5)
+  assert all(len(r["top_k"]) == 3 and r["top_k"][0] == [r["label"], r["probability"]]
+             for r in rows)
+
+
+def test_image_files_of_a_folder_run_get_the_runs_predictions(folder_run, tmp_path):
+  root, workdir = folder_run
+  test_files = (workdir / "splits" / "test.txt").read_text().split()
+  run = predict.load_run(workdir)
+  assert run.image_shape == (40, 40, 3)  # The stored size for input 32.
+  rows = predict.predict(run, predict.read_inputs([root / f for f in test_files],
+                                                  run.image_shape), batch_size=4)
+  saved = np.load(workdir / "test_predictions.npz")
+  assert [r["label"] for r in rows] == [run.class_names[p] for p in saved["predictions"]]
+  np.testing.assert_allclose([r["probability"] for r in rows], saved["probabilities"].max(1),
+                             rtol=0, atol=1e-5)
+  # The command: a folder and a glob, written as CSV and JSON.
+  for output in (tmp_path / "out.csv", tmp_path / "out.json"):
+    assert predict.run(str(workdir), [str(root / "red"), str(root / "blue" / "00*.jpg")],
+                       output=str(output), top_k=2, batch_size=64, write_export=False) == 0
+  with open(tmp_path / "out.csv", newline="") as f:
+    written = list(csv.DictReader(f))
+  assert len(written) == 8 + 8 and written[0]["path"] == str(root / "red" / "000.jpg")
+  assert json.loads(written[0]["top_k"]) == json.loads((tmp_path / "out.json").read_text()
+                                                       )[0]["top_k"]
+
+
+def test_expand_paths_skips_hidden_and_other_files(tmp_path):
+  make_folder(tmp_path / "in", {"a": 2}, ext="png")
+  (tmp_path / "in" / "a" / "notes.txt").write_text("not an image")
+  (tmp_path / "in" / ".hidden").mkdir()
+  (tmp_path / "in" / ".hidden" / "x.png").write_bytes(b"")
+  assert predict.expand_paths([str(tmp_path / "in"), str(tmp_path / "in" / "a" / "000.png")]) \
+      == [tmp_path / "in" / "a" / "000.png", tmp_path / "in" / "a" / "001.png"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_workdir", "is not a directory; pass the work directory of a finished run"),
+    ("unfinished", "holds no finished run (no summary.json or trained_variables.msgpack): "
+                   "rerun its training command"),
+    ("bad_image", "broken.jpg"),
+    ("no_match", "no image files at"),
+    ("bad_output", "--output"),
+])
+def test_bad_input_is_one_message_and_exit_2(case, message, folder_run, tmp_path, caplog):
+  root, workdir = folder_run
+  paths, output = [str(root / "red" / "000.jpg")], None
+  if case == "no_workdir":
+    workdir = tmp_path / "absent"
+  elif case == "unfinished":
+    workdir = tmp_path / "started"
+    workdir.mkdir()
+  elif case == "bad_image":
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    paths = [str(tmp_path / "broken.jpg")]
+  elif case == "no_match":
+    paths = [str(tmp_path / "*.png")]
+  else:
+    output = str(tmp_path / "out.xlsx")
+  with caplog.at_level(logging.ERROR):
+    assert predict.run(str(workdir), paths, output=output, top_k=3, batch_size=8,
+                       write_export=False) == 2
+  [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+  assert message in record.getMessage() and not record.exc_info
+
+
+def test_command_line_exit_code(tmp_path):
+  done = subprocess.run([sys.executable, "-m", "tljax.predict", f"--workdir={tmp_path}",
+                         str(tmp_path / "x.jpg")], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert "holds no finished run" in done.stderr and "Traceback" not in done.stderr
