@@ -1,0 +1,82 @@
+"""The Keras baseline of ``step_throughput.py``: one process per framework, phase kind, batch
+and input size, started by that script.
+
+    python benchmarks/keras_worker.py keras_tf fine_tune 32 32
+
+Builds the tutorial's model with the phase kind's trainable set, compiles it (Adam), reports
+its compile time, then, for each line on stdin (a number of seconds), times ``train_on_batch``
+for that long and prints the step times. Every report is a ``RESULT {json}`` line on stdout.
+Imports only numpy and Keras (``keras_jax``: Keras 3 on the JAX backend; ``keras_tf``:
+``tensorflow.keras``), so a plain TensorFlow environment can run ``keras_tf``.
+"""
+
+import argparse
+import importlib.metadata
+import os
+import sys
+import time
+
+import numpy as np
+
+import timing
+
+KINDS = ("keras_jax", "keras_tf")
+PHASES = ("frozen_base", "fine_tune", "full")
+NUM_CLASSES = 10
+
+
+def import_keras(kind: str):
+  """Keras for ``kind`` and a line naming its versions."""
+  # With Keras 3 installed, tf.keras is Keras 3 too, on the backend this variable names.
+  os.environ["KERAS_BACKEND"] = "tensorflow" if kind == "keras_tf" else "jax"
+  if kind == "keras_tf":
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    return tf.keras, f"keras {tf.keras.__version__}, tensorflow {tf.__version__}"
+  import keras  # pylint: disable=import-outside-toplevel
+  return keras, f"keras {keras.__version__}, jax {importlib.metadata.version('jax')}"
+
+
+def keras_model(keras, phase: str, size: int):
+  """The tutorial's model and trainable set, compiled with Adam."""
+  base = keras.applications.MobileNetV2(weights=None, include_top=False,
+                                        input_shape=(size, size, 3))
+  base.trainable = phase != "frozen_base"
+  if phase == "fine_tune":
+    for layer in base.layers[:100]:
+      layer.trainable = False
+  inputs = keras.Input((size, size, 3))
+  x = keras.layers.GlobalAveragePooling2D()(base(inputs, training=False))
+  model = keras.Model(inputs, keras.layers.Dense(NUM_CLASSES, activation="softmax")(x))
+  learning_rate = 1e-3 if phase == "frozen_base" else 1e-5
+  model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+  return model
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("kind", choices=KINDS)
+  parser.add_argument("phase", choices=PHASES)
+  parser.add_argument("batch", type=int)
+  parser.add_argument("size", type=int)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args()
+  keras, version = import_keras(args.kind)
+  rng = np.random.default_rng(args.seed)
+  x = rng.random((args.batch, args.size, args.size, 3), np.float32)
+  y = rng.integers(0, NUM_CLASSES, args.batch).astype(np.int32)
+  model = keras_model(keras, args.phase, args.size)
+  t0 = time.perf_counter()
+  model.train_on_batch(x, y)
+  compile_s = time.perf_counter() - t0
+  model.train_on_batch(x, y)  # Warm-up.
+  trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+  print(timing.result_line({"compile_s": compile_s, "version": version,
+                            "trainable_params": trainable}), flush=True)
+  for line in sys.stdin:
+    times = timing.time_calls(lambda: model.train_on_batch(x, y), float(line))
+    print(timing.result_line({"times": times}), flush=True)
+
+
+if __name__ == "__main__":
+  main()
