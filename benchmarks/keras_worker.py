@@ -1,20 +1,24 @@
 """The Keras baseline of ``step_throughput.py``: one process per framework, phase kind, batch
-and input size, started by that script.
+and input size, started by that script through :class:`Worker`.
 
     python benchmarks/keras_worker.py keras_tf fine_tune 32 32
 
 Builds the tutorial's model with the phase kind's trainable set, compiles it (Adam), reports
 its compile time, then, for each line on stdin (a number of seconds), times ``train_on_batch``
 for that long and prints the step times. Every report is a ``RESULT {json}`` line on stdout.
-Imports only numpy and Keras (``keras_jax``: Keras 3 on the JAX backend; ``keras_tf``:
-``tensorflow.keras``), so a plain TensorFlow environment can run ``keras_tf``.
+Imports only the standard library, numpy, ``timing.py`` and Keras (``keras_jax``: Keras 3 on
+the JAX backend; ``keras_tf``: ``tensorflow.keras``), so a plain TensorFlow environment can
+run ``keras_tf``.
 """
 
 import argparse
 import importlib.metadata
 import os
+import subprocess
 import sys
+import tempfile
 import time
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +55,54 @@ def keras_model(keras, phase: str, size: int):
   model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                 loss="sparse_categorical_crossentropy", metrics=["accuracy"])
   return model
+
+
+class WorkerError(RuntimeError):
+  """A baseline process failed; the message holds the end of its stderr."""
+
+
+class Worker:
+  """This script running as its own process with ``python``, for one baseline and case."""
+
+  def __init__(self, kind: str, phase: str, batch: int, size: int, python: str, seed: int):
+    # On an accelerator this process already holds most of its memory: workers allocate
+    # only what they use.
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+           "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
+    command = [python, __file__, kind, phase, str(batch), str(size), "--seed", str(seed)]
+    self.kind, self.python, self.log = kind, python, tempfile.TemporaryFile("w+")
+    self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=self.log, text=True, env=env)
+    self.info: dict[str, Any] = {}
+
+  def wait_ready(self) -> None:
+    """Waits until the worker has compiled and warmed up its step."""
+    self.info = self._read()
+
+  def _read(self) -> dict[str, Any]:
+    result = timing.find_result(self.proc.stdout)
+    if result is not None:
+      return result
+    code = self.proc.wait()
+    self.log.seek(0)
+    last = (self.log.read().strip().splitlines() or ["no output"])[-1]
+    raise WorkerError(f"{self.kind} process ({self.python}) exited with status {code}: {last}"
+                      + (" (see --tf_python)" if self.kind == "keras_tf" else ""))
+
+  def time(self, seconds: float) -> list[float]:
+    self.proc.stdin.write(f"{seconds}\n")
+    self.proc.stdin.flush()
+    return self._read()["times"]
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.stdin.close()
+      try:
+        self.proc.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()
+    self.log.close()
 
 
 def main():

@@ -32,9 +32,7 @@ import importlib.util
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -49,15 +47,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import keras_worker  # noqa: E402
-from timing import (  # noqa: E402
-    cpu_model, find_result, print_table, summarize, time_calls, write_json)
+from keras_worker import KINDS as BASELINES, Worker, WorkerError  # noqa: E402
+from timing import cpu_model, print_table, summarize, time_calls, write_json  # noqa: E402
 from tljax import freezing, prefix, sharding, train  # noqa: E402
 from tljax.models import depthwise  # noqa: E402
 
 # Phase kind -> (index into config.phases, rules replacing that phase's, or None).
 PHASES = {"frozen_base": (0, None), "fine_tune": (1, None), "full": (1, ("train:.*",))}
-BASELINES = keras_worker.KINDS
 MNIST_SHAPE = (28, 28)
 MNIST_EXAMPLES = 60_000    # Train + validation images the trainer would cache.
 NUM_CLASSES = 10
@@ -213,7 +209,7 @@ def analyse_step(chunk, state, inputs, labels, indices_1B) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The machine's ceiling, and the Keras baselines, each in its own process (keras_worker.py).
+# The machine's ceiling.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -230,56 +226,6 @@ def make_matmul() -> Callable[[], Any]:
   call = lambda: jax.block_until_ready(matmul(a, a))
   call()
   return call
-
-
-class WorkerError(RuntimeError):
-  """A baseline process failed; the message holds the end of its stderr."""
-
-
-class Worker:
-  """A running ``keras_worker.py`` process for one baseline and case."""
-
-  def __init__(self, kind: str, phase: str, batch: int, size: int, args):
-    python = args.tf_python if kind == "keras_tf" else sys.executable
-    # On an accelerator this process already holds most of its memory: workers allocate
-    # only what they use.
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-           "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
-    command = [python, keras_worker.__file__, kind, phase, str(batch), str(size),
-               "--seed", str(args.seed)]
-    self.kind, self.python, self.log = kind, python, tempfile.TemporaryFile("w+")
-    self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=self.log, text=True, env=env)
-    self.info: dict[str, Any] = {}
-
-  def wait_ready(self) -> None:
-    """Waits until the worker has compiled and warmed up its step."""
-    self.info = self._read()
-
-  def _read(self) -> dict[str, Any]:
-    result = find_result(self.proc.stdout)
-    if result is not None:
-      return result
-    code = self.proc.wait()
-    self.log.seek(0)
-    last = (self.log.read().strip().splitlines() or ["no output"])[-1]
-    raise WorkerError(f"{self.kind} process ({self.python}) exited with status {code}: {last}"
-                      + (" (see --tf_python)" if self.kind == "keras_tf" else ""))
-
-  def time(self, seconds: float) -> list[float]:
-    self.proc.stdin.write(f"{seconds}\n")
-    self.proc.stdin.flush()
-    return self._read()["times"]
-
-  def close(self) -> None:
-    if self.proc.poll() is None:
-      self.proc.stdin.close()
-      try:
-        self.proc.wait(timeout=30)
-      except subprocess.TimeoutExpired:
-        self.proc.kill()
-        self.proc.wait()
-    self.log.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +257,8 @@ def start_workers(baselines, phases, batch, size, args) -> dict[tuple, Worker]:
   for kind in baselines:
     for phase in phases:
       print(f"starting {kind} {phase}, batch {batch}, {size}x{size} ...", flush=True)
-      workers[kind, phase] = Worker(kind, phase, batch, size, args)
+      python = args.tf_python if kind == "keras_tf" else sys.executable
+      workers[kind, phase] = Worker(kind, phase, batch, size, python, args.seed)
   return workers
 
 
