@@ -7,13 +7,16 @@ side on the same (possibly noisy) machine. Prints a table and writes JSON.
 """
 
 import argparse
-import json
-import statistics
+import pathlib
+import sys
 import time
 
-import jax
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # This checkout's tljax.
 
-from tljax.models.mobilenet_v2 import MobileNetV2
+import jax  # noqa: E402
+
+from timing import cpu_model, print_table, summarize, time_calls, write_json  # noqa: E402
+from tljax.models.mobilenet_v2 import MobileNetV2  # noqa: E402
 
 IMPLS = ("shifted", "xla")
 
@@ -26,15 +29,6 @@ def make_forward(impl: str, alpha: float, size: int, batch: int):
   start = time.perf_counter()
   jax.block_until_ready(forward(variables, x))
   return (lambda: jax.block_until_ready(forward(variables, x))), time.perf_counter() - start
-
-
-def time_call(fn, min_seconds: float) -> list[float]:
-  times, start = [], time.perf_counter()
-  while time.perf_counter() - start < min_seconds or len(times) < 5:
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return times
 
 
 def main():
@@ -54,21 +48,19 @@ def main():
     times = {impl: [] for impl in IMPLS}
     for _ in range(args.rounds):
       for impl in IMPLS:
-        times[impl] += time_call(fns[impl], args.seconds)
+        times[impl] += time_calls(fns[impl], args.seconds, min_calls=5)
     for impl in IMPLS:
-      median = statistics.median(times[impl])
       rows.append({"size": size, "batch": args.batch, "alpha": args.alpha, "depthwise": impl,
-                   "compile_s": compile_s[impl], "median_ms": median * 1e3,
-                   "images_per_s": args.batch / median, "calls": len(times[impl])})
+                   "compile_s": compile_s[impl], **summarize(times[impl], args.batch)})
   base = {r["size"]: r["images_per_s"] for r in rows if r["depthwise"] == "xla"}
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}")
-  print(f"{'size':>5} {'depthwise':>9} {'median ms':>10} {'images/s':>10} {'vs xla':>7}")
   for r in rows:
     r["speedup_vs_xla"] = r["images_per_s"] / base[r["size"]]
-    print(f"{r['size']:>5} {r['depthwise']:>9} {r['median_ms']:>10.1f} "
-          f"{r['images_per_s']:>10.0f} {r['speedup_vs_xla']:>6.1f}x")
-  with open(args.out, "w") as f:
-    json.dump({"device": str(jax.devices()[0]), "rows": rows}, f, indent=2)
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, host CPU {cpu_model()}")
+  print_table(rows, [("size", "size", "d"), ("depthwise", "depthwise", ""),
+                     ("median ms", "median_ms", ".1f"), ("images/s", "images_per_s", ".0f"),
+                     ("vs xla", "speedup_vs_xla", ".1f")])
+  write_json(args.out, {"device": str(jax.devices()[0]), "cpu": cpu_model(),
+                        "date": time.strftime("%Y-%m-%d"), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -8,38 +8,37 @@ Each case runs the trainer's own train chunk (``tljax.train.make_train_chunk``, 
 call) for a phase built by ``tljax.train.build_phase`` from ``configs/mnist_mnv2.py``:
 "frozen_base" is its phases[0] (only the head trains), "fine_tune" its phases[1]
 (``layers[:100]`` frozen, BatchNorm in batch-statistics mode), "full" phases[1] with every
-parameter trainable. The step reads
-random uint8 MNIST-shaped images (28x28) and resizes them to the input size, as in training
-("uncached"), or reads the frozen prefix's cached output ("cached"), as the trainer does by
-default where the prefix is frozen and the cache of MNIST's 60,000 images fits
-``cache_max_gb``. Weights are random: the step's cost does not depend on their values.
+parameter trainable. The step reads random uint8 MNIST-shaped images (28x28) and resizes them
+to the input size, as in training ("uncached"), or reads the frozen prefix's cached output
+("cached"), as the trainer does by default where the prefix is frozen and the cache of MNIST's
+60,000 images fits ``cache_max_gb``. Weights are random: the step's cost does not depend on
+their values.
 
 Per case: compile time, median and p90 step time, training images/s, the step's FLOPs from
 XLA's cost analysis, achieved GFLOP/s and its fraction of a large float32 matmul timed in the
 same rounds, and the compiled step's memory. Levers, at the first batch size and input size:
 gradients of every parameter then the same masked optimizer (instead of the trainable
-partition only), and the other depthwise implementation. Baselines: the same model and
-trainable set in Keras 3 (``train_on_batch``, Adam), each in its own process. All cases of one
-batch size and input size, baselines included, are timed in alternating rounds, so their ratios
-are measured side by side on a possibly busy machine. Prints tables and writes JSON.
+partition only), the other depthwise implementation, and bfloat16 on accelerators.
+Baselines: the same model and trainable set in Keras 3 (``train_on_batch``, Adam), each in its
+own process running ``keras_worker.py`` (tf.keras with ``--tf_python``, which needs TensorFlow
+only). All cases of one batch size and input size, baselines included, are timed in
+alternating rounds, so their ratios are measured side by side on a possibly busy machine.
+Prints tables and writes JSON.
 """
 
 import argparse
 import dataclasses
 import importlib.util
-import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # The configs import each other as the package ``configs``.
+sys.path.insert(0, str(REPO))  # This checkout's tljax, and configs as the package ``configs``.
 # The baselines' processes share the accelerator: this one takes memory as it needs it instead
 # of most of it up front (on a GPU, a Keras full fine-tune at batch 128, 224x224 ran out).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -48,16 +47,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from keras_worker import KINDS as BASELINES, Worker, WorkerError  # noqa: E402
+from timing import cpu_model, print_table, summarize, time_calls, write_json  # noqa: E402
 from tljax import freezing, prefix, sharding, train  # noqa: E402
 from tljax.models import depthwise  # noqa: E402
 
 # Phase kind -> (index into config.phases, rules replacing that phase's, or None).
 PHASES = {"frozen_base": (0, None), "fine_tune": (1, None), "full": (1, ("train:.*",))}
-BASELINES = ("keras_jax", "keras_tf")
 MNIST_SHAPE = (28, 28)
 MNIST_EXAMPLES = 60_000    # Train + validation images the trainer would cache.
 NUM_CLASSES = 10
-RESULT = "RESULT "         # Prefix of a worker's JSON lines on stdout.
 MATMUL_SIZE = {"cpu": 2048}   # By backend; 8192 elsewhere, to fill an accelerator.
 
 
@@ -75,20 +74,17 @@ class Case:
   size: int
   grad: str = "partial"         # partial (the trainer's) | everything (then masked).
   depthwise: str = "auto"       # config.model.depthwise.
-  fold_bn: bool = False         # config.model.fold_batchnorm.
   dtype: str = "float32"        # config.model.dtype (compute dtype).
 
   @property
   def is_lever(self) -> bool:
-    return self.grad != "partial" or self.depthwise != "auto" or self.fold_bn or \
-        self.dtype != "float32"
+    return self.grad != "partial" or self.depthwise != "auto" or self.dtype != "float32"
 
   @property
   def label(self) -> str:
     return (f"{self.phase} {'cached' if self.cached else 'uncached'}"
             + ("" if self.grad == "partial" else " grad-everything")
             + ("" if self.depthwise == "auto" else f" dw-{self.depthwise}")
-            + (" fold-bn" if self.fold_bn else "")
             + ("" if self.dtype == "float32" else f" {self.dtype}"))
 
 
@@ -112,7 +108,6 @@ def load_config(path: str, case: Case, steps_per_dispatch: int):
   config.steps_per_dispatch = steps_per_dispatch
   config.model.input_size = case.size
   config.model.depthwise = case.depthwise
-  config.model.fold_batchnorm = case.fold_bn
   config.model.dtype = case.dtype
   config.data.augment_shift = 0
   if rules is not None:
@@ -214,17 +209,8 @@ def analyse_step(chunk, state, inputs, labels, indices_1B) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Timing.
+# The machine's ceiling.
 # ---------------------------------------------------------------------------------------------
-
-
-def time_calls(fn: Callable[[], Any], seconds: float, min_calls: int = 2) -> list[float]:
-  times, start = [], time.perf_counter()
-  while time.perf_counter() - start < seconds or len(times) < min_calls:
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return times
 
 
 def matmul_size() -> int:
@@ -240,113 +226,6 @@ def make_matmul() -> Callable[[], Any]:
   call = lambda: jax.block_until_ready(matmul(a, a))
   call()
   return call
-
-
-def summarize(step_times: list[float], batch: int) -> dict[str, float]:
-  median = statistics.median(step_times)
-  p90 = statistics.quantiles(step_times, n=10)[-1] if len(step_times) > 1 else median
-  return {"median_ms": median * 1e3, "p90_ms": p90 * 1e3, "images_per_s": batch / median,
-          "calls": len(step_times)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Keras baselines, each in its own process: ``--worker`` builds the model, reports its compile
-# time, then times ``train_on_batch`` for the seconds given on each stdin line.
-# ---------------------------------------------------------------------------------------------
-
-
-def keras_model(keras, phase: str, size: int):
-  """The tutorial's model and trainable set, compiled with Adam."""
-  base = keras.applications.MobileNetV2(weights=None, include_top=False,
-                                        input_shape=(size, size, 3))
-  base.trainable = phase != "frozen_base"
-  if phase == "fine_tune":
-    for layer in base.layers[:100]:
-      layer.trainable = False
-  inputs = keras.Input((size, size, 3))
-  x = keras.layers.GlobalAveragePooling2D()(base(inputs, training=False))
-  model = keras.Model(inputs, keras.layers.Dense(NUM_CLASSES, activation="softmax")(x))
-  learning_rate = 1e-3 if phase == "frozen_base" else 1e-5
-  model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-  return model
-
-
-def run_worker(kind: str, phase: str, batch: int, size: int, seed: int) -> None:
-  """The ``--worker`` process; the parent set KERAS_BACKEND, read when keras is imported."""
-  if kind == "keras_tf":
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    keras, backend = tf.keras, f"tensorflow {tf.__version__}"
-  else:
-    import keras  # pylint: disable=import-outside-toplevel
-    backend = f"jax {jax.__version__}"
-  rng = np.random.default_rng(seed)
-  x = rng.random((batch, size, size, 3), np.float32)
-  y = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
-  model = keras_model(keras, phase, size)
-  t0 = time.perf_counter()
-  model.train_on_batch(x, y)
-  compile_s = time.perf_counter() - t0
-  model.train_on_batch(x, y)  # Warm-up.
-
-  def emit(record):
-    print(RESULT + json.dumps(record), flush=True)
-
-  emit({"compile_s": compile_s, "version": f"keras {keras.__version__}, {backend}",
-        "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights))})
-  for line in sys.stdin:
-    emit({"times": time_calls(lambda: model.train_on_batch(x, y), float(line))})
-
-
-class WorkerError(RuntimeError):
-  """A baseline process failed; the message holds the end of its stderr."""
-
-
-class Worker:
-  """A running ``--worker`` process for one baseline and case."""
-
-  def __init__(self, kind: str, phase: str, batch: int, size: int, args):
-    python = args.tf_python if kind == "keras_tf" else sys.executable
-    # On an accelerator this process already holds most of its memory: workers allocate
-    # only what they use.
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow" if kind == "keras_tf" else "jax",
-           "TF_CPP_MIN_LOG_LEVEL": "2", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-           "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
-    command = [python, __file__, "--worker", kind, "--phases", phase, "--batch_sizes",
-               str(batch), "--sizes", str(size), "--seed", str(args.seed)]
-    self.kind, self.python, self.log = kind, python, tempfile.TemporaryFile("w+")
-    self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=self.log, text=True, env=env)
-    self.info: dict[str, Any] = {}
-
-  def wait_ready(self) -> None:
-    """Waits until the worker has compiled and warmed up its step."""
-    self.info = self._read()
-
-  def _read(self) -> dict[str, Any]:
-    for line in self.proc.stdout:
-      if line.startswith(RESULT):
-        return json.loads(line[len(RESULT):])
-    code = self.proc.wait()
-    self.log.seek(0)
-    last = (self.log.read().strip().splitlines() or ["no output"])[-1]
-    raise WorkerError(f"{self.kind} process ({self.python}) exited with status {code}: {last}"
-                      + (" (see --tf_python)" if self.kind == "keras_tf" else ""))
-
-  def time(self, seconds: float) -> list[float]:
-    self.proc.stdin.write(f"{seconds}\n")
-    self.proc.stdin.flush()
-    return self._read()["times"]
-
-  def close(self) -> None:
-    if self.proc.poll() is None:
-      self.proc.stdin.close()
-      try:
-        self.proc.wait(timeout=30)
-      except subprocess.TimeoutExpired:
-        self.proc.kill()
-        self.proc.wait()
-    self.log.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,9 +246,6 @@ def group_cases(phases: list[str], batch: int, size: int, levers: bool) -> list[
               for p in ("frozen_base", "fine_tune") if p in phases]
     cases += [Case(p, False, batch, size, depthwise=other) for p in ("fine_tune",)
               if p in phases]
-    # Every BatchNorm of the frozen base uses moving statistics: all of them fold.
-    cases += [Case(p, False, batch, size, fold_bn=True) for p in ("frozen_base",)
-              if p in phases]
     if jax.default_backend() != "cpu":  # bfloat16 is emulated, hence slow, on CPUs.
       cases += [Case(p, False, batch, size, dtype="bfloat16") for p in phases]
   return cases
@@ -381,7 +257,8 @@ def start_workers(baselines, phases, batch, size, args) -> dict[tuple, Worker]:
   for kind in baselines:
     for phase in phases:
       print(f"starting {kind} {phase}, batch {batch}, {size}x{size} ...", flush=True)
-      workers[kind, phase] = Worker(kind, phase, batch, size, args)
+      python = args.tf_python if kind == "keras_tf" else sys.executable
+      workers[kind, phase] = Worker(kind, phase, batch, size, python, args.seed)
   return workers
 
 
@@ -451,14 +328,6 @@ def measure_group(cases: list[Case], args, failed: dict[str, str]):
 # ---------------------------------------------------------------------------------------------
 
 
-def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
-  """``columns``: (header, key, format spec) per column."""
-  widths = [max(len(h), *(len(format(r[k], f)) for r in rows)) for h, k, f in columns]
-  print("  ".join(h.rjust(w) for (h, _, _), w in zip(columns, widths)))
-  for r in rows:
-    print("  ".join(format(r[k], f).rjust(w) for (_, k, f), w in zip(columns, widths)))
-
-
 def _trainer_row(rows: list[dict], phase: str, batch: int, size: int, cached: bool | None):
   """The trainer's step for ``phase`` (its default variant if ``cached`` is None)."""
   return next(r for r in rows if (r["phase"], r["batch"], r["size"]) == (phase, batch, size)
@@ -479,8 +348,7 @@ def lever_rows(rows: list[dict]) -> list[dict]:
     base = _trainer_row(rows, r["phase"], r["batch"], r["size"], r["cached"])
     lever = ("gradient of every parameter, then mask" if r["grad"] != "partial"
              else f"depthwise {r['depthwise']} instead of auto" if r["depthwise"] != "auto"
-             else f"{r['dtype']} compute instead of float32" if r["dtype"] != "float32"
-             else "moving-statistics BatchNorm folded into the convolutions")
+             else f"{r['dtype']} compute instead of float32")
     out.append({"lever": lever, "case": base["label"], "batch": r["batch"], "size": r["size"],
                 "trainer_ms": base["median_ms"], "lever_ms": r["median_ms"],
                 "lever_slowdown": r["median_ms"] / base["median_ms"]})
@@ -508,8 +376,9 @@ def report(rows, baseline_rows) -> dict[str, list[dict]]:
     r["default"] = "*" if r["trainer_default"] else ""
     r["mflop"] = r["flops"] / 1e6
     r["temp_mb"], r["peak_mb"] = r["temp_bytes"] / 2**20, r["peak_bytes"] / 2**20
-  print(f"\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}; "
-        "* = the trainer's default step; ceiling = float32 matmul timed in the same rounds")
+  print(f"\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}, host CPU "
+        f"{cpu_model()}; * = the trainer's default step; ceiling = float32 matmul "
+        "timed in the same rounds")
   print_table(rows, [("case", "label", ""), ("", "default", ""), ("batch", "batch", "d"),
                      ("size", "size", "d"), ("K", "steps_per_call", "d"),
                      ("compile s", "compile_s", ".1f"), ("median ms", "median_ms", ".2f"),
@@ -562,7 +431,6 @@ def parse_args():
   parser.add_argument("--seconds", type=float, default=1.0, help="per round and case")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="step_throughput.json")
-  parser.add_argument("--worker", choices=BASELINES, help=argparse.SUPPRESS)
   args = parser.parse_args()
   args.phases = [p for p in args.phases.split(",") if p]
   args.baselines = [b for b in args.baselines.split(",") if b]
@@ -582,11 +450,8 @@ def parse_args():
 
 def main():
   args = parse_args()
-  if args.worker:
-    run_worker(args.worker, args.phases[0], args.batch_sizes[0], args.sizes[0], args.seed)
-    return
   failed = {}
-  result = {"device": str(jax.devices()[0]), "jax": jax.__version__,
+  result = {"device": str(jax.devices()[0]), "cpu": cpu_model(), "jax": jax.__version__,
             "date": time.strftime("%Y-%m-%d"), "rows": [], "levers": [], "baselines": [],
             "ratios": [], "baselines_failed": failed}
   for i, (size, batch) in enumerate((s, b) for s in args.sizes for b in args.batch_sizes):
@@ -595,8 +460,7 @@ def main():
     for key, tables in report(*measure_group(cases, args, failed)).items():
       result[key] += tables
     # After every group, so that a run stopped part-way keeps what it measured.
-    pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}")
+    write_json(args.out, result)
   for kind, message in failed.items():
     print(f"\n{kind} not measured: {message}")
 
