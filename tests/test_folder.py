@@ -205,18 +205,24 @@ def _corrupt(path: pathlib.Path, kind: str) -> None:
     noise = np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8)
     Image.fromarray(noise).save(path, format="JPEG")
     path.write_bytes(path.read_bytes()[:300])
-  elif kind == "unreadable":
-    path.chmod(0)
 
 
 @pytest.mark.parametrize("kind, cause", [
     ("zero_bytes", "empty file"), ("text_named_jpg", "not an image Pillow can identify"),
     ("truncated", "cannot be read as an image"), ("unreadable", "Permission denied")])
-def test_bad_image_is_named_or_skipped(tmp_path, kind, cause):
-  if kind == "unreadable" and os.geteuid() == 0:
-    pytest.skip("root reads files whatever their permissions")
+def test_bad_image_is_named_or_skipped(tmp_path, kind, cause, monkeypatch):
   root = make_folder(tmp_path / "d", {"a": 4, "b": 4}, ext="jpg")
-  _corrupt(root / "a" / "002.jpg", kind)
+  if kind == "unreadable":  # As for a user without read permission (tests run as root).
+    unreadable, open_image = root / "a" / "002.jpg", Image.open
+
+    def refuse(path, *args, **kwargs):
+      if pathlib.Path(path) == unreadable:
+        raise PermissionError(13, "Permission denied", str(path))
+      return open_image(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", refuse)
+  else:
+    _corrupt(root / "a" / "002.jpg", kind)
   config = folder_config(root, validation_split=0.25, test_split=0.25)
   with pytest.raises(data.DataError, match=rf"^1 image files that cannot be read: "
                      rf"a/002.jpg \({cause}.*Replace or remove them, or pass "
@@ -286,20 +292,8 @@ def test_main_exits_2_on_a_bad_image_and_keeps_the_workdir(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_run_on_a_tiny_folder(tmp_path):
-  root = make_folder(tmp_path / "photos", {"red": 12, "green": 12, "blue": 12}, ext="jpg")
-  config = folder_config(root, validation_split=0.25, test_split=0.25, random_crop=True,
-                         flip=True, eval_crop=0.875, scale="symmetric")
-  config.model.alpha = 0.35
-  config.model.weights = "none"
-  config.batch_size = 6
-  config.eval_batch_size = 12
-  config.phases[0].epochs = 1
-  config.phases[0].augment = False
-  config.phases[1].epochs = 1
-  config.phases[1].learning_rate = 1e-3
-  workdir = tmp_path / "run"
-  summary = train.run(config, workdir)
+def test_run_on_a_tiny_folder(tiny_folder_run):
+  _, workdir, summary = tiny_folder_run
   assert summary["class_names"] == ["blue", "green", "red"]
   assert summary["split_sizes"] == {"train": 18, "validation": 9, "test": 9}
   assert summary["skipped_images"] == [] and summary["test_examples"] == 9

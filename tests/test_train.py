@@ -46,11 +46,9 @@ def final_state(workdir):
   return meta, restored["state"]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_idx_dir, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("uninterrupted")
-  summary = train.run(tiny_config(tiny_idx_dir), workdir)
-  return workdir, summary
+@pytest.fixture
+def uninterrupted(tiny_idx_run):
+  return tiny_idx_run
 
 
 def test_run_writes_every_output(uninterrupted):

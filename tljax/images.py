@@ -66,6 +66,9 @@ def _open_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.I
       return _to_rgb(ImageOps.exif_transpose(image))
   except ImageError:
     raise
+  except PermissionError:
+    raise ImageError(path, "Permission denied: the file cannot be opened; check its "
+                     "permissions") from None
   except Image.UnidentifiedImageError:
     raise ImageError(path, "not an image Pillow can identify (expected JPEG, PNG, BMP, GIF, "
                      "WebP or TIFF)") from None

@@ -757,6 +757,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   distributed.initialize(config.distributed)
   if not distributed.is_main_process():
     logging.getLogger().setLevel(logging.WARNING)
+  workdir = pathlib.Path(workdir)
   mesh = sharding.data_mesh()
   replicated = sharding.replicated(mesh)
   check_config(config, mesh)
