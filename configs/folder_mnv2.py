@@ -13,8 +13,8 @@ the frozen layers run once per image: the head phase caches the base's pooled fe
 in the same pass, the input of block 11 for the fine-tune phase.
 
 The other situations, from the command line: a large dataset, or photos unlike ImageNet's,
-``--config.phases[1].augment=true`` (random resized crops and flips, set up below; uncached,
-so several times slower a step) and more layers trained, e.g.
+``--config.phases[1].use_augmentation=true`` (random resized crops and flips, set up below;
+uncached, so several times slower a step) and more layers trained, e.g.
 ``--config.phases[1].rules='("freeze:layers[:54]", "train:.*")'``; a small dataset like
 ImageNet, ``--config.phases[1].epochs=1`` or the head phase alone.
 
@@ -37,14 +37,15 @@ def get_config():
   config.data.scale = "symmetric"
   config.data.validation_split = 0.1
   config.data.test_split = 0.1
-  config.data.random_crop = True   # Used by phases with augment=True.
+  config.data.random_crop = True  # Used by phases with use_augmentation=True.
   config.data.flip = True
   config.model.input_size = 160
   config.phases = (
       default.phase(name="head", epochs=5, learning_rate=1e-3, label_smoothing=0.1,
-                    augment=False, rules=("train:predictions/.*", "freeze:.*")),
+                    use_augmentation=False,
+                    rules=("train:predictions/.*", "freeze:.*")),
       default.phase(name="fine_tune", epochs=3, learning_rate=5e-4, schedule="cosine",
-                    warmup_epochs=0.5, label_smoothing=0.1, augment=False,
+                    warmup_epochs=0.5, label_smoothing=0.1, use_augmentation=False,
                     rules=("freeze:layers[:100]", "train:.*")),
   )
   return config

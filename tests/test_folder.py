@@ -240,8 +240,8 @@ def test_many_bad_images_list_ten_and_the_count(tmp_path):
 
 
 @pytest.mark.parametrize("build, message", [
-    (lambda r: make_folder(r, {"a": 2, "c": 2}) and (r / "b").mkdir(), r"^1 class folders without images: d/b\. "
-     r"Put images in them or remove them\."),
+    (lambda r: make_folder(r, {"a": 2, "c": 2}) and (r / "b").mkdir(),
+     r"^1 class folders without images: d/b\. Put images in them or remove them\."),
     (lambda r: make_folder(r, {"only": 3}), r"found 1 class folder \(only\); a classifier "
      "needs at least two"),
     (lambda r: (r / "a").mkdir(parents=True) or (r / "a" / "x.txt").write_text("x"),
@@ -295,7 +295,7 @@ def test_run_on_a_tiny_folder(tmp_path):
   config.batch_size = 6
   config.eval_batch_size = 12
   config.phases[0].epochs = 1
-  config.phases[0].augment = False
+  config.phases[0].use_augmentation = False
   config.phases[1].epochs = 1
   config.phases[1].learning_rate = 1e-3
   workdir = tmp_path / "run"
