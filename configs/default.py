@@ -42,7 +42,7 @@ def phase(**overrides) -> ml_collections.ConfigDict:
   p.cache_prefix = "auto"        # auto | off
   # Apply the data augmentation settings (augment_shift, random_crop, flip) in this phase.
   # False trains on the evaluation view, which lets the frozen prefix be cached.
-  p.augment = True
+  p.use_augmentation = True
   p.update(overrides)
   return p
 

@@ -6,11 +6,25 @@
 ``<root>`` holds one folder of images per class, or ``train/`` (and optionally
 ``validation/``, ``test/``) holding those; the class count comes from the data (README, "Your
 own images"). 160x160 input with MobileNetV2's own scaling to [-1, 1], from images decoded
-once at 184x184 into a disk cache. A 3-epoch head phase on the frozen base, then the blocks
-from ``layers[100]`` (block 11) on train for 6 epochs with their BatchNorm on the moving
-statistics (Adam, warmup and cosine decay, label smoothing). Neither phase augments, so the
-frozen layers run once per image: the head phase caches the base's pooled features and the
-input of block 11 for the next phase in the same pass.
+once at 184x184 into a disk cache. A 5-epoch head phase on the frozen base, then the blocks
+from ``layers[100]`` (block 11) on train for 3 epochs with their BatchNorm on the moving
+statistics (Adam, warmup and cosine decay, label smoothing 0.1). Neither phase augments, so
+the frozen layers run once per image: the head phase caches the base's pooled features and,
+in the same pass, the input of block 11 for the fine-tune phase.
+
+The other situations, from the command line: a large dataset, or photos unlike ImageNet's,
+``--config.phases[1].use_augmentation=true`` (random resized crops and flips, set up below;
+uncached, so several times slower a step) and more layers trained, e.g.
+``--config.phases[1].rules='("freeze:layers[:54]", "train:.*")'``; a small dataset like
+ImageNet, ``--config.phases[1].epochs=1`` or the head phase alone.
+
+Measured on clothing-small (3,068 train / 341 validation / 372 test photos, 10 classes), on
+a 2-core AMD EPYC (AVX-512) VM shared with other jobs (load average 6-9 on 2 cores, so
+slower than an idle machine), 2026-11-30, with
+``--config.model.weights=../shared/weights/mobilenet_v2_1.0_imagenet_no_top.h5``:
+**88.44% test accuracy** (validation 90.9%) in 4 min 18 s with the decoded cache warm;
+decoding it cold added 12 s (317 images/s). The tf.keras tutorial recipe gave 74.19% in
+1,112 s on another (AVX2) machine (``../shared/PEERS.md``).
 """
 
 from configs import default
@@ -23,12 +37,15 @@ def get_config():
   config.data.scale = "symmetric"
   config.data.validation_split = 0.1
   config.data.test_split = 0.1
+  config.data.random_crop = True  # Used by phases with use_augmentation=True.
+  config.data.flip = True
   config.model.input_size = 160
   config.phases = (
-      default.phase(name="head", epochs=3, learning_rate=1e-3, label_smoothing=0.1,
-                    augment=False, rules=("train:predictions/.*", "freeze:.*")),
-      default.phase(name="fine_tune", epochs=6, learning_rate=5e-4, schedule="cosine",
-                    warmup_epochs=0.5, label_smoothing=0.1, augment=False,
+      default.phase(name="head", epochs=5, learning_rate=1e-3, label_smoothing=0.1,
+                    use_augmentation=False,
+                    rules=("train:predictions/.*", "freeze:.*")),
+      default.phase(name="fine_tune", epochs=3, learning_rate=5e-4, schedule="cosine",
+                    warmup_epochs=0.5, label_smoothing=0.1, use_augmentation=False,
                     rules=("freeze:layers[:100]", "train:.*")),
   )
   return config

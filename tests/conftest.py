@@ -146,7 +146,7 @@ def tiny_folder_run(tmp_path_factory):
   config.batch_size = 6
   config.eval_batch_size = 12
   config.phases[0].epochs = 1
-  config.phases[0].augment = False
+  config.phases[0].use_augmentation = False
   config.phases[1].epochs = 1
   config.phases[1].learning_rate = 1e-3
   workdir = root.parent / "run"

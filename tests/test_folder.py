@@ -246,8 +246,8 @@ def test_many_bad_images_list_ten_and_the_count(tmp_path):
 
 
 @pytest.mark.parametrize("build, message", [
-    (lambda r: make_folder(r, {"a": 2, "c": 2}) and (r / "b").mkdir(), r"^1 class folders without images: d/b\. "
-     r"Put images in them or remove them\."),
+    (lambda r: make_folder(r, {"a": 2, "c": 2}) and (r / "b").mkdir(),
+     r"^1 class folders without images: d/b\. Put images in them or remove them\."),
     (lambda r: make_folder(r, {"only": 3}), r"found 1 class folder \(only\); a classifier "
      "needs at least two"),
     (lambda r: (r / "a").mkdir(parents=True) or (r / "a" / "x.txt").write_text("x"),
@@ -302,3 +302,25 @@ def test_run_on_a_tiny_folder(tiny_folder_run):
   head, fine_tune = summary["phases"]
   assert head["cached_prefix"] and fine_tune["cached_prefix"] is None  # It augments.
   assert (workdir / "confusion_matrix.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("source", "images", r"data.source='images' is not one of \('auto', 'idx', 'tfds', "
+     r"'folder'\)"),
+    ("test_split", 0.85, r"data.test_split=0.85 must be in \[0, 1\) and leave training images"),
+    ("crop_scale", (0.5, 0.2), r"data.crop_scale=\(0.5, 0.2\) must be \(low, high\)"),
+    ("eval_crop", 0.0, r"data.eval_crop=0.0 must be in \(0, 1\]"),
+    ("max_memory_gb", 0.0, "data.max_memory_gb=0.0 must be positive"),
+])
+def test_bad_data_settings_are_refused(key, value, message):
+  config = default.get_config()
+  config.data[key] = value
+  with pytest.raises(ValueError, match=message):
+    train.check_config(config, train.sharding.data_mesh())
+
+
+def test_folder_source_without_a_dir_says_what_to_pass():
+  config = default.get_config()
+  config.data.source = "folder"
+  with pytest.raises(data.DataError, match=r"data.source=folder needs --config.data.dir="):
+    train.load_dataset(config)

@@ -354,9 +354,9 @@ def load_folder(config: ml_collections.ConfigDict, splits_dir: pathlib.Path | No
   """The folder ``config.data.dir`` as a Dataset with its own validation split.
 
   Split lists are read from ``splits_dir`` if an earlier run wrote them, else cut and, once
-  every file has been read (and if ``write_splits``), written there. Bad image files raise one DataError listing them, unless
-  ``data.skip_bad_images``: then they are left out with a warning and named in
-  ``Dataset.skipped``.
+  every file has been read (and if ``write_splits``), written there. Bad image files raise
+  one DataError listing them, unless ``data.skip_bad_images``: then they are left out with a
+  warning and named in ``Dataset.skipped``.
   """
   listing = scan(config.data.dir)
   splits = read_split_lists(splits_dir, listing) if splits_dir else None

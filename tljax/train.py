@@ -227,8 +227,8 @@ def build_phase(config: ml_collections.ConfigDict, index: int, model: LayerStack
   bn_layers = {l.name for l in model.layers if l.kind == "bn"}
   train_bn = frozenset(trainable & bn_layers) if phase_config.batchnorm == "batch_stats" \
       else frozenset()
-  augmentation = (data.Augmentation.from_config(config.data) if phase_config.augment
-                  else data.Augmentation())
+  augmentation = (data.Augmentation.from_config(config.data)
+                  if phase_config.use_augmentation else data.Augmentation())
   cut = 0
   if phase_config.cache_prefix == "auto" and not augmentation.active:
     cut = prefix.first_trainable_layer(model.layers, trainable)
