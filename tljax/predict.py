@@ -14,6 +14,7 @@ as CSV or JSON (one row per image: ``path``, ``label``, ``probability``, ``top_k
 ``--export`` (re)writes ``<workdir>/export/``.
 """
 
+import argparse
 import csv
 import dataclasses
 import glob
@@ -31,10 +32,9 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
-from absl import app, flags
 from PIL import Image
 
-from tljax import data, export, images, train
+from tljax import data, export, images, reporting, train
 
 EXIT_BAD_INPUT = 2
 
@@ -208,13 +208,6 @@ def write_rows(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
 # Command line.
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of a finished run.")
-_OUTPUT = flags.DEFINE_string("output", None, "Also write the rows to this .csv or .json file.")
-_TOP_K = flags.DEFINE_integer("top_k", 3, "How many classes to list per image.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per batch.")
-_EXPORT = flags.DEFINE_bool("export", False, "(Re)write <workdir>/export/ from the run.")
-
-
 def run(workdir: str, paths: Sequence[str], *, output: str | None, top_k: int,
         batch_size: int, write_export: bool) -> int:
   """The command; returns its exit code, a failure logged as one message."""
@@ -246,13 +239,22 @@ def run(workdir: str, paths: Sequence[str], *, output: str | None, top_k: int,
   return 0
 
 
-def main(argv):
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required: the work directory of a finished run.",
-                         exitcode=EXIT_BAD_INPUT)
-  sys.exit(run(_WORKDIR.value, argv[1:], output=_OUTPUT.value, top_k=_TOP_K.value,
-               batch_size=_BATCH_SIZE.value, write_export=_EXPORT.value))
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m tljax.predict",
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("paths", nargs="*", metavar="PATH",
+                      help="image files, folders, globs or IDX image files")
+  parser.add_argument("--workdir", required=True, help="work directory of a finished run")
+  parser.add_argument("--output", help="also write the rows to this .csv or .json file")
+  parser.add_argument("--top_k", type=int, default=3, help="classes listed per image")
+  parser.add_argument("--batch_size", type=int, default=64, help="images per batch")
+  parser.add_argument("--export", action="store_true",
+                      help="(re)write <workdir>/export/ from the run")
+  args = parser.parse_args(argv)
+  reporting.setup_logging()
+  return run(args.workdir, args.paths, output=args.output, top_k=args.top_k,
+             batch_size=args.batch_size, write_export=args.export)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(main())
