@@ -19,7 +19,7 @@ import pytest
 
 import main
 from test_train import tiny_config
-from tljax import checkpoint, data, preemption, train
+from tljax import checkpoint, checks, data, preemption, steps, train
 from tljax.models import mobilenet_v2
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -187,12 +187,12 @@ def test_batch_size_must_divide_over_the_devices(tiny_idx_dir):
   three_devices = types.SimpleNamespace(shape={"data": 3})
   with pytest.raises(ValueError, match=r"batch_size=16 must be a positive multiple of the 3 "
                      r"devices in the data mesh; use e.g. --config.batch_size=15 or 18."):
-    train.check_config(tiny_config(tiny_idx_dir), three_devices)
+    checks.check_config(tiny_config(tiny_idx_dir), three_devices)
 
 
 @pytest.mark.parametrize("error, code", [
     (preemption.Preempted("stopped in phase p at step 3 of 8; checkpoint 3 is saved"), 143),
-    (train.NonFiniteError("phase p: steps 1..10 of the phase all had a non-finite loss"), 1),
+    (steps.NonFiniteError("phase p: steps 1..10 of the phase all had a non-finite loss"), 1),
     (checkpoint.CheckpointWriteError("writing a checkpoint to /w failed: disk full"), 1),
     (checkpoint.CheckpointError("/w holds checkpoints of another config"), 2),
 ], ids=["preempted", "non_finite", "write_failed", "incompatible_checkpoints"])

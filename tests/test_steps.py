@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import default
-from tljax import sharding, train
+from tljax import dispatch, models, phases, prefix, sharding
 
 MESH = sharding.data_mesh(jax.devices()[:1])
 
@@ -25,7 +25,7 @@ def _setup(**model_overrides):
   config.phases[1].batchnorm = "batch_stats"
   config.phases[1].learning_rate = 1e-3
   config.model.update(model_overrides)
-  model = train.create_model(config, 10)
+  model = models.create(config.model, 10)
   variables = _initial_variables(model.clone(dtype=jnp.float32))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 255, (64, 28, 28), dtype=np.uint8)
@@ -35,21 +35,21 @@ def _setup(**model_overrides):
 
 
 def _run_chunk(config, model, variables, inputs, labels, indices, cut, index=1):
-  phase = train.build_phase(config, index, model, variables["params"], len(labels))
+  phase = phases.build_phase(config, index, model, variables["params"], len(labels))
   phase = phase.__class__(**{**phase.__dict__, "cut": cut})
-  assert train.scans_steps(phase, model) == (model.layers[cut].kind == "dense")
-  state = train.init_state(phase, jax.tree.map(jnp.array, variables), config.seed)
-  chunk = train.make_train_chunk(phase, model, config, MESH)
+  assert dispatch.scans_steps(phase, model) == (model.layers[cut].kind == "dense")
+  state = phases.init_state(phase, jax.tree.map(jnp.array, variables), config.seed)
+  chunk = dispatch.make_train_chunk(phase, model, config, MESH)
   state, metrics = chunk(state, inputs, jnp.asarray(labels), jnp.asarray(indices))
   return jax.device_get((state.params, state.batch_stats, metrics["loss"]))
 
 
 def test_cached_prefix_phase_equals_uncached():
   config, model, variables, images, labels, indices = _setup()
-  phase = train.build_phase(config, 1, model, variables["params"], len(labels))
+  phase = phases.build_phase(config, 1, model, variables["params"], len(labels))
   assert model.layers[phase.cut].name == "block_11_depthwise"  # layers[:100] + its relu.
   device_images = {"images": jnp.asarray(images)}
-  cache, = train.build_prefix_caches(variables, device_images, len(images), model=model,
+  cache, = prefix.build_prefix_caches(variables, device_images, len(images), model=model,
                                      cuts=(phase.cut,), config=config, mesh=MESH)
   assert set(cache) == {"block_10_project_BN", "block_11_expand_relu"}
   cached = _run_chunk(config, model, variables, cache, labels, indices, phase.cut)
@@ -63,10 +63,10 @@ def test_cached_prefix_phase_equals_uncached():
 def test_scanned_head_steps_equal_separate_steps():
   # The cached frozen-base phase runs only the head: its steps run as one lax.scan.
   config, model, variables, images, labels, indices = _setup()
-  phase = train.build_phase(config, 0, model, variables["params"], len(labels))
+  phase = phases.build_phase(config, 0, model, variables["params"], len(labels))
   assert model.layers[phase.cut].name == "predictions"
   device_images = {"images": jnp.asarray(images)}
-  cache, = train.build_prefix_caches(variables, device_images, len(images), model=model,
+  cache, = prefix.build_prefix_caches(variables, device_images, len(images), model=model,
                                      cuts=(phase.cut,), config=config, mesh=MESH)
   scanned = _run_chunk(config, model, variables, cache, labels, indices, phase.cut, index=0)
   plain = _run_chunk(config, model, variables, device_images, labels, indices, 0, index=0)
