@@ -230,9 +230,9 @@ def fresh_machine(server, mnist_dir, imagenet_weights_path, tmp_path, monkeypatc
   server.files[f"/keras/{weights_name}"] = imagenet_weights_path.read_bytes()
   # ../shared's train images are a rebuild of the original file (its README says so); every
   # other checksum is the published one.
-  url, shas = data._IDX_SOURCES["mnist"]
+  url, shas = data.IDX_SOURCES["mnist"]
   rebuilt = hashlib.sha256(server.files["/mnist/train-images-idx3-ubyte.gz"]).hexdigest()
-  monkeypatch.setitem(data._IDX_SOURCES, "mnist", (url, (rebuilt, *shas[1:])))
+  monkeypatch.setitem(data.IDX_SOURCES, "mnist", (url, (rebuilt, *shas[1:])))
   for variable in ("TLJAX_CACHE", "KERAS_HOME", "TFDS_DATA_DIR"):
     monkeypatch.delenv(variable, raising=False)
   monkeypatch.setenv("HOME", str(tmp_path / "home"))

@@ -145,7 +145,7 @@ def _checkpoint(workdir: pathlib.Path):
     step = ckpt.latest_step()
     if step is None:
       return None, None, None
-    return step, ckpt.restore_meta(step), ckpt._manager.restore(step)["state"]
+    return step, ckpt.restore_meta(step), ckpt.restore_arrays(step)["state"]
   finally:
     ckpt.close()
 

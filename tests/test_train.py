@@ -41,7 +41,7 @@ def final_state(workdir):
   ckpt = checkpoint.Checkpointer(workdir)
   step = ckpt.latest_step()
   meta = ckpt.restore_meta(step)
-  restored = ckpt._manager.restore(step)  # Raw arrays, for comparison only.
+  restored = ckpt.restore_arrays(step)  # Raw arrays, for comparison only.
   ckpt.close()
   return meta, restored["state"]
 

@@ -25,10 +25,10 @@ def make_train_chunk(phase: Phase, model: LayerStack, config, mesh):
   """``(state, inputs, labels, indices[K, B]) -> (state, metrics[K])``: K train steps.
 
   Where the step runs convolutions, each step is one jitted call, dispatched asynchronously;
-  the host waits only when the caller fetches the metrics. (On XLA:CPU a ``lax.scan`` over
-  such a step ran the network 3-7x slower than the same step called K times.) Where it runs
-  none, as when only the head trains on cached pooled features, a call costs more than the
-  step, so the K steps run as one ``lax.scan``.
+  the host waits only when the caller fetches the metrics (on XLA:CPU a ``lax.scan`` over such
+  a step runs the network slower than the same step called K times: benchmarks/README.md).
+  Where it runs none, as when only the head trains on cached pooled features, a call costs
+  more than the step, so the K steps run as one ``lax.scan``.
   """
   del mesh  # The batch is split over devices by the sharding of ``indices``.
   step = functools.partial(
