@@ -35,10 +35,10 @@ def _cli(*flags: str) -> subprocess.CompletedProcess:
     ("--config.batchsize=16", "--config.batchsize: config has no key 'batchsize'. Did you mean "
      "--config.batch_size? Its keys are: batch_size, cache_max_gb, checkpoint_every_steps, "
      "data, distributed, eval_batch_size, max_bad_steps, max_to_keep, model, phases, seed, "
-     "steps_per_dispatch."),
+     "steps_per_dispatch, tensorboard."),
     ("--config.phases[1].epoch=2", "--config.phases[1].epoch: config.phases[1] has no key "
      "'epoch'. Did you mean --config.phases[1].epochs? Its keys are: batchnorm, cache_prefix, "
-     "epochs,"),
+     "early_stopping_patience, ema_decay, epochs,"),
     ("--config.phases[2].epochs=1", "config.phases has 2 entries, so [2] does not exist."),
     ("--config.batch_size=16.5", "flag --config.batch_size=16.5: invalid literal for int()"),
 ])
