@@ -15,13 +15,13 @@ from absl import app, flags
 from ml_collections import config_flags
 from ml_collections.config_flags import config_path
 
-from tljax import checkpoint, data, preemption, reporting, train, weights
+from tljax import checkpoint, checks, data, preemption, reporting, steps, train, weights
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 # Failures of a run that had good inputs (exit 1), and the user's own mistakes (exit 2).
 RUN_FAILURES = (checkpoint.CheckpointWriteError, checkpoint.CheckpointDamagedError,
-                reporting.OutputWriteError, train.NonFiniteError)
-INPUT_ERRORS = (train.ConfigError, data.DataError, weights.WeightsError,
+                reporting.OutputWriteError, steps.NonFiniteError)
+INPUT_ERRORS = (checks.ConfigError, data.DataError, weights.WeightsError,
                 checkpoint.CheckpointError, reporting.WorkdirError)
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -4,8 +4,8 @@
     python benchmarks/step_throughput.py --batch_sizes 32,128,512 --sizes 32,224 --extra ""
     python benchmarks/step_throughput.py --baselines keras_jax,keras_tf
 
-Each case runs the trainer's own train chunk (``tljax.train.make_train_chunk``, K steps per
-call) for a phase built by ``tljax.train.build_phase`` from ``configs/mnist_mnv2.py``:
+Each case runs the trainer's own train chunk (``tljax.dispatch.make_train_chunk``, K steps per
+call) for a phase built by ``tljax.phases.build_phase`` from ``configs/mnist_mnv2.py``:
 "frozen_base" is its phases[0] (only the head trains), "fine_tune" its phases[1]
 (``layers[:100]`` frozen, BatchNorm in batch-statistics mode), "full" phases[1] with every
 parameter trainable. The step reads random uint8 MNIST-shaped images (28x28) and resizes them
@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 
 from keras_worker import KINDS as BASELINES, Worker, WorkerError  # noqa: E402
 from timing import cpu_model, print_table, summarize, time_calls, write_json  # noqa: E402
-from tljax import freezing, prefix, sharding, train  # noqa: E402
+from tljax import dispatch, freezing, models, phases, prefix, sharding  # noqa: E402
 from tljax.models import depthwise  # noqa: E402
 
 # Phase kind -> (index into config.phases, rules replacing that phase's, or None).
@@ -151,9 +151,9 @@ def build_case(case: Case, args) -> dict[str, Any]:
   config, index = load_config(args.config, case, k)
   pool = max(256, 2 * case.batch)  # Examples on device that batches are drawn from.
   config.eval_batch_size = pool
-  model = train.create_model(config, NUM_CLASSES)
+  model = models.create(config.model, NUM_CLASSES)
   variables = random_variables(model, case.size, args.seed)
-  phase = train.build_phase(config, index, model, variables["params"], pool)
+  phase = phases.build_phase(config, index, model, variables["params"], pool)
   if case.cached and not phase.cut:
     raise ValueError(f"{case.label}: the phase has no frozen prefix to cache.")
   trainer_caches = bool(phase.cut) and cache_fits(model, phase.cut, variables, config)
@@ -163,17 +163,17 @@ def build_case(case: Case, args) -> dict[str, Any]:
   labels = replicate(rng.integers(0, NUM_CLASSES, pool).astype(np.int32))
   variables = replicate(variables)
   if case.cached:
-    inputs, = train.build_prefix_caches(variables, inputs, pool, model=model, cuts=(phase.cut,),
+    inputs, = prefix.build_prefix_caches(variables, inputs, pool, model=model, cuts=(phase.cut,),
                                         config=config, mesh=mesh)
   else:
     phase = dataclasses.replace(phase, cut=0)  # What the trainer does when it cannot cache.
   if case.grad == "everything":  # Every parameter in the gradient; the optimizer still masks.
     phase = dataclasses.replace(
         phase, labels=jax.tree.map(lambda _: freezing.TRAIN, phase.labels))
-  state = replicate(train.init_state(phase, jax.tree.map(jnp.copy, variables), config.seed))
+  state = replicate(phases.init_state(phase, jax.tree.map(jnp.copy, variables), config.seed))
   indices = [sharding.put(rng.integers(0, pool, (k, case.batch), np.int32),
                           sharding.batch_sharded(mesh, 1)) for _ in range(4)]
-  chunk = train.make_train_chunk(phase, model, config, mesh)
+  chunk = dispatch.make_train_chunk(phase, model, config, mesh)
   figures = analyse_step(chunk, state, inputs, labels, indices[0][:1])
   holder = {"state": state, "calls": 0}
 

@@ -19,7 +19,7 @@ import pytest
 
 import main
 from test_train import tiny_config
-from tljax import checkpoint, data, preemption, train
+from tljax import checkpoint, checks, data, preemption, steps, train
 from tljax.models import mobilenet_v2
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -35,10 +35,10 @@ def _cli(*flags: str) -> subprocess.CompletedProcess:
     ("--config.batchsize=16", "--config.batchsize: config has no key 'batchsize'. Did you mean "
      "--config.batch_size? Its keys are: batch_size, cache_max_gb, checkpoint_every_steps, "
      "data, distributed, eval_batch_size, max_bad_steps, max_to_keep, model, phases, seed, "
-     "steps_per_dispatch."),
+     "steps_per_dispatch, tensorboard."),
     ("--config.phases[1].epoch=2", "--config.phases[1].epoch: config.phases[1] has no key "
      "'epoch'. Did you mean --config.phases[1].epochs? Its keys are: batchnorm, cache_prefix, "
-     "epochs,"),
+     "early_stopping_patience, ema_decay, epochs,"),
     ("--config.phases[2].epochs=1", "config.phases has 2 entries, so [2] does not exist."),
     ("--config.batch_size=16.5", "flag --config.batch_size=16.5: invalid literal for int()"),
 ])
@@ -187,12 +187,12 @@ def test_batch_size_must_divide_over_the_devices(tiny_idx_dir):
   three_devices = types.SimpleNamespace(shape={"data": 3})
   with pytest.raises(ValueError, match=r"batch_size=16 must be a positive multiple of the 3 "
                      r"devices in the data mesh; use e.g. --config.batch_size=15 or 18."):
-    train.check_config(tiny_config(tiny_idx_dir), three_devices)
+    checks.check_config(tiny_config(tiny_idx_dir), three_devices)
 
 
 @pytest.mark.parametrize("error, code", [
     (preemption.Preempted("stopped in phase p at step 3 of 8; checkpoint 3 is saved"), 143),
-    (train.NonFiniteError("phase p: steps 1..10 of the phase all had a non-finite loss"), 1),
+    (steps.NonFiniteError("phase p: steps 1..10 of the phase all had a non-finite loss"), 1),
     (checkpoint.CheckpointWriteError("writing a checkpoint to /w failed: disk full"), 1),
     (checkpoint.CheckpointError("/w holds checkpoints of another config"), 2),
 ], ids=["preempted", "non_finite", "write_failed", "incompatible_checkpoints"])
@@ -230,9 +230,9 @@ def fresh_machine(server, mnist_dir, imagenet_weights_path, tmp_path, monkeypatc
   server.files[f"/keras/{weights_name}"] = imagenet_weights_path.read_bytes()
   # ../shared's train images are a rebuild of the original file (its README says so); every
   # other checksum is the published one.
-  url, shas = data._IDX_SOURCES["mnist"]
+  url, shas = data.IDX_SOURCES["mnist"]
   rebuilt = hashlib.sha256(server.files["/mnist/train-images-idx3-ubyte.gz"]).hexdigest()
-  monkeypatch.setitem(data._IDX_SOURCES, "mnist", (url, (rebuilt, *shas[1:])))
+  monkeypatch.setitem(data.IDX_SOURCES, "mnist", (url, (rebuilt, *shas[1:])))
   for variable in ("TLJAX_CACHE", "KERAS_HOME", "TFDS_DATA_DIR"):
     monkeypatch.delenv(variable, raising=False)
   monkeypatch.setenv("HOME", str(tmp_path / "home"))

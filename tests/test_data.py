@@ -215,12 +215,12 @@ def test_tfds_reads_a_prepared_copy_without_network(tmp_path, monkeypatch):
 
 def _tensorflow_installed(monkeypatch):
   """As where TensorFlow is installed, which preparing most tfds datasets needs."""
-  monkeypatch.setattr(data, "_prepare_needs_tensorflow", lambda builder: False)
+  monkeypatch.setattr(data, "needs_tensorflow_to_prepare", lambda builder: False)
 
 
 def test_tfds_mnist_under_mock_data(tmp_path, monkeypatch):
   _tensorflow_installed(monkeypatch)  # mock_data stands in for the prepare step.
-  monkeypatch.setattr(data, "_host_reachable", lambda host, port: True)
+  monkeypatch.setattr(data, "host_reachable", lambda host, port: True)
   with tfds.testing.mock_data(num_examples=6):
     ds = data.load_dataset("mnist", tmp_path)  # An empty folder is a tfds data_dir.
   assert (ds.name, ds.num_classes, ds.class_names) == ("mnist", 10, tuple("0123456789"))
@@ -247,7 +247,7 @@ def test_tfds_offline_fails_fast_with_the_fix(tmp_path, monkeypatch):
 
 def test_tfds_failed_download_is_explained(tmp_path, monkeypatch):
   _tensorflow_installed(monkeypatch)
-  monkeypatch.setattr(data, "_host_reachable", lambda host, port: True)
+  monkeypatch.setattr(data, "host_reachable", lambda host, port: True)
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
                       lambda *a, **k: _no_network())
   with pytest.raises(data.DataError, match="downloading it failed: network is unreachable.*"
@@ -257,7 +257,7 @@ def test_tfds_failed_download_is_explained(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["mnist", "cifar10"])
 def test_tfds_without_tensorflow_says_so_before_any_download(name, tmp_path, monkeypatch):
-  monkeypatch.setattr(data, "_host_reachable", lambda host, port: pytest.fail("probed"))
+  monkeypatch.setattr(data, "host_reachable", lambda host, port: pytest.fail("probed"))
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
                       lambda *a, **k: pytest.fail("must not start a download"))
   with pytest.raises(data.DataError) as e:
@@ -271,7 +271,7 @@ def test_tfds_without_tensorflow_says_so_before_any_download(name, tmp_path, mon
 
 def test_tfds_tensorflow_import_during_prepare_becomes_the_same_message(tmp_path, monkeypatch):
   _tensorflow_installed(monkeypatch)
-  monkeypatch.setattr(data, "_host_reachable", lambda host, port: True)
+  monkeypatch.setattr(data, "host_reachable", lambda host, port: True)
 
   def prepare(*args, **kwargs):
     raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
@@ -309,7 +309,7 @@ def idx_mirror(server, tiny_idx_dir, monkeypatch):
   files = {f"{stem}.gz": (tiny_idx_dir / f"{stem}.gz").read_bytes() for stem in data.IDX_FILES}
   server.files.update({f"/mnist/{name}": body for name, body in files.items()})
   shas = tuple(hashlib.sha256(files[f"{stem}.gz"]).hexdigest() for stem in data.IDX_FILES)
-  monkeypatch.setitem(data._IDX_SOURCES, "mnist", ("https://unused.invalid/", shas))
+  monkeypatch.setitem(data.IDX_SOURCES, "mnist", ("https://unused.invalid/", shas))
   monkeypatch.setenv("TLJAX_DATA_MIRROR", server.url)
   return server
 

@@ -24,7 +24,7 @@ import pytest
 from configs import default
 from test_reliability import CONFIG_FILE, DRIVER
 from test_train import tiny_config
-from tljax import distributed, train, weights
+from tljax import distributed, models, weights
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -143,7 +143,7 @@ def test_two_processes_end_with_the_parameters_of_one(runs, tiny_idx_dir):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   assert _worst_difference(a, b) < TOLERANCE
   config = tiny_config(tiny_idx_dir)
-  initial = weights.load_pretrained("none", train.create_model(config, 10), input_size=32,
+  initial = weights.load_pretrained("none", models.create(config.model, 10), input_size=32,
                                     rng=jax.random.PRNGKey(config.seed))
   assert _worst_difference(a["params"], jax.device_get(initial["params"])) > 1e-3  # It trained.
   summaries = [json.loads((w / "summary.json").read_text()) for w in (one, two)]

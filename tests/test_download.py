@@ -83,7 +83,7 @@ def test_fetch_leaves_nothing_behind_when_interrupted(server, tmp_path, monkeypa
     out.write(b"partial")
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(download, "_download", interrupted)
+  monkeypatch.setattr(download, "stream", interrupted)
   with pytest.raises(KeyboardInterrupt):
     fetch(f"{server.url}/w.h5", tmp_path)
   assert os.listdir(tmp_path) == []
@@ -137,7 +137,7 @@ def test_fetch_explains_an_unwritable_cache(tmp_path):
 
 def test_download_ignores_a_partial_file_left_by_a_killed_process(tmp_path, monkeypatch):
   (tmp_path / ".w.h5.k1ll3d.part").write_bytes(b"half of the")
-  monkeypatch.setattr(download, "_download",
+  monkeypatch.setattr(download, "stream",
                       lambda url, out, what, instead, timeout: out.write(b"whole"))
   path = fetch("http://127.0.0.1:9/w.h5", tmp_path, hashlib.sha256(b"whole").hexdigest())
   assert path == tmp_path / "w.h5" and path.read_bytes() == b"whole"

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import default
-from tljax import data, folder, images, train
+from tljax import checks, data, folder, images, input_pipeline, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -316,11 +316,11 @@ def test_bad_data_settings_are_refused(key, value, message):
   config = default.get_config()
   config.data[key] = value
   with pytest.raises(ValueError, match=message):
-    train.check_config(config, train.sharding.data_mesh())
+    checks.check_config(config, sharding.data_mesh())
 
 
 def test_folder_source_without_a_dir_says_what_to_pass():
   config = default.get_config()
   config.data.source = "folder"
   with pytest.raises(data.DataError, match=r"data.source=folder needs --config.data.dir="):
-    train.load_dataset(config)
+    input_pipeline.load_dataset(config)

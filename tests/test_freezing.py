@@ -3,11 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import traverse_util
 
-from tljax import freezing, steps
+from tljax import freezing
 from tljax.models.mobilenet_v2 import MobileNetV2
 
 MODEL = MobileNetV2(alpha=0.35, include_top=True, num_classes=10)
@@ -126,122 +125,3 @@ def test_report_table_counts():
   total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(PARAMS))
   assert reports[1].size == total - head
   assert f"{head:,}" in freezing.format_report(reports)
-
-
-# --- Training with masks: frozen parameters and statistics never move. ----------------------
-
-PHASES = {
-    "frozen_base": (("train:predictions/.*", "freeze:.*"), "inference"),
-    "fine_tune_batch_stats": (("freeze:layers[:100]", "train:.*"), "batch_stats"),
-    "fine_tune_inference": (("freeze:layers[:100]", "train:.*"), "inference"),
-}
-
-
-def _calibrated_variables():
-  """Random weights with moving statistics set from one batch, so that inference-mode
-  activations neither vanish nor saturate (and every trainable parameter gets a gradient)."""
-  x = np.random.default_rng(1).uniform(0, 1, (16, 32, 32, 3)).astype(np.float32)
-  variables = MODEL.init(jax.random.PRNGKey(0), x)
-  bn = [l for l in MODEL.layers if l.kind == "bn"]
-  pre_bn, _ = MODEL.apply(variables, x, train_bn=frozenset(l.name for l in bn),
-                          capture=[l.inputs[0] for l in bn], mutable=["batch_stats"])
-  stats = {l.name: {"mean": jnp.mean(pre_bn[l.inputs[0]], (0, 1, 2)),
-                    "var": jnp.var(pre_bn[l.inputs[0]], (0, 1, 2))} for l in bn}
-  return {"params": variables["params"], "batch_stats": stats}
-
-
-CALIBRATED = _calibrated_variables()
-
-
-def _train(rules, batchnorm, tx, num_steps=3):
-  variables = CALIBRATED
-  labels, _ = freezing.label_params(variables["params"], freezing.parse_rules(rules), BASE)
-  bn = {l.name for l in MODEL.layers if l.kind == "bn"}
-  train_bn = frozenset(freezing.trainable_layers(labels) & bn) if batchnorm == "batch_stats" \
-      else frozenset()
-  masked = freezing.masked_optimizer(tx, labels)
-  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                           batch_stats=variables["batch_stats"],
-                           opt_state=masked.init(variables["params"]),
-                           rng=jax.random.PRNGKey(1), bad_steps=jnp.zeros((), jnp.int32))
-  step = jax.jit(lambda s, x, y: steps.train_step(s, x, y, model=MODEL, tx=masked,
-                                                   param_labels=labels, train_bn=train_bn))
-  rng = np.random.default_rng(0)
-  for _ in range(num_steps):
-    x = rng.uniform(0, 1, (8, 32, 32, 3)).astype(np.float32)
-    y = rng.integers(0, 10, 8)
-    state, _ = step(state, x, y)
-  return variables, labels, train_bn, state
-
-
-@pytest.fixture(scope="module", params=list(PHASES))
-def trained(request):
-  rules, batchnorm = PHASES[request.param]
-  return (request.param, batchnorm) + _train(rules, batchnorm, optax.adam(1e-3))
-
-
-def _flat(tree):
-  return traverse_util.flatten_dict(tree, sep="/")
-
-
-def test_frozen_params_bit_identical_and_trainable_changed(trained):
-  _, _, before, labels, _, state = trained
-  flat_labels = _flat(labels)
-  after = _flat(state.params)
-  for path, value in _flat(before["params"]).items():
-    same = np.array_equal(np.asarray(value), np.asarray(after[path]))
-    if flat_labels[path] == "freeze":
-      assert same and np.asarray(value).tobytes() == np.asarray(after[path]).tobytes(), path
-    else:
-      assert not same, f"trainable {path} did not change"
-
-
-def test_batch_stats_move_only_in_batch_stats_mode(trained):
-  _, batchnorm, before, _, train_bn, state = trained
-  for name, stats in before["batch_stats"].items():
-    for key in ("mean", "var"):
-      same = np.array_equal(np.asarray(stats[key]), np.asarray(state.batch_stats[name][key]))
-      if name in train_bn:
-        assert not same, f"{name}/{key} should have been updated"
-      else:
-        assert same, f"{name}/{key} changed although {name} is frozen or in inference mode"
-  assert bool(train_bn) == (batchnorm == "batch_stats")
-
-
-def test_optimizer_state_has_no_moments_for_frozen_params(trained):
-  _, _, before, labels, _, state = trained
-  trainable = sum(1 for l in jax.tree.leaves(labels) if l == "train")
-  moments = [x for x in jax.tree.leaves(state.opt_state) if getattr(x, "ndim", 0) > 0]
-  assert len(moments) == 2 * trainable  # Adam's mu and nu, trainable leaves only.
-  train_size = sum(int(np.prod(v.shape)) for p, v in _flat(before["params"]).items()
-                   if _flat(labels)[p] == "train")
-  assert sum(int(np.prod(m.shape)) for m in moments) == 2 * train_size
-
-
-def test_adamw_decay_leaves_frozen_params_untouched():
-  before, labels, _, state = _train(("train:predictions/.*", "freeze:.*"), "inference",
-                                    optax.adamw(1e-3, weight_decay=0.5), num_steps=2)
-  after = _flat(state.params)
-  for path, label in _flat(labels).items():
-    if label == "freeze":
-      assert np.array_equal(np.asarray(_flat(before["params"])[path]), np.asarray(after[path]))
-
-
-def test_non_finite_step_is_skipped():
-  variables = CALIBRATED
-  labels, _ = freezing.label_params(
-      variables["params"], freezing.parse_rules(("train:Conv_1.*|predictions/.*", "freeze:.*")),
-      BASE)
-  tx = freezing.masked_optimizer(optax.adam(1e-3), labels)
-  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                           batch_stats=variables["batch_stats"],
-                           opt_state=tx.init(variables["params"]), rng=jax.random.PRNGKey(0),
-                           bad_steps=jnp.zeros((), jnp.int32))
-  x = np.full((4, 32, 32, 3), np.nan, np.float32)
-  new, metrics = jax.jit(lambda s, x, y: steps.train_step(
-      s, x, y, model=MODEL, tx=tx, param_labels=labels,
-      train_bn=frozenset({"Conv_1_bn"})))(state, x, np.zeros(4, np.int32))
-  assert not bool(metrics["finite"]) and int(new.bad_steps) == 1 and int(new.step) == 1
-  for a, b in zip(jax.tree.leaves((state.params, state.batch_stats, state.opt_state)),
-                  jax.tree.leaves((new.params, new.batch_stats, new.opt_state))):
-    assert np.array_equal(np.asarray(a), np.asarray(b))

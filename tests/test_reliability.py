@@ -13,7 +13,6 @@ persistent XLA compilation cache (tests/conftest.py), so only the first one comp
 import dataclasses
 import errno
 import gzip
-import hashlib
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from tljax import checkpoint, preemption, train, weights
+from tljax import checkpoint, dispatch, preemption, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -146,7 +145,7 @@ def _checkpoint(workdir: pathlib.Path):
     step = ckpt.latest_step()
     if step is None:
       return None, None, None
-    return step, ckpt.restore_meta(step), ckpt._manager.restore(step)["state"]
+    return step, ckpt.restore_meta(step), ckpt.restore_arrays(step)["state"]
   finally:
     ckpt.close()
 
@@ -513,7 +512,7 @@ def test_a_full_disk_while_writing_the_outputs_fails_and_keeps_the_checkpoints(
 def test_a_non_finite_test_loss_fails_the_run(finished, tiny_idx_dir, tmp_path, caplog,
                                                monkeypatch):
   workdir = _copy_without_outputs(finished, tmp_path)
-  evaluate_split = train.evaluate_split
+  evaluate_split = dispatch.evaluate_split
   monkeypatch.setattr(train, "evaluate_split", lambda *args: (
       float("nan"), *evaluate_split(*args)[1:]))
   assert _rerun(workdir, tiny_idx_dir, caplog) == 1

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from tljax import selection, train
+from tljax import dispatch, selection, train
 from test_train import tiny_config
 
 VALIDATION_EXAMPLES = 32  # 20% of tiny_idx_dir's 160 training images; the test split has 40.
@@ -55,7 +55,7 @@ def head_config(data_dir):
 def script_validation(monkeypatch, accuracies, seen):
   """Validation reports ``accuracies`` in turn (and records the variables it evaluated);
   when they run out, the run crashes."""
-  original = train.evaluate_split
+  original = dispatch.evaluate_split
 
   def evaluate_split(eval_batch, variables, inputs, labels, n, config, mesh):
     out = original(eval_batch, variables, inputs, labels, n, config, mesh)
@@ -66,7 +66,7 @@ def script_validation(monkeypatch, accuracies, seen):
     seen.append(jax.device_get(variables))
     return (out[0], accuracies.pop(0), *out[2:])
 
-  monkeypatch.setattr(train, "evaluate_split", evaluate_split)
+  monkeypatch.setattr(dispatch, "evaluate_split", evaluate_split)
 
 
 @pytest.fixture(scope="module")

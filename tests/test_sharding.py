@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from configs import default
-    from tljax import sharding, train
+    from tljax import dispatch, models, phases, sharding
     assert jax.device_count() == 8, jax.devices()
     config = default.get_config()
     config.model.alpha = 0.35
@@ -28,7 +28,7 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     # the reduction-order noise of near-zero gradients into differences as large as lr.)
     config.phases[1].optimizer = "sgd"
     config.phases[1].learning_rate = 0.01
-    model = train.create_model(config, 10)
+    model = models.create(config.model, 10)
     variables = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (64, 28, 28), dtype=np.uint8)
@@ -38,9 +38,10 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
       mesh = sharding.data_mesh(devices)
-      phase = train.build_phase(config, 1, model, variables["params"], 64)
-      state = jax.device_put(train.init_state(phase, variables, 0), sharding.replicated(mesh))
-      chunk = train.make_train_chunk(phase, model, config, mesh)
+      phase = phases.build_phase(config, 1, model, variables["params"], 64)
+      state = jax.device_put(phases.init_state(phase, variables, 0),
+                             sharding.replicated(mesh))
+      chunk = dispatch.make_train_chunk(phase, model, config, mesh)
       inputs = jax.device_put({"images": images}, sharding.replicated(mesh))
       state, metrics = chunk(state, inputs, jax.device_put(labels, sharding.replicated(mesh)),
                              jax.device_put(indices, sharding.batch_sharded(mesh, 1)))

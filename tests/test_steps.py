@@ -1,90 +1,128 @@
-"""Fast paths compute what the plain path computes: the cached frozen prefix, bfloat16."""
-
-import functools
+"""The pure train step with freeze labels: frozen parameters and BatchNorm statistics never
+move and hold no optimizer state; a non-finite step is skipped."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
+from flax import traverse_util
 
-from configs import default
-from tljax import sharding, train
+from test_freezing import BASE, MODEL
+from tljax import freezing, steps
 
-MESH = sharding.data_mesh(jax.devices()[:1])
+PHASES = {
+    "frozen_base": (("train:predictions/.*", "freeze:.*"), "inference"),
+    "fine_tune_batch_stats": (("freeze:layers[:100]", "train:.*"), "batch_stats"),
+    "fine_tune_inference": (("freeze:layers[:100]", "train:.*"), "inference"),
+}
 
 
-@functools.cache
-def _initial_variables(model):
-  return jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+def _calibrated_variables():
+  """Random weights with moving statistics set from one batch, so that inference-mode
+  activations neither vanish nor saturate (and every trainable parameter gets a gradient)."""
+  x = np.random.default_rng(1).uniform(0, 1, (16, 32, 32, 3)).astype(np.float32)
+  variables = MODEL.init(jax.random.PRNGKey(0), x)
+  bn = [l for l in MODEL.layers if l.kind == "bn"]
+  pre_bn, _ = MODEL.apply(variables, x, train_bn=frozenset(l.name for l in bn),
+                          capture=[l.inputs[0] for l in bn], mutable=["batch_stats"])
+  stats = {l.name: {"mean": jnp.mean(pre_bn[l.inputs[0]], (0, 1, 2)),
+                    "var": jnp.var(pre_bn[l.inputs[0]], (0, 1, 2))} for l in bn}
+  return {"params": variables["params"], "batch_stats": stats}
 
 
-def _setup(**model_overrides):
-  config = default.get_config()
-  config.model.alpha = 0.35
-  config.batch_size = 16
-  config.eval_batch_size = 32
-  config.phases[1].batchnorm = "batch_stats"
-  config.phases[1].learning_rate = 1e-3
-  config.model.update(model_overrides)
-  model = train.create_model(config, 10)
-  variables = _initial_variables(model.clone(dtype=jnp.float32))
+CALIBRATED = _calibrated_variables()
+
+
+def _train(rules, batchnorm, tx, num_steps=3):
+  variables = CALIBRATED
+  labels, _ = freezing.label_params(variables["params"], freezing.parse_rules(rules), BASE)
+  bn = {l.name for l in MODEL.layers if l.kind == "bn"}
+  train_bn = frozenset(freezing.trainable_layers(labels) & bn) if batchnorm == "batch_stats" \
+      else frozenset()
+  masked = freezing.masked_optimizer(tx, labels)
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                           batch_stats=variables["batch_stats"],
+                           opt_state=masked.init(variables["params"]),
+                           rng=jax.random.PRNGKey(1), bad_steps=jnp.zeros((), jnp.int32))
+  step = jax.jit(lambda s, x, y: steps.train_step(s, x, y, model=MODEL, tx=masked,
+                                                   param_labels=labels, train_bn=train_bn))
   rng = np.random.default_rng(0)
-  images = rng.integers(0, 255, (64, 28, 28), dtype=np.uint8)
-  labels = rng.integers(0, 10, 64).astype(np.int32)
-  indices = rng.permutation(64)[:48].reshape(3, 16).astype(np.int32)
-  return config, model, variables, images, labels, indices
+  for _ in range(num_steps):
+    x = rng.uniform(0, 1, (8, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, 10, 8)
+    state, _ = step(state, x, y)
+  return variables, labels, train_bn, state
 
 
-def _run_chunk(config, model, variables, inputs, labels, indices, cut, index=1):
-  phase = train.build_phase(config, index, model, variables["params"], len(labels))
-  phase = phase.__class__(**{**phase.__dict__, "cut": cut})
-  assert train.scans_steps(phase, model) == (model.layers[cut].kind == "dense")
-  state = train.init_state(phase, jax.tree.map(jnp.array, variables), config.seed)
-  chunk = train.make_train_chunk(phase, model, config, MESH)
-  state, metrics = chunk(state, inputs, jnp.asarray(labels), jnp.asarray(indices))
-  return jax.device_get((state.params, state.batch_stats, metrics["loss"]))
+@pytest.fixture(scope="module", params=list(PHASES))
+def trained(request):
+  rules, batchnorm = PHASES[request.param]
+  return (request.param, batchnorm) + _train(rules, batchnorm, optax.adam(1e-3))
 
 
-def test_cached_prefix_phase_equals_uncached():
-  config, model, variables, images, labels, indices = _setup()
-  phase = train.build_phase(config, 1, model, variables["params"], len(labels))
-  assert model.layers[phase.cut].name == "block_11_depthwise"  # layers[:100] + its relu.
-  device_images = {"images": jnp.asarray(images)}
-  cache, = train.build_prefix_caches(variables, device_images, len(images), model=model,
-                                     cuts=(phase.cut,), config=config, mesh=MESH)
-  assert set(cache) == {"block_10_project_BN", "block_11_expand_relu"}
-  cached = _run_chunk(config, model, variables, cache, labels, indices, phase.cut)
-  plain = _run_chunk(config, model, variables, device_images, labels, indices, 0)
-  np.testing.assert_allclose(cached[2], plain[2], rtol=1e-5)
-  # Float32: the same arithmetic, fused differently by XLA. 3 Adam steps at lr 1e-3.
-  for a, b in zip(jax.tree.leaves(cached[:2]), jax.tree.leaves(plain[:2])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+def _flat(tree):
+  return traverse_util.flatten_dict(tree, sep="/")
 
 
-def test_scanned_head_steps_equal_separate_steps():
-  # The cached frozen-base phase runs only the head: its steps run as one lax.scan.
-  config, model, variables, images, labels, indices = _setup()
-  phase = train.build_phase(config, 0, model, variables["params"], len(labels))
-  assert model.layers[phase.cut].name == "predictions"
-  device_images = {"images": jnp.asarray(images)}
-  cache, = train.build_prefix_caches(variables, device_images, len(images), model=model,
-                                     cuts=(phase.cut,), config=config, mesh=MESH)
-  scanned = _run_chunk(config, model, variables, cache, labels, indices, phase.cut, index=0)
-  plain = _run_chunk(config, model, variables, device_images, labels, indices, 0, index=0)
-  np.testing.assert_allclose(scanned[2], plain[2], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(scanned[:2]), jax.tree.leaves(plain[:2])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+def test_frozen_params_bit_identical_and_trainable_changed(trained):
+  _, _, before, labels, _, state = trained
+  flat_labels = _flat(labels)
+  after = _flat(state.params)
+  for path, value in _flat(before["params"]).items():
+    same = np.array_equal(np.asarray(value), np.asarray(after[path]))
+    if flat_labels[path] == "freeze":
+      assert same and np.asarray(value).tobytes() == np.asarray(after[path]).tobytes(), path
+    else:
+      assert not same, f"trainable {path} did not change"
 
 
-def test_bfloat16_step_stays_close_to_float32():
-  results = []
-  for dtype in ("float32", "bfloat16"):
-    config, model, variables, images, labels, indices = _setup(dtype=dtype)
-    results.append(_run_chunk(config, model, variables, {"images": jnp.asarray(images)},
-                              labels, indices[:1], 0))
-  (p32, _, loss32), (p16, _, loss16) = results
-  # bfloat16 keeps 8 bits of mantissa: the loss agrees to ~1%, and one Adam step at lr 1e-3
-  # moves every parameter by at most ~lr in either precision.
-  np.testing.assert_allclose(loss16, loss32, rtol=2e-2)
-  for a, b in zip(jax.tree.leaves(p32), jax.tree.leaves(p16)):
-    assert a.dtype == b.dtype == np.float32
-    np.testing.assert_allclose(a, b, atol=2.5e-3)
+def test_batch_stats_move_only_in_batch_stats_mode(trained):
+  _, batchnorm, before, _, train_bn, state = trained
+  for name, stats in before["batch_stats"].items():
+    for key in ("mean", "var"):
+      same = np.array_equal(np.asarray(stats[key]), np.asarray(state.batch_stats[name][key]))
+      if name in train_bn:
+        assert not same, f"{name}/{key} should have been updated"
+      else:
+        assert same, f"{name}/{key} changed although {name} is frozen or in inference mode"
+  assert bool(train_bn) == (batchnorm == "batch_stats")
+
+
+def test_optimizer_state_has_no_moments_for_frozen_params(trained):
+  _, _, before, labels, _, state = trained
+  trainable = sum(1 for l in jax.tree.leaves(labels) if l == "train")
+  moments = [x for x in jax.tree.leaves(state.opt_state) if getattr(x, "ndim", 0) > 0]
+  assert len(moments) == 2 * trainable  # Adam's mu and nu, trainable leaves only.
+  train_size = sum(int(np.prod(v.shape)) for p, v in _flat(before["params"]).items()
+                   if _flat(labels)[p] == "train")
+  assert sum(int(np.prod(m.shape)) for m in moments) == 2 * train_size
+
+
+def test_adamw_decay_leaves_frozen_params_untouched():
+  before, labels, _, state = _train(("train:predictions/.*", "freeze:.*"), "inference",
+                                    optax.adamw(1e-3, weight_decay=0.5), num_steps=2)
+  after = _flat(state.params)
+  for path, label in _flat(labels).items():
+    if label == "freeze":
+      assert np.array_equal(np.asarray(_flat(before["params"])[path]), np.asarray(after[path]))
+
+
+def test_non_finite_step_is_skipped():
+  variables = CALIBRATED
+  labels, _ = freezing.label_params(
+      variables["params"], freezing.parse_rules(("train:Conv_1.*|predictions/.*", "freeze:.*")),
+      BASE)
+  tx = freezing.masked_optimizer(optax.adam(1e-3), labels)
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                           batch_stats=variables["batch_stats"],
+                           opt_state=tx.init(variables["params"]), rng=jax.random.PRNGKey(0),
+                           bad_steps=jnp.zeros((), jnp.int32))
+  x = np.full((4, 32, 32, 3), np.nan, np.float32)
+  new, metrics = jax.jit(lambda s, x, y: steps.train_step(
+      s, x, y, model=MODEL, tx=tx, param_labels=labels,
+      train_bn=frozenset({"Conv_1_bn"})))(state, x, np.zeros(4, np.int32))
+  assert not bool(metrics["finite"]) and int(new.bad_steps) == 1 and int(new.step) == 1
+  for a, b in zip(jax.tree.leaves((state.params, state.batch_stats, state.opt_state)),
+                  jax.tree.leaves((new.params, new.batch_stats, new.opt_state))):
+    assert np.array_equal(np.asarray(a), np.asarray(b))

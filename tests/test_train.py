@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from tljax import checkpoint, data, evaluate, train
+from tljax import checkpoint, data, dispatch, evaluate, selection, train
 
 
 def tiny_config(data_dir, **overrides):
@@ -41,7 +41,7 @@ def final_state(workdir):
   ckpt = checkpoint.Checkpointer(workdir)
   step = ckpt.latest_step()
   meta = ckpt.restore_meta(step)
-  restored = ckpt._manager.restore(step)  # Raw arrays, for comparison only.
+  restored = ckpt.restore_arrays(step)  # Raw arrays, for comparison only.
   ckpt.close()
   return meta, restored["state"]
 
@@ -161,14 +161,14 @@ def test_ema_weights_are_evaluated_and_saved_and_frozen_ones_untouched(tiny_idx_
   config.phases = (default.phase(name="head", epochs=1, ema_decay=0.9,
                                  rules=("train:predictions/.*", "freeze:.*")),)
   initial, evaluated, trained_raw = [], [], []
-  load, evaluate_split, select = (train.weights.load_pretrained, train.evaluate_split,
-                                  train._selected_state)
+  load, evaluate_split, select = (train.weights.load_pretrained, dispatch.evaluate_split,
+                                  selection.selected_state)
   monkeypatch.setattr(train.weights, "load_pretrained",
                       lambda *a, **k: initial.append(load(*a, **k)) or initial[-1])
-  monkeypatch.setattr(train, "evaluate_split", lambda eval_batch, variables, *a: (
+  monkeypatch.setattr(dispatch, "evaluate_split", lambda eval_batch, variables, *a: (
       evaluated.append(jax.device_get(variables)) or evaluate_split(eval_batch, variables, *a)))
-  monkeypatch.setattr(train, "_selected_state", lambda ctx, phase, state, *a: (
-      trained_raw.append(jax.device_get(state.params)) or select(ctx, phase, state, *a)))
+  monkeypatch.setattr(selection, "selected_state", lambda meta, ckpt, phase, state, *a: (
+      trained_raw.append(jax.device_get(state.params)) or select(meta, ckpt, phase, state, *a)))
   summary = train.run(config, tmp_path)
   assert summary["weights_from"]["ema"]
   saved = flax.serialization.msgpack_restore((tmp_path / "trained_variables.msgpack").read_bytes())

@@ -5,7 +5,6 @@ import hashlib
 import os
 import shutil
 import socket
-import time
 
 import h5py
 import jax

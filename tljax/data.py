@@ -48,7 +48,7 @@ IDX_CLASS_NAMES = {
 }
 # The IDX datasets tljax downloads itself (tfds needs TensorFlow to prepare them): the
 # addresses and sha256 tensorflow-datasets uses, in IDX_FILES order.
-_IDX_SOURCES = {
+IDX_SOURCES = {
     "mnist": ("https://storage.googleapis.com/cvdf-datasets/mnist/", (
         "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
         "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
@@ -225,7 +225,7 @@ def idx_downloads(name: str) -> dict[str, tuple[str, str]]:
   """``{file name: (url, sha256)}`` of the four IDX files of ``name`` ("mnist" or
   "fashion_mnist"): from the addresses tensorflow-datasets uses, or from
   ``$TLJAX_DATA_MIRROR/<name>/`` where that names a mirror; checksums as tfds publishes them."""
-  base_url, checksums = _IDX_SOURCES[name]
+  base_url, checksums = IDX_SOURCES[name]
   mirror = os.environ.get(DATA_MIRROR_ENV)
   base_url = f"{mirror.rstrip('/')}/{name}/" if mirror else base_url
   return {f"{stem}.gz": (base_url + f"{stem}.gz", sha256)
@@ -253,7 +253,8 @@ def fetch_idx(name: str, cache_dir: str | pathlib.Path | None = None) -> pathlib
 # ---------------------------------------------------------------------------------------------
 
 
-def _host_reachable(host: str, port: int) -> bool:
+def host_reachable(host: str, port: int) -> bool:
+  """Whether a TCP connection to ``host:port`` opens within a few seconds."""
   try:
     with socket.create_connection((host, port), timeout=_PROBE_TIMEOUT_S):
       return True
@@ -287,7 +288,7 @@ def _local_options(name: str) -> str:
           "file_format='array_record'>")
 
 
-def _prepare_needs_tensorflow(builder) -> bool:
+def needs_tensorflow_to_prepare(builder) -> bool:
   """Whether preparing ``builder`` needs TensorFlow, which is not installed.
 
   tensorflow-datasets reads a prepared dataset without TensorFlow, but a builder whose code
@@ -301,17 +302,17 @@ def _prepare_needs_tensorflow(builder) -> bool:
 
 def _needs_tensorflow_message(builder, name: str) -> str:
   idx = (f" Or leave data.dir empty: tljax downloads {name}'s IDX files itself."
-         if name in _IDX_SOURCES else "")
+         if name in IDX_SOURCES else "")
   return (f"{name} is not prepared in {builder.data_path}, and tensorflow-datasets needs "
           "TensorFlow to prepare it, which is not installed. Install it (pip install "
           f"tensorflow-cpu, or pip install -e '.[tfds]'), or pass {_local_options(name)}.{idx}")
 
 
 def _download_and_prepare(builder, name: str) -> None:
-  if _prepare_needs_tensorflow(builder):
+  if needs_tensorflow_to_prepare(builder):
     raise DataError(_needs_tensorflow_message(builder, name))
   host, port = DOWNLOAD_HOST
-  if not _host_reachable(host, port):
+  if not host_reachable(host, port):
     raise DataError(f"{name} is not prepared in {builder.data_path}, and it cannot be "
                     f"downloaded: the download host {host} could not be reached. "
                     f"To run offline, pass {_local_options(name)}.")
@@ -373,7 +374,7 @@ def load_dataset(name: str, data_dir: str | pathlib.Path | None) -> Dataset:
   into the cache (:func:`fetch_idx`); other names from tfds's default data_dir.
   """
   if data_dir is None:
-    if name in _IDX_SOURCES:
+    if name in IDX_SOURCES:
       return load_idx_folder(fetch_idx(name), name)
     return load_tfds(name, None)
   folder = pathlib.Path(data_dir)

@@ -74,7 +74,7 @@ def fetch(url: str, cache_dir: str | os.PathLike | None = None, sha256: str | No
                         f"TLJAX_CACHE to a writable folder, or {instead}.") from None
   try:
     with os.fdopen(fd, "wb") as out:
-      _download(url, out, what, instead, timeout)
+      stream(url, out, what, instead, timeout)
     if sha256 is not None and (actual := sha256_of(tmp)) != sha256:
       raise DownloadError(f"{url} downloaded with sha256 {actual}, expected {sha256}; nothing "
                           f"was cached. Retry later, or {instead}.")
@@ -85,7 +85,7 @@ def fetch(url: str, cache_dir: str | os.PathLike | None = None, sha256: str | No
   return target
 
 
-def _download(url: str, out: BinaryIO, what: str, instead: str, timeout: float) -> None:
+def stream(url: str, out: BinaryIO, what: str, instead: str, timeout: float) -> None:
   """Streams ``url`` into ``out`` with a progress bar; an unreachable host or short body raises."""
   try:
     response = urllib.request.urlopen(url, timeout=timeout)

@@ -34,7 +34,7 @@ import numpy as np
 import tqdm
 from PIL import Image
 
-from tljax import data, export, images, reporting, train
+from tljax import data, export, images, models, reporting
 
 EXIT_BAD_INPUT = 2
 
@@ -73,7 +73,7 @@ def load_run(workdir: str | os.PathLike) -> Run:
   except (OSError, ValueError, KeyError) as e:
     raise PredictError(f"{workdir}: cannot read the run's outputs ({e!r}); it was written by "
                        "another version of tljax or is damaged. Train it again.") from None
-  model = train.create_model(config, len(class_names))
+  model = models.create(config.model, len(class_names))
   return Run(config, class_names, image_shape, model, variables)
 
 

@@ -6,6 +6,10 @@ Its outputs that ``layers[cut:]`` read (the "frontier", residual inputs included
 computed once per phase; the train step then starts at layer ``cut``.
 """
 
+import dataclasses
+import functools
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tljax.models.layer_stack import Layer
+from tljax import data, input_pipeline, sharding
+from tljax.models.layer_stack import Layer, LayerStack
 
 
 def first_trainable_layer(layers: Sequence[Layer], trainable: frozenset[str]) -> int:
@@ -40,3 +45,81 @@ def bytes_per_example(model, cut: int, variables: Mapping[str, Any], input_size:
   shapes = jax.eval_shape(lambda v, x: model.apply(v, x, stop=cut, capture=names),
                           dict(variables), x)
   return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
+
+
+def plan_caches(model: LayerStack, variables: Mapping[str, Any], config, cut: int,
+                next_cut: int, examples: int) -> tuple[int, int]:
+  """``(cut, following)``: the cut a phase caches (0 where its cache of ``examples`` would
+  exceed ``config.cache_max_gb``), and the next phase's cut to cache in the same pass (0:
+  none).
+
+  The next phase's cache can come from this phase's pass where ``next_cut <= cut``: those
+  layers are frozen (their BatchNorm on moving statistics) throughout this phase, so they
+  compute the same function at the next phase's start. Both caches must fit.
+  """
+  if not cut:
+    return 0, 0
+  limit, size = config.cache_max_gb * 2**30, config.model.input_size
+  needed = examples * bytes_per_example(model, cut, variables, size)
+  if needed > limit:
+    logging.info("prefix cache of layers[:%d] would need %.1f GB > cache_max_gb; not caching",
+                 cut, needed / 2**30)
+    return 0, 0
+  if not 0 < next_cut <= cut:
+    return cut, 0
+  together = needed + examples * bytes_per_example(model, next_cut, variables, size)
+  return cut, next_cut if together <= limit else 0
+
+
+def build_prefix_caches(variables, inputs: Mapping[str, jax.Array], n: int, *,
+                        model: LayerStack, cuts: tuple[int, ...], config,
+                        mesh) -> list[dict[str, jax.Array]]:
+  """Runs ``layers[:max(cuts)]`` once over ``inputs["images"]``; returns each cut's frontier
+  on device."""
+  frontiers = [frontier(model.layers, cut) for cut in cuts]
+  names = tuple(dict.fromkeys(name for frontier in frontiers for name in frontier))
+  size, scale = config.model.input_size, config.data.scale
+
+  @jax.jit
+  def extract(variables, inputs, indices):
+    x = data.evaluation_input(inputs["images"][indices], size=size, scale=scale,
+                              crop_fraction=config.data.eval_crop)
+    return model.apply(variables, x, stop=max(cuts), capture=names)
+
+  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+  def concatenate(chunks):
+    return {name: jnp.concatenate([c[name] for c in chunks])[:n] for name in names}
+
+  batches = input_pipeline.index_batches(n, config.eval_batch_size, mesh)
+  cache = concatenate([extract(variables, inputs, indices) for indices, _ in batches])
+  return [{name: cache[name] for name in names_of} for names_of in frontiers]
+
+
+def phase_inputs(phase, next_cut: int, variables, model: LayerStack, config, mesh,
+                 inputs: tuple[Mapping, Mapping], handoff: dict):
+  """``(phase, (train, validation) inputs, handed over)``: the phase with the cut it really
+  caches, and the inputs its steps read: the images, or its frozen prefix's cache, built here
+  or taken from ``handoff`` where the previous phase built it. One pass over the images also
+  caches the next phase's prefix (``next_cut``) where it can, into ``handoff``."""
+  if (phase.index, phase.cut) in handoff:
+    logging.info("phase %s: using the cache of layers[:%d] built with the previous phase's",
+                 phase.name, phase.cut)
+    return phase, handoff.pop((phase.index, phase.cut)), True
+  sizes = [len(jax.tree.leaves(split)[0]) for split in inputs]
+  cut, following = plan_caches(model, variables, config, phase.cut, next_cut, sum(sizes))
+  phase = dataclasses.replace(phase, cut=cut)
+  if not cut:
+    return phase, inputs, False
+  cuts = (cut, following) if following else (cut,)
+  logging.info("phase %s: caching layers[:%d]%s", phase.name, cut,
+               f" and, for the next phase, layers[:{following}]" if following else "")
+  t0 = time.perf_counter()
+  caches = [build_prefix_caches(variables, split, n, model=model, cuts=cuts, config=config,
+                                mesh=mesh) if n else [split] * len(cuts)
+            for split, n in zip(inputs, sizes)]
+  (train, *train_next), (validation, *validation_next) = caches
+  if following:
+    handoff[phase.index + 1, following] = (train_next[0], validation_next[0])
+  jax.block_until_ready(caches)
+  logging.info("phase %s: prefix cache built in %.1f s", phase.name, time.perf_counter() - t0)
+  return phase, (train, validation), False

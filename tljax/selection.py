@@ -6,10 +6,16 @@ best epoch so far and how long ago it was.
 """
 
 import dataclasses
+import logging
 import math
+from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+
+from tljax import checkpoint, optim
 
 SELECT_MODES = ("last", "best")
 # Validation metric -> +1 when higher is better, -1 when lower is.
@@ -78,3 +84,65 @@ class Tracker:
     if not meta or meta["phase"] != phase_index:
       return cls(metric)
     return cls(**{k: v for k, v in meta.items() if k != "phase"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Applied to a phase of a run (``phase`` a ``phases.Phase``, ``state`` a ``steps.TrainState``).
+# ---------------------------------------------------------------------------------------------
+
+
+def eval_variables(phase, state) -> dict[str, Any]:
+  """What a phase evaluates, saves and hands on: the moving average of its trainable weights
+  where ``ema_decay`` is set, else its current weights."""
+  params = state.params
+  if phase.config.ema_decay:
+    params = optim.ema_params(state.opt_state, state.params, phase.labels)
+  return {"params": params, "batch_stats": state.batch_stats}
+
+
+def track_epoch(meta: dict, checkpointer: checkpoint.Checkpointer, phase, state,
+                record: Mapping[str, Any]) -> bool:
+  """Follows the phase's validation metric (kept in the checkpoint ``meta``), saves a new best
+  epoch's variables; returns whether to stop the phase early."""
+  if not tracks(phase.config):
+    return False
+  metric = phase.config.select_metric
+  tracker = Tracker.from_meta(meta.get("selection"), phase.index, metric)
+  improved = tracker.update(record["epoch"], record[metric], step=record["step"])
+  meta["selection"] = tracker.to_meta(phase.index)
+  if improved and phase.config.select == "best":
+    checkpoint.save_best(checkpointer.directory.parent, record["step"],
+                         eval_variables(phase, state), meta["selection"])
+  stop = tracker.should_stop(phase.config.early_stopping_patience)
+  if stop:
+    logging.info("phase %s: %s has not improved on epoch %d's %.4f for %d epochs; stopping "
+                 "early", phase.name, metric, tracker.best_epoch, tracker.best_value,
+                 tracker.epochs_without_improvement)
+  return stop
+
+
+def selected_state(meta: dict, checkpointer: checkpoint.Checkpointer, phase, state,
+                   last: Mapping[str, Any], stopped: bool):
+  """The state a phase ends with, and where its weights came from: the selected weights in
+  place of the trained ones and, stopped early, the phase's last step (a restart then finds
+  the phase finished)."""
+  variables = eval_variables(phase, state)
+  weights_from = {"phase": phase.name, "epoch": last["epoch"], "step": last["step"],
+                  "select": phase.config.select, "ema": bool(phase.config.ema_decay)}
+  if tracks(phase.config):
+    metric = phase.config.select_metric
+    weights_from.update(metric=metric, value=last[metric])
+    tracker = Tracker.from_meta(meta.get("selection"), phase.index, metric)
+    if phase.config.select == "best" and tracker.best_step not in (None, last["step"]):
+      abstract = jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), variables)
+      variables = checkpoint.restore_best(checkpointer.directory.parent,
+                                          tracker.best_step, abstract)
+      weights_from.update(epoch=tracker.best_epoch, step=tracker.best_step,
+                          value=tracker.best_value)
+      logging.info("phase %s: continuing with epoch %d's weights (%s %.4f)", phase.name,
+                   tracker.best_epoch, metric, tracker.best_value)
+  step = jnp.full_like(state.step, phase.total_steps) if stopped else state.step
+  state = state.replace(step=step, params=variables["params"],
+                        batch_stats=variables["batch_stats"])
+  return state, weights_from

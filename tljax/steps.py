@@ -17,6 +17,10 @@ import optax
 from tljax import freezing
 from tljax.models.layer_stack import LayerStack
 
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps had a non-finite loss or gradient, or the test loss is."""
+
 Batch = Mapping[str, Any]
 
 

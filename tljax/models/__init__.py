@@ -4,9 +4,13 @@
 whose class subclasses ``layer_stack.LayerStack``, and one entry below.
 """
 
+import jax.numpy as jnp
+
+from tljax.models.layer_stack import LayerStack
 from tljax.models.mobilenet_v2 import MobileNetV2
 
 BACKBONES = {"mobilenet_v2": MobileNetV2}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.dtype: compute dtype.
 
 
 def backbone(name: str) -> type:
@@ -14,3 +18,10 @@ def backbone(name: str) -> type:
   if name not in BACKBONES:
     raise ValueError(f"model.name={name!r} is not one of {sorted(BACKBONES)}.")
   return BACKBONES[name]
+
+
+def create(model_config, num_classes: int) -> LayerStack:
+  """The backbone ``model_config`` names (``config.model``), with a ``num_classes`` head."""
+  return backbone(model_config.name).from_config(
+      model_config, num_classes, dtype=DTYPES[model_config.dtype],
+      depthwise=model_config.depthwise)

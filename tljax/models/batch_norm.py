@@ -11,9 +11,9 @@ With batch statistics, the gradient is the closed form
     dx = scale * rsqrt(var + eps) / n * (n * dy - sum(dy) - x_hat * sum(dy * x_hat))
 
 instead of automatic differentiation through the mean, the variance and the normalisation,
-which builds several times as many small operations. On XLA:CPU that made the tutorial's
-cached fine-tune step 1.14x faster (benchmarks/README.md); the result agrees with automatic
-differentiation to float32 rounding (tests/test_batch_norm.py).
+which builds several times as many small operations (measured on XLA:CPU in
+benchmarks/README.md); the result agrees with automatic differentiation to float32 rounding
+(tests/test_batch_norm.py).
 """
 
 import functools

@@ -1,0 +1,149 @@
+"""Configuration checks: every user mistake fails here, before data, weights or compilation;
+and the fingerprint a checkpoint must match to be resumed.
+
+Each check raises :class:`ConfigError` naming the setting, what it must be and how to fix it.
+Modules that own a setting check it themselves (``freezing``, ``optim``, ``selection``, the
+backbone's ``check_config``); their ValueErrors arrive here as ConfigErrors.
+"""
+
+import contextlib
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from tljax import data, freezing, models, optim, selection, sharding
+from tljax.models.layer_stack import LayerStack
+
+BATCHNORM_MODES = ("inference", "batch_stats")
+CACHE_MODES = ("auto", "off")
+SOURCES = ("auto", "idx", "tfds", "folder")
+
+
+class ConfigError(ValueError):
+  """A setting is out of range, contradicts another or cannot work on this machine."""
+
+
+@contextlib.contextmanager
+def as_config_error():
+  """A ValueError raised inside (by the modules that check their own settings) becomes
+  ConfigError, with the same message."""
+  try:
+    yield
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+
+@as_config_error()
+def check_config(config: ml_collections.ConfigDict, mesh) -> None:
+  """Raises ConfigError naming the first bad setting and how to fix it."""
+  def expect(ok: bool, message: str):
+    if not ok:
+      raise ConfigError(message)
+
+  sharding.check_batch_size(config.batch_size, mesh)
+  sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  expect(config.max_to_keep >= 1, f"max_to_keep={config.max_to_keep} must be at least 1: a "
+         "restart resumes from the latest checkpoint.")
+  expect(config.steps_per_dispatch >= 1,
+         f"steps_per_dispatch={config.steps_per_dispatch} must be at least 1.")
+  expect(config.data.train_examples >= 0,
+         f"data.train_examples={config.data.train_examples} must be >= 0 (0 = all).")
+  expect(0 <= config.data.validation_split < 1,
+         f"data.validation_split={config.data.validation_split} must be in [0, 1).")
+  expect(config.data.scale in data.SCALES,
+         f"data.scale={config.data.scale!r} is not one of {tuple(data.SCALES)}.")
+  expect(config.data.augment_shift >= 0,
+         f"data.augment_shift={config.data.augment_shift} must be >= 0.")
+  _check_data_config(config.data, expect)
+  backbone = models.backbone(config.model.name)
+  backbone.check_config(config.model)
+  expect(config.model.dtype in models.DTYPES,
+         f"model.dtype={config.model.dtype!r} is not one of {tuple(models.DTYPES)}.")
+  expect(0 <= config.model.bn_momentum < 1,
+         f"model.bn_momentum={config.model.bn_momentum} must be in [0, 1).")
+  expect(len(config.phases) >= 1, "config.phases is empty: give at least one phase.")
+  for i, phase in enumerate(config.phases):
+    where = f"phases[{i}] ({phase.name!r})"
+    expect(phase.epochs >= 1, f"{where}: epochs={phase.epochs} must be at least 1.")
+    expect(math.isfinite(phase.learning_rate) and phase.learning_rate > 0,
+           f"{where}: learning_rate={phase.learning_rate} must be a positive finite number.")
+    expect(phase.batchnorm in BATCHNORM_MODES,
+           f"{where}: batchnorm={phase.batchnorm!r} is not one of {BATCHNORM_MODES}.")
+    expect(phase.cache_prefix in CACHE_MODES,
+           f"{where}: cache_prefix={phase.cache_prefix!r} is not one of {CACHE_MODES}.")
+    freezing.parse_rules(freezing.expand_presets(phase.rules, backbone.PRESETS))
+    optim.make_optimizer(phase, steps_per_epoch=1)
+    selection.check(phase, config.data.validation_split > 0, where)
+
+
+def _check_data_config(data_config, expect) -> None:
+  expect(data_config.source in SOURCES,
+         f"data.source={data_config.source!r} is not one of {SOURCES}.")
+  expect(0 <= data_config.test_split < 1 and
+         data_config.validation_split + data_config.test_split < 1,
+         f"data.test_split={data_config.test_split} must be in [0, 1) and leave training "
+         f"images beside data.validation_split={data_config.validation_split}.")
+  low, high = data_config.crop_scale
+  expect(0 < low <= high <= 1,
+         f"data.crop_scale={tuple(data_config.crop_scale)} must be (low, high) with "
+         "0 < low <= high <= 1 (area fractions).")
+  low, high = data_config.crop_ratio
+  expect(0 < low <= high, f"data.crop_ratio={tuple(data_config.crop_ratio)} must be "
+         "(low, high) with 0 < low <= high (width / height).")
+  expect(0 < data_config.eval_crop <= 1,
+         f"data.eval_crop={data_config.eval_crop} must be in (0, 1] (1 = whole image).")
+  expect(data_config.image_size >= 0,
+         f"data.image_size={data_config.image_size} must be >= 0 (0 = from input_size).")
+  expect(data_config.max_memory_gb > 0,
+         f"data.max_memory_gb={data_config.max_memory_gb} must be positive.")
+
+
+def check_memory(config: ml_collections.ConfigDict, model: LayerStack,
+                 abstract_variables: Any, mesh) -> None:
+  """Refuses an input size whose training activations cannot fit in a device's memory.
+
+  The estimate (every layer's output for a training batch, as kept for the backward pass)
+  is rough, so only a size that clearly cannot work is refused.
+  """
+  size = config.model.input_size
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  names = tuple(layer.name for layer in model.layers)
+  outputs = jax.eval_shape(lambda v, x: model.apply(v, x, capture=names), abstract_variables, x)
+  per_image = sum(math.prod(o.shape) * o.dtype.itemsize for o in jax.tree.leaves(outputs))
+  needed = per_image * config.batch_size // mesh.devices.size
+  device = mesh.devices.flat[0]
+  available = _memory_bytes(device)
+  if needed > available:
+    fits = int(size * math.sqrt(available / needed))
+    raise ConfigError(
+        f"model.input_size={size}: a training batch of {config.batch_size} images needs about "
+        f"{needed / 2**30:,.0f} GiB of activations per device, more than the "
+        f"{available / 2**30:,.1f} GiB of memory of {device.platform} device {device.id}. "
+        f"Lower model.input_size (about {fits} fits) or batch_size.")
+
+
+def _memory_bytes(device) -> int:
+  """An accelerator's memory, or the host's physical memory for the CPU."""
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def config_fingerprint(config: ml_collections.ConfigDict, data_identity: str,
+                       weights_identity: str) -> dict[str, Any]:
+  """What a checkpoint must agree with to be resumed: the settings that shape the state and
+  the data order, the data itself (``data.Dataset.identity``) and the pretrained weights
+  (``weights.identity``)."""
+  return {"data.name": config.data.name, "data.identity": data_identity,
+          "model.weights": weights_identity, "model.name": config.model.name,
+          "model.alpha": config.model.alpha,
+          "batch_size": config.batch_size, "seed": config.seed,
+          "phases": [[p.name, list(p.rules), p.optimizer, p.ema_decay > 0]
+                     for p in config.phases]}

@@ -1,0 +1,95 @@
+"""The compiled functions of a phase: K train steps per host call, and batched evaluation.
+
+The steps themselves are the pure functions of ``tljax.steps``; here they are bound to a
+phase, jitted with the train state donated, and fed batches gathered on the device.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tljax import data, input_pipeline, sharding, steps
+from tljax.models.layer_stack import CONVOLUTIONS, LayerStack
+from tljax.phases import Phase
+
+
+def scans_steps(phase: Phase, model: LayerStack) -> bool:
+  """Whether ``make_train_chunk`` runs a dispatch's steps as one ``lax.scan``: where the
+  step runs no convolution."""
+  return not any(layer.kind in CONVOLUTIONS for layer in model.layers[phase.cut:])
+
+
+def make_train_chunk(phase: Phase, model: LayerStack, config, mesh):
+  """``(state, inputs, labels, indices[K, B]) -> (state, metrics[K])``: K train steps.
+
+  Where the step runs convolutions, each step is one jitted call, dispatched asynchronously;
+  the host waits only when the caller fetches the metrics (on XLA:CPU a ``lax.scan`` over such
+  a step runs the network slower than the same step called K times: benchmarks/README.md).
+  Where it runs none, as when only the head trains on cached pooled features, a call costs
+  more than the step, so the K steps run as one ``lax.scan``.
+  """
+  del mesh  # The batch is split over devices by the sharding of ``indices``.
+  step = functools.partial(
+      steps.train_step, model=model, tx=phase.tx, param_labels=phase.labels,
+      train_bn=phase.train_bn, start=phase.cut,
+      label_smoothing=phase.config.label_smoothing)
+  prepare = functools.partial(input_pipeline.model_inputs, cut=phase.cut, size=config.model.input_size,
+                              scale=config.data.scale, crop_fraction=config.data.eval_crop,
+                              augmentation=phase.augmentation)
+
+  def train_on(state, inputs, labels, batch_indices):
+    rng = jax.random.fold_in(state.rng, state.step)
+    return step(state, prepare(input_pipeline.gather(inputs, batch_indices), rng), labels[batch_indices])
+
+  if scans_steps(phase, model):
+    @functools.partial(jax.jit, donate_argnums=0)
+    def scanned_chunk(state, inputs, labels, indices):
+      return jax.lax.scan(lambda s, i: train_on(s, inputs, labels, i), state, indices)
+
+    return scanned_chunk
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def one_step(state, inputs, labels, indices, i):
+    return train_on(state, inputs, labels, indices[i])
+
+  def chunk(state, inputs, labels, indices):
+    metrics = []
+    for i in range(indices.shape[0]):
+      state, step_metrics = one_step(state, inputs, labels, indices, np.int32(i))
+      metrics.append(step_metrics)
+    return state, jax.tree.map(lambda *m: jnp.stack(m), *metrics)
+
+  return chunk
+
+
+def make_eval_batch(model: LayerStack, cut: int, config, mesh):
+  """``(variables, inputs, labels, indices, mask) -> summed metrics and predictions``.
+
+  The results are replicated, so every process can read them.
+  """
+  prepare = functools.partial(input_pipeline.model_inputs, cut=cut, size=config.model.input_size,
+                              scale=config.data.scale, crop_fraction=config.data.eval_crop,
+                              augmentation=data.Augmentation())
+
+  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+  def eval_batch(variables, inputs, labels, indices, mask):
+    x = prepare(input_pipeline.gather(inputs, indices), None)
+    return steps.eval_step(variables, x, labels[indices], mask, model=model, start=cut)
+
+  return eval_batch
+
+
+def evaluate_split(eval_batch, variables, inputs, labels: jax.Array, n: int, config,
+                   mesh) -> tuple[float, float, np.ndarray, np.ndarray]:
+  """Mean loss, accuracy, every prediction and its class probabilities over ``n`` examples."""
+  loss_sum, correct, predictions, probabilities = 0.0, 0, [], []
+  for indices, mask in input_pipeline.index_batches(n, config.eval_batch_size, mesh):
+    out = eval_batch(variables, inputs, labels, indices, mask)
+    loss_sum, correct = loss_sum + out["loss_sum"], correct + out["correct"]
+    predictions.append(out["predictions"])
+    probabilities.append(out["probabilities"])
+  predictions, probabilities = (np.concatenate(jax.device_get(a))[:n]
+                                for a in (predictions, probabilities))
+  return float(loss_sum) / n, int(correct) / n, predictions, probabilities

@@ -1,0 +1,63 @@
+"""What a finished run writes to its workdir: the test evaluation and classification report,
+the trained variables, the exported model, plots and ``summary.json``."""
+
+import json
+import logging
+import math
+from typing import Any
+
+import flax.serialization
+import jax
+import numpy as np
+
+from tljax import dispatch, distributed, evaluate, export, plots, reporting, steps, tensorboard
+
+
+def write_outputs(workdir, config, dataset, splits, model, variables, device_images,
+                  device_labels, mesh, phase_results) -> dict[str, Any]:
+  """Test evaluation, then (on process 0) the trained variables, the exported model, confusion
+  matrix, sample grid, curves and summary.json."""
+  test = splits["test"]
+  eval_batch = dispatch.make_eval_batch(model, 0, config, mesh)
+  loss, accuracy, predictions, probabilities = dispatch.evaluate_split(
+      eval_batch, variables, device_images["test"], device_labels["test"], len(test.labels),
+      config, mesh)
+  if not math.isfinite(loss):
+    raise steps.NonFiniteError(f"the test loss is {loss}: the trained model computes non-finite "
+                         "values, so no outputs were written. Train again in a new --workdir "
+                         "with a lower learning rate, or check the inputs.")
+  cm = evaluate.confusion_matrix(test.labels, predictions, dataset.num_classes)
+  report = evaluate.classification_report(cm, dataset.class_names, labels=test.labels,
+                                          probabilities=probabilities)
+  logging.info("test loss %.4f, test accuracy %.4f\n%s", loss, accuracy,
+               evaluate.format_classification_report(report))
+  summary = {"test_loss": loss, "test_accuracy": accuracy, "test_examples": len(test.labels),
+             "image_shape": list(test.images.shape[1:]),
+             "weights_from": phase_results[-1]["weights_from"],
+             "classification_report": report,
+             "dataset": dataset.name, "class_names": list(dataset.class_names),
+             "split_sizes": {name: len(split) for name, split in splits.items()},
+             "skipped_images": list(dataset.skipped),
+             "phases": phase_results, "devices": [str(d) for d in jax.devices()],
+             "processes": jax.process_count(),
+             "config": json.loads(config.to_json_best_effort())}
+  if not distributed.is_main_process():
+    return summary
+  with reporting.atomic_open(workdir / "trained_variables.msgpack", "wb") as f:
+    f.write(flax.serialization.msgpack_serialize(jax.device_get(dict(variables))))
+  export.save(workdir / "export", model, variables, config, dataset.class_names,
+              test.images.shape[1:])
+  np.savez(workdir / "test_predictions.npz", labels=test.labels, predictions=predictions,
+           probabilities=probabilities)
+  plots.plot_confusion_matrix(cm, dataset.class_names, workdir / "confusion_matrix.png")
+  picked = evaluate.pick_samples(test.labels, predictions, n=9, seed=config.seed)
+  plots.plot_samples(test.images[picked], test.labels[picked], predictions[picked],
+                     dataset.class_names, workdir / "samples.png")
+  epochs = [r for r in reporting.read_metrics(workdir / "metrics.jsonl") if r["kind"] == "epoch"]
+  plots.plot_curves(epochs, workdir / "curves.png")
+  if config.tensorboard:
+    with tensorboard.EventWriter(workdir) as events:
+      events.add_image("test/confusion_matrix", workdir / "confusion_matrix.png",
+                       epochs[-1]["step"] if epochs else 0)
+  reporting.write_json(workdir / "summary.json", summary)
+  return summary

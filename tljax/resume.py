@@ -1,0 +1,88 @@
+"""Where a run starts: the newest checkpoint in its workdir that reads, verifies and matches
+the config, in whatever phase it was; else the pretrained weights.
+
+A damaged checkpoint is reported in one line and moved aside, never deleted, and the one before
+it is tried; checkpoints of another config (fingerprint) are refused and left untouched.
+"""
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+
+from tljax import checkpoint, phases, sharding, steps, weights
+
+
+@dataclasses.dataclass
+class Start:
+  """What the run continues from."""
+  meta: dict                          # What checkpoints carry beside the state.
+  phase: int                          # The phase to train next.
+  state: steps.TrainState | None      # Its restored state, mid-phase; else None, and
+  variables: Any | None               # the variables it starts from.
+
+
+def start(checkpointer: checkpoint.Checkpointer, fingerprint: dict, config, model,
+          abstract_variables, num_train: int, mesh) -> Start:
+  """The newest good checkpoint's point in the run, or the beginning with the pretrained
+  weights (``config.model.weights``)."""
+  restored = _newest_good(checkpointer, fingerprint, config, model, abstract_variables,
+                          num_train, mesh)
+  if restored is None:
+    size = config.model.input_size
+    variables = sharding.put(weights.load_pretrained(
+        config.model.weights, model, input_size=size,
+        rng=jax.random.PRNGKey(config.seed), cache_dir=config.model.cache_dir or None),
+        sharding.replicated(mesh))
+    meta = {"fingerprint": fingerprint, "results": [], "global_step": 0, "phase": 0,
+            "phase_step": 0}
+    return Start(meta, 0, None, variables)
+  latest, meta, phase, state = restored
+  logging.info("resuming from checkpoint %d: phase %s, step %d of %d", latest, phase.name,
+               meta["phase_step"], phase.total_steps)
+  if meta["phase_step"] >= phase.total_steps:
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return Start(meta, meta["phase"] + 1, None, variables)
+  return Start(meta, meta["phase"], state, None)
+
+
+def _newest_good(checkpointer, fingerprint, config, model, abstract_variables,
+                         num_train, mesh):
+  """``(step, meta, phase, state)`` of the newest checkpoint that reads and verifies, or None
+  where there is none. A damaged one is reported in one line and moved aside."""
+  tried = []
+  for step in checkpointer.all_steps():
+    try:
+      return step, *_restore(checkpointer, step, fingerprint, config, model,
+                             abstract_variables, num_train, mesh)
+    except checkpoint.CheckpointDamagedError as e:
+      moved = checkpointer.set_aside(step)
+      logging.warning("%s; moved it to %s, trying the checkpoint before it", e, moved)
+      tried.append(f"{checkpointer.directory / str(step)} (now {moved})")
+  if tried:
+    raise checkpoint.CheckpointDamagedError(
+        f"no checkpoint in {checkpointer.directory} could be restored; tried "
+        f"{', '.join(tried)}. Rerunning the same command starts the run from the beginning.")
+  return None
+
+
+def _restore(checkpointer, step, fingerprint, config, model, abstract_variables, num_train,
+             mesh):
+  """The saved meta, phase and state of checkpoint ``step``, checked against the config."""
+  meta = checkpointer.restore_meta(step)
+  if meta.get("fingerprint") != fingerprint:
+    saved = meta.get("fingerprint", {})
+    differs = sorted(k for k in fingerprint if saved.get(k) != fingerprint[k])
+    raise checkpoint.CheckpointError(
+        f"{checkpointer.directory} holds checkpoints of another config (differs in "
+        f"{differs}); they are left untouched. Use another --workdir, or rerun with the "
+        "config that wrote them.")
+  phase = phases.build_phase(config, meta["phase"], model, abstract_variables["params"],
+                             num_train)
+  abstract_state = jax.eval_shape(
+      lambda v: phases.init_state(phase, v, config.seed), abstract_variables)
+  abstract_state = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.replicated(mesh)),
+      abstract_state)
+  return meta, phase, checkpointer.restore_state(step, abstract_state)
