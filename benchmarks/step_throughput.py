@@ -49,7 +49,8 @@ import numpy as np  # noqa: E402
 
 from keras_worker import KINDS as BASELINES, Worker, WorkerError  # noqa: E402
 from timing import cpu_model, print_table, summarize, time_calls, write_json  # noqa: E402
-from tljax import dispatch, freezing, models, phases, prefix, sharding  # noqa: E402
+from tljax import dispatch, freezing, input_pipeline, models  # noqa: E402
+from tljax import phases, prefix, sharding  # noqa: E402
 from tljax.models import depthwise  # noqa: E402
 
 # Phase kind -> (index into config.phases, rules replacing that phase's, or None).
@@ -163,7 +164,8 @@ def build_case(case: Case, args) -> dict[str, Any]:
   labels = replicate(rng.integers(0, NUM_CLASSES, pool).astype(np.int32))
   variables = replicate(variables)
   if case.cached:
-    inputs, = prefix.build_prefix_caches(variables, inputs, pool, model=model, cuts=(phase.cut,),
+    source = input_pipeline.DeviceSource(inputs, labels, mesh)
+    inputs, = prefix.build_prefix_caches(variables, source, model=model, cuts=(phase.cut,),
                                         config=config, mesh=mesh)
   else:
     phase = dataclasses.replace(phase, cut=0)  # What the trainer does when it cannot cache.

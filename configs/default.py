@@ -89,6 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
                                      # + /decoded.
   config.data.skip_bad_images = False  # Skip unreadable images (warned, in summary.json).
   config.data.max_memory_gb = 8.0    # Largest decoded folder dataset held in memory.
+  # Folder datasets: auto (stream batches from the disk cache when larger than
+  # max_memory_gb) | on (always) | off (refuse a dataset larger than max_memory_gb).
+  config.data.stream = "auto"
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "mobilenet_v2"  # The backbone (tljax.models.BACKBONES).

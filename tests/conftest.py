@@ -135,19 +135,9 @@ def tiny_idx_run(tiny_idx_dir, tmp_path_factory):
 def tiny_folder_run(tmp_path_factory):
   """A finished run on a folder of 36 small JPEGs in 3 classes, with photo augmentation and a
   centre crop: ``(root, workdir, summary)``."""
-  from test_folder import folder_config, make_folder
+  from test_folder import make_folder, tiny_folder_config
   from tljax import train
   root = make_folder(tmp_path_factory.mktemp("tiny_folder") / "photos",
                      {"red": 12, "green": 12, "blue": 12}, ext="jpg")
-  config = folder_config(root, validation_split=0.25, test_split=0.25, random_crop=True,
-                         flip=True, eval_crop=0.875, scale="symmetric")
-  config.model.alpha = 0.35
-  config.model.weights = "none"
-  config.batch_size = 6
-  config.eval_batch_size = 12
-  config.phases[0].epochs = 1
-  config.phases[0].use_augmentation = False
-  config.phases[1].epochs = 1
-  config.phases[1].learning_rate = 1e-3
   workdir = root.parent / "run"
-  return root, workdir, train.run(config, workdir)
+  return root, workdir, train.run(tiny_folder_config(root), workdir)

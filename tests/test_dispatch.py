@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import default
-from tljax import dispatch, models, phases, prefix, sharding
+from tljax import dispatch, input_pipeline, models, phases, prefix, sharding
 
 MESH = sharding.data_mesh(jax.devices()[:1])
 
@@ -50,8 +50,9 @@ def test_cached_prefix_phase_equals_uncached():
   phase = phases.build_phase(config, 1, model, variables["params"], len(labels))
   assert model.layers[phase.cut].name == "block_11_depthwise"  # layers[:100] + its relu.
   device_images = {"images": jnp.asarray(images)}
-  cache, = prefix.build_prefix_caches(variables, device_images, len(images), model=model,
-                                     cuts=(phase.cut,), config=config, mesh=MESH)
+  source = input_pipeline.DeviceSource(device_images, jnp.asarray(labels), MESH)
+  cache, = prefix.build_prefix_caches(variables, source, model=model, cuts=(phase.cut,),
+                                     config=config, mesh=MESH)
   assert set(cache) == {"block_10_project_BN", "block_11_expand_relu"}
   cached = _run_chunk(config, model, variables, cache, labels, indices, phase.cut)
   plain = _run_chunk(config, model, variables, device_images, labels, indices, 0)
@@ -67,8 +68,9 @@ def test_scanned_head_steps_equal_separate_steps():
   phase = phases.build_phase(config, 0, model, variables["params"], len(labels))
   assert model.layers[phase.cut].name == "predictions"
   device_images = {"images": jnp.asarray(images)}
-  cache, = prefix.build_prefix_caches(variables, device_images, len(images), model=model,
-                                     cuts=(phase.cut,), config=config, mesh=MESH)
+  source = input_pipeline.DeviceSource(device_images, jnp.asarray(labels), MESH)
+  cache, = prefix.build_prefix_caches(variables, source, model=model, cuts=(phase.cut,),
+                                     config=config, mesh=MESH)
   scanned = _run_chunk(config, model, variables, cache, labels, indices, phase.cut, index=0)
   plain = _run_chunk(config, model, variables, device_images, labels, indices, 0, index=0)
   np.testing.assert_allclose(scanned[2], plain[2], rtol=1e-5)

@@ -43,6 +43,23 @@ def folder_config(root, **data_overrides):
   return config
 
 
+def tiny_folder_config(root, **data_overrides):
+  """Two short phases on a folder of small images: a cached head phase, then a fine-tune with
+  random crops and flips (tests/conftest.py's tiny_folder_run)."""
+  config = folder_config(root, validation_split=0.25, test_split=0.25, random_crop=True,
+                         flip=True, eval_crop=0.875, scale="symmetric", **data_overrides)
+  config.model.alpha = 0.35
+  config.model.weights = "none"
+  config.batch_size = 6
+  config.eval_batch_size = 12
+  config.steps_per_dispatch = 1  # So that a run can stop mid-epoch (3 steps an epoch).
+  config.phases[0].epochs = 1
+  config.phases[0].use_augmentation = False
+  config.phases[1].epochs = 1
+  config.phases[1].learning_rate = 1e-3
+  return config
+
+
 # ---------------------------------------------------------------------------------------------
 # Scanning.
 # ---------------------------------------------------------------------------------------------
@@ -182,11 +199,11 @@ def test_dataset_images_labels_and_stored_size(tmp_path):
       root / "test" / "b" / "001.png", 40))
 
 
-def test_too_big_for_memory_is_refused_before_decoding(tmp_path):
+def test_too_big_for_memory_without_streaming_is_refused_before_decoding(tmp_path):
   root = make_folder(tmp_path / "d", {"a": 3, "b": 3})
-  config = folder_config(root, max_memory_gb=1e-5, test_split=0.2)
+  config = folder_config(root, max_memory_gb=1e-5, test_split=0.2, stream="off")
   with pytest.raises(data.DataError, match=r"6 decoded images at 40x40 need .* "
-                     r"data.max_memory_gb=1e-05"):
+                     r"data.max_memory_gb=1e-05, and data.stream=off. Set data.stream=auto"):
     folder.load_folder(config, None, progress=False)
   assert not (tmp_path / "d_cache").exists()
 

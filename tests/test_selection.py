@@ -57,9 +57,9 @@ def script_validation(monkeypatch, accuracies, seen):
   when they run out, the run crashes."""
   original = dispatch.evaluate_split
 
-  def evaluate_split(eval_batch, variables, inputs, labels, n, config, mesh):
-    out = original(eval_batch, variables, inputs, labels, n, config, mesh)
-    if n != VALIDATION_EXAMPLES:
+  def evaluate_split(eval_batch, variables, source, batch_size):
+    out = original(eval_batch, variables, source, batch_size)
+    if len(source) != VALIDATION_EXAMPLES:
       return out
     if not accuracies:
       raise KeyboardInterrupt("simulated crash in validation")

@@ -100,6 +100,8 @@ def _check_data_config(data_config, expect) -> None:
          f"data.eval_crop={data_config.eval_crop} must be in (0, 1] (1 = whole image).")
   expect(data_config.image_size >= 0,
          f"data.image_size={data_config.image_size} must be >= 0 (0 = from input_size).")
+  expect(data_config.stream in ("auto", "on", "off"),
+         f"data.stream={data_config.stream!r} is not one of ('auto', 'on', 'off').")
   expect(data_config.max_memory_gb > 0,
          f"data.max_memory_gb={data_config.max_memory_gb} must be positive.")
 

@@ -80,11 +80,40 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
+class RowView:
+  """Rows ``rows`` of a (memory-mapped) uint8 image array, read only when indexed: the images
+  of a split too large to hold in memory. Slicing gives a RowView; an index array or an int
+  reads those rows into memory."""
+
+  def __init__(self, source: np.ndarray, rows: np.ndarray):
+    self.source, self.rows = source, np.asarray(rows, np.int64)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return (len(self.rows), *self.source.shape[1:])
+
+  @property
+  def dtype(self) -> np.dtype:
+    return self.source.dtype
+
+  @property
+  def ndim(self) -> int:
+    return self.source.ndim
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return RowView(self.source, self.rows[index])
+    return np.asarray(self.source[self.rows[index]])
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Split:
-  """Examples of one split: ``images`` uint8 [N, H, W] (grey) or [N, H, W, C], ``labels``
-  int32 [N]."""
-  images: np.ndarray
+  """Examples of one split: ``images`` uint8 [N, H, W] (grey) or [N, H, W, C] (an array, or a
+  ``RowView`` of a decoded cache to stream), ``labels`` int32 [N]."""
+  images: np.ndarray | RowView
   labels: np.ndarray
 
   def __post_init__(self):

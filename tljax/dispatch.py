@@ -81,11 +81,13 @@ def make_eval_batch(model: LayerStack, cut: int, config, mesh):
   return eval_batch
 
 
-def evaluate_split(eval_batch, variables, inputs, labels: jax.Array, n: int, config,
-                   mesh) -> tuple[float, float, np.ndarray, np.ndarray]:
-  """Mean loss, accuracy, every prediction and its class probabilities over ``n`` examples."""
+def evaluate_split(eval_batch, variables, source,
+                   batch_size: int) -> tuple[float, float, np.ndarray, np.ndarray]:
+  """Mean loss, accuracy, every prediction and its class probabilities over the examples of
+  ``source`` (an ``input_pipeline`` source), ``batch_size`` at a time."""
+  n = len(source)
   loss_sum, correct, predictions, probabilities = 0.0, 0, [], []
-  for indices, mask in input_pipeline.index_batches(n, config.eval_batch_size, mesh):
+  for inputs, labels, indices, mask in source.eval_batches(batch_size):
     out = eval_batch(variables, inputs, labels, indices, mask)
     loss_sum, correct = loss_sum + out["loss_sum"], correct + out["correct"]
     predictions.append(out["predictions"])

@@ -339,14 +339,24 @@ def _log_listing(listing: Listing, splits: dict[str, list[tuple[str, int]]]) -> 
                  ", ".join(paths[:3]))
 
 
-def _check_memory(n: int, size: int, max_gb: float) -> None:
+def _streams(n: int, size: int, data_config) -> bool:
+  """Whether the decoded images stream from the cache rather than sit in memory: always with
+  ``data.stream=on``; with ``auto`` where they exceed ``data.max_memory_gb``; never with
+  ``off``, which refuses such a dataset before decoding."""
   needed = n * size * size * 3
-  if needed > max_gb * 2**30:
+  too_big = needed > data_config.max_memory_gb * 2**30
+  if too_big and data_config.stream == "off":
     raise data.DataError(
         f"the {n} decoded images at {size}x{size} need {needed / 2**30:.1f} GB, more than "
-        f"data.max_memory_gb={max_gb}. Lower model.input_size (or data.image_size), use "
-        "fewer images (data.train_examples), or raise data.max_memory_gb if the memory is "
-        "there.")
+        f"data.max_memory_gb={data_config.max_memory_gb}, and data.stream=off. Set "
+        "data.stream=auto to stream them from the disk cache, lower model.input_size (or "
+        "data.image_size), use fewer images (data.train_examples), or raise "
+        "data.max_memory_gb if the memory is there.")
+  if too_big and data_config.stream == "auto":
+    logging.info("the %d decoded images at %dx%d need %.1f GB > data.max_memory_gb=%s: "
+                 "streaming them from the disk cache", n, size, size, needed / 2**30,
+                 data_config.max_memory_gb)
+  return data_config.stream == "on" or too_big
 
 
 def load_folder(config: ml_collections.ConfigDict, splits_dir: pathlib.Path | None,
@@ -370,7 +380,7 @@ def load_folder(config: ml_collections.ConfigDict, splits_dir: pathlib.Path | No
                          "train/, or set data.test_split > 0 to hold some out.")
   size = stored_size(config)
   paths = sorted(path for files in splits.values() for path, _ in files)
-  _check_memory(len(paths), size, config.data.max_memory_gb)
+  stream = _streams(len(paths), size, config.data)
   cache_dir = (pathlib.Path(config.data.cache_dir).expanduser() if config.data.cache_dir
                else default_cache_dir())
   pixels, failed = decoded_images(listing.root, paths, size, cache_dir, progress)
@@ -387,9 +397,11 @@ def load_folder(config: ml_collections.ConfigDict, splits_dir: pathlib.Path | No
   def to_split(files):
     kept = [(path, label) for path, label in files if path not in failed]
     rows = np.array([row[path] for path, _ in kept], np.int64)
+    labels = np.array([label for _, label in kept], np.int32)
+    if stream:
+      return data.Split(data.RowView(pixels, rows), labels)
     return data.Split(np.asarray(pixels[rows]) if kept else np.zeros((0, size, size, 3),
-                                                                     np.uint8),
-                      np.array([label for _, label in kept], np.int32))
+                                                                     np.uint8), labels)
 
   train, validation, test = (to_split(splits[split]) for split in SPLITS)
   names = listing.class_names

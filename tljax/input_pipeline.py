@@ -6,6 +6,7 @@ augmented where the phase augments, else the evaluation view; or, past a cached 
 the cached tensors themselves.
 """
 
+import concurrent.futures
 import pathlib
 from collections.abc import Mapping
 
@@ -80,8 +81,93 @@ def gather(tree, indices):
   return jax.tree.map(lambda a: a[indices], tree)
 
 
-def to_device(splits: Mapping[str, data.Split], mesh) -> tuple[dict, dict]:
-  """Each split's ``{"images": uint8}`` and labels, replicated over ``mesh``."""
-  replicated = sharding.replicated(mesh)
-  return ({k: sharding.put({"images": s.images}, replicated) for k, s in splits.items()},
-          {k: sharding.put(s.labels, replicated) for k, s in splits.items()})
+# ---------------------------------------------------------------------------------------------
+# Sources: where a phase's batches come from. The same compiled step reads both: a batch of
+# examples gathered by index from ``inputs``.
+# ---------------------------------------------------------------------------------------------
+
+
+class DeviceSource:
+  """A split held in device memory (replicated): a batch is its rows ``indices``, gathered on
+  the device inside the step."""
+
+  def __init__(self, inputs: Mapping[str, jax.Array], labels: jax.Array, mesh):
+    self.inputs, self.labels, self.mesh = inputs, labels, mesh
+
+  @classmethod
+  def of(cls, split: data.Split, mesh) -> "DeviceSource":
+    replicated = sharding.replicated(mesh)
+    return cls(sharding.put({"images": np.asarray(split.images)}, replicated),
+               sharding.put(split.labels, replicated), mesh)
+
+  def __len__(self) -> int:
+    return self.labels.shape[0]
+
+  def train_batches(self, order_KB: np.ndarray):
+    """``(inputs, labels, indices[K, B])`` for the K batches of example indices ``order_KB``."""
+    return self.inputs, self.labels, sharding.put(order_KB, sharding.batch_sharded(self.mesh, 1))
+
+  def prefetch(self, order_KB: np.ndarray) -> None:
+    """Nothing to do: the split is on the device already."""
+
+  def eval_batches(self, batch: int):
+    """``(inputs, labels, indices, mask)`` per batch of ``batch`` covering the split in order,
+    the last padded (``mask`` False there)."""
+    for indices, mask in index_batches(len(self), batch, self.mesh):
+      yield self.inputs, self.labels, indices, mask
+
+
+class StreamSource:
+  """A split read from its memory-mapped decoded cache batch by batch, for datasets larger than
+  memory: the host gathers a dispatch's examples (the next dispatch's in a background thread
+  while the device runs this one) and puts just those on the device."""
+
+  def __init__(self, split: data.Split, mesh):
+    self.split, self.mesh = split, mesh
+    self.labels = sharding.put(split.labels, sharding.replicated(mesh))  # Small: on device.
+    self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stream")
+    self._next: tuple[bytes, concurrent.futures.Future] | None = None
+
+  def __len__(self) -> int:
+    return len(self.split)
+
+  def _read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(self.split.images[rows]), self.split.labels[rows]
+
+  def _put(self, images: np.ndarray, labels: np.ndarray):
+    replicated = sharding.replicated(self.mesh)
+    return sharding.put({"images": images}, replicated), sharding.put(labels, replicated)
+
+  def prefetch(self, order_KB: np.ndarray) -> None:
+    """Starts reading the examples of ``order_KB`` in the background."""
+    self._next = (order_KB.tobytes(), self._reader.submit(self._read, order_KB.reshape(-1)))
+
+  def train_batches(self, order_KB: np.ndarray):
+    """``(inputs, labels, indices[K, B])``: the examples of ``order_KB`` in order, so that
+    ``indices`` are 0, 1, ... (as prefetched, where they were)."""
+    if self._next is not None and self._next[0] == order_KB.tobytes():
+      images, labels = self._next[1].result()
+    else:
+      images, labels = self._read(order_KB.reshape(-1))
+    self._next = None
+    indices = np.arange(order_KB.size, dtype=np.int32).reshape(order_KB.shape)
+    return (*self._put(images, labels),
+            sharding.put(indices, sharding.batch_sharded(self.mesh, 1)))
+
+  def eval_batches(self, batch: int):
+    """As ``DeviceSource.eval_batches``, reading each batch's rows from the cache."""
+    n = len(self)
+    for start in range(0, n, batch):
+      rows = np.minimum(np.arange(start, start + batch), n - 1)
+      inputs, labels = self._put(*self._read(rows))
+      mask = np.arange(start, start + batch) < n
+      indices, mask = sharding.put((np.arange(batch, dtype=np.int32), mask),
+                                   sharding.batch_sharded(self.mesh))
+      yield inputs, labels, indices, mask
+
+
+def sources(splits: Mapping[str, data.Split], mesh) -> dict[str, "DeviceSource | StreamSource"]:
+  """Each split as a source: on the device, or streamed where its images are a ``RowView`` of
+  a decoded cache too large for memory (``data.stream``)."""
+  return {name: (StreamSource(split, mesh) if isinstance(split.images, data.RowView)
+                 else DeviceSource.of(split, mesh)) for name, split in splits.items()}

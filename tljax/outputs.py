@@ -13,15 +13,14 @@ import numpy as np
 from tljax import dispatch, distributed, evaluate, export, plots, reporting, steps, tensorboard
 
 
-def write_outputs(workdir, config, dataset, splits, model, variables, device_images,
-                  device_labels, mesh, phase_results) -> dict[str, Any]:
+def write_outputs(workdir, config, dataset, splits, model, variables, test_source, mesh,
+                  phase_results) -> dict[str, Any]:
   """Test evaluation, then (on process 0) the trained variables, the exported model, confusion
   matrix, sample grid, curves and summary.json."""
   test = splits["test"]
   eval_batch = dispatch.make_eval_batch(model, 0, config, mesh)
   loss, accuracy, predictions, probabilities = dispatch.evaluate_split(
-      eval_batch, variables, device_images["test"], device_labels["test"], len(test.labels),
-      config, mesh)
+      eval_batch, variables, test_source, config.eval_batch_size)
   if not math.isfinite(loss):
     raise steps.NonFiniteError(f"the test loss is {loss}: the trained model computes non-finite "
                          "values, so no outputs were written. Train again in a new --workdir "

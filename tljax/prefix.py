@@ -71,11 +71,11 @@ def plan_caches(model: LayerStack, variables: Mapping[str, Any], config, cut: in
   return cut, next_cut if together <= limit else 0
 
 
-def build_prefix_caches(variables, inputs: Mapping[str, jax.Array], n: int, *,
-                        model: LayerStack, cuts: tuple[int, ...], config,
-                        mesh) -> list[dict[str, jax.Array]]:
-  """Runs ``layers[:max(cuts)]`` once over ``inputs["images"]``; returns each cut's frontier
-  on device."""
+def build_prefix_caches(variables, source, *, model: LayerStack, cuts: tuple[int, ...],
+                        config, mesh) -> list[dict[str, jax.Array]]:
+  """Runs ``layers[:max(cuts)]`` once over the images of ``source`` (an ``input_pipeline``
+  source); returns each cut's frontier on device."""
+  n = len(source)
   frontiers = [frontier(model.layers, cut) for cut in cuts]
   names = tuple(dict.fromkeys(name for frontier in frontiers for name in frontier))
   size, scale = config.model.input_size, config.data.scale
@@ -90,36 +90,39 @@ def build_prefix_caches(variables, inputs: Mapping[str, jax.Array], n: int, *,
   def concatenate(chunks):
     return {name: jnp.concatenate([c[name] for c in chunks])[:n] for name in names}
 
-  batches = input_pipeline.index_batches(n, config.eval_batch_size, mesh)
-  cache = concatenate([extract(variables, inputs, indices) for indices, _ in batches])
+  batches = source.eval_batches(config.eval_batch_size)
+  cache = concatenate([extract(variables, inputs, indices) for inputs, _, indices, _ in batches])
   return [{name: cache[name] for name in names_of} for names_of in frontiers]
 
 
 def phase_inputs(phase, next_cut: int, variables, model: LayerStack, config, mesh,
-                 inputs: tuple[Mapping, Mapping], handoff: dict):
-  """``(phase, (train, validation) inputs, handed over)``: the phase with the cut it really
-  caches, and the inputs its steps read: the images, or its frozen prefix's cache, built here
-  or taken from ``handoff`` where the previous phase built it. One pass over the images also
-  caches the next phase's prefix (``next_cut``) where it can, into ``handoff``."""
+                 sources: tuple[Any, Any], handoff: dict):
+  """``(phase, (train, validation) sources, handed over)``: the phase with the cut it really
+  caches, and the sources its steps read: the images, or its frozen prefix's cache on the
+  device, built here or taken from ``handoff`` where the previous phase built it. One pass over
+  the images also caches the next phase's prefix (``next_cut``) where it can, into
+  ``handoff``."""
   if (phase.index, phase.cut) in handoff:
     logging.info("phase %s: using the cache of layers[:%d] built with the previous phase's",
                  phase.name, phase.cut)
     return phase, handoff.pop((phase.index, phase.cut)), True
-  sizes = [len(jax.tree.leaves(split)[0]) for split in inputs]
-  cut, following = plan_caches(model, variables, config, phase.cut, next_cut, sum(sizes))
+  cut, following = plan_caches(model, variables, config, phase.cut, next_cut,
+                               sum(len(source) for source in sources))
   phase = dataclasses.replace(phase, cut=cut)
   if not cut:
-    return phase, inputs, False
+    return phase, sources, False
   cuts = (cut, following) if following else (cut,)
   logging.info("phase %s: caching layers[:%d]%s", phase.name, cut,
                f" and, for the next phase, layers[:{following}]" if following else "")
   t0 = time.perf_counter()
-  caches = [build_prefix_caches(variables, split, n, model=model, cuts=cuts, config=config,
-                                mesh=mesh) if n else [split] * len(cuts)
-            for split, n in zip(inputs, sizes)]
-  (train, *train_next), (validation, *validation_next) = caches
+  built = [build_prefix_caches(variables, source, model=model, cuts=cuts, config=config,
+                               mesh=mesh) if len(source) else None for source in sources]
+  jax.block_until_ready([b for b in built if b is not None])
+  (train, *train_next), (validation, *validation_next) = (
+      [input_pipeline.DeviceSource(cache, source.labels, mesh) for cache in caches]
+      if caches is not None else [source] * len(cuts)
+      for source, caches in zip(sources, built))
   if following:
     handoff[phase.index + 1, following] = (train_next[0], validation_next[0])
-  jax.block_until_ready(caches)
   logging.info("phase %s: prefix cache built in %.1f s", phase.name, time.perf_counter() - t0)
   return phase, (train, validation), False

@@ -37,8 +37,7 @@ class RunContext:
   mesh: Any
   model: LayerStack
   splits: Mapping[str, data.Split]
-  device_images: Mapping[str, Mapping[str, jax.Array]]  # split -> {"images": uint8}
-  device_labels: Mapping[str, jax.Array]
+  sources: Mapping[str, Any]                          # split -> input_pipeline source
   checkpointer: checkpoint.Checkpointer
   metrics: reporting.MetricsWriter
   stop: Any                                            # preemption.StopSignal
@@ -121,7 +120,7 @@ def _chunk_size(total: int, target: int) -> int:
 
 
 def train_epoch(ctx: RunContext, phase: Phase, fns: _Compiled, state: steps.TrainState,
-                step: int, global_step: int, inputs, tally: _Tally):
+                step: int, global_step: int, sources, tally: _Tally):
   """Trains the epoch that ``step`` is in, to its end; returns the state, step, global step
   and the epoch's record (validated)."""
   config, batch = ctx.config, ctx.config.batch_size
@@ -135,9 +134,11 @@ def train_epoch(ctx: RunContext, phase: Phase, fns: _Compiled, state: steps.Trai
     progress.update(position)
     while position < phase.steps_per_epoch:
       k = min(fns.chunk_size, phase.steps_per_epoch - position)
-      indices = sharding.put(order[position:position + k], sharding.batch_sharded(ctx.mesh, 1))
       t0 = time.perf_counter()
-      state, metrics = fns.train_chunk(state, inputs[0], ctx.device_labels["train"], indices)
+      state, metrics = fns.train_chunk(state, *sources[0].train_batches(
+          order[position:position + k]))
+      if position + k < phase.steps_per_epoch:  # Read ahead while the device computes.
+        sources[0].prefetch(order[position + k:position + k + fns.chunk_size])
       metrics, bad_steps = jax.device_get((metrics, state.bad_steps))  # The one host sync.
       if tally.compiled:  # The first call's time is mostly compilation.
         tally.train_time += time.perf_counter() - t0
@@ -157,7 +158,7 @@ def train_epoch(ctx: RunContext, phase: Phase, fns: _Compiled, state: steps.Trai
       if (every and global_step // every != (global_step - k) // every
           and position < phase.steps_per_epoch):  # Epoch ends are saved by the caller.
         _save(ctx, phase, state, global_step)
-  record = _epoch_record(ctx, phase, fns, state, inputs[1], totals, tally)
+  record = _epoch_record(ctx, phase, fns, state, sources[1], totals, tally)
   record.update(epoch=epoch + 1, step=global_step)
   ctx.metrics.write(record)
   logging.info("%s: loss %.4f accuracy %.4f%s", desc, record["loss"], record["accuracy"],
@@ -167,14 +168,14 @@ def train_epoch(ctx: RunContext, phase: Phase, fns: _Compiled, state: steps.Trai
 
 
 def _epoch_record(ctx: RunContext, phase: Phase, fns: _Compiled, state: steps.TrainState,
-                  validation_inputs, totals: _Tally, tally: _Tally) -> dict[str, Any]:
+                  validation, totals: _Tally, tally: _Tally) -> dict[str, Any]:
   """The epoch's training means and its validation loss and accuracy (None without a
   validation split)."""
   val_loss = val_accuracy = None
   if ctx.size("validation"):
     val_loss, val_accuracy, *_ = dispatch.evaluate_split(
-        fns.eval_batch, selection.eval_variables(phase, state), validation_inputs,
-        ctx.device_labels["validation"], ctx.size("validation"), ctx.config, ctx.mesh)
+        fns.eval_batch, selection.eval_variables(phase, state), validation,
+        ctx.config.eval_batch_size)
   steps_run = totals.finite_steps + totals.skipped
   return {"kind": "epoch", "phase": phase.index, "phase_name": phase.name,
           "loss": totals.loss_sum / max(1, totals.finite_steps),
@@ -205,10 +206,9 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
   if phase.index + 1 < len(ctx.config.phases):
     next_cut = phases.build_phase(ctx.config, phase.index + 1, ctx.model, state.params,
                                   ctx.size("train")).cut
-  phase, inputs, handed_over = prefix.phase_inputs(
+  phase, sources, handed_over = prefix.phase_inputs(
       phase, next_cut, {"params": state.params, "batch_stats": state.batch_stats}, ctx.model,
-      ctx.config, ctx.mesh, (ctx.device_images["train"], ctx.device_images["validation"]),
-      ctx.handoff)
+      ctx.config, ctx.mesh, (ctx.sources["train"], ctx.sources["validation"]), ctx.handoff)
   if phase.cut and not handed_over:
     _stop_if_requested(ctx, phase, state, global_step)
   fns = _Compiled(dispatch.make_train_chunk(phase, ctx.model, ctx.config, ctx.mesh),
@@ -218,7 +218,7 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
   tally, step, stopped = _Tally(), int(state.step), False
   while step < phase.total_steps:
     state, step, global_step, record = train_epoch(ctx, phase, fns, state, step, global_step,
-                                                   inputs, tally)
+                                                   sources, tally)
     stop = selection.track_epoch(ctx.meta, ctx.checkpointer, phase, state, record)
     if stop and step < phase.total_steps:
       stopped = True
@@ -266,20 +266,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   checkpointer = checkpoint.Checkpointer(workdir, max_to_keep=config.max_to_keep)
   start = resume.start(checkpointer, fingerprint, config, model, abstract_variables,
                        len(splits["train"]), mesh)
-  device_images, device_labels = input_pipeline.to_device(splits, mesh)
+  sources = input_pipeline.sources(splits, mesh)
   stop = preemption.StopSignal()
   main_process = distributed.is_main_process()
   try:
     events = tensorboard.EventWriter(workdir, enabled=main_process and config.tensorboard)
     with (reporting.MetricsWriter(workdir / "metrics.jsonl", enabled=main_process,
                                   mirrors=[events]) as metrics, stop.installed()):
-      ctx = RunContext(config, mesh, model, splits, device_images, device_labels,
-                       checkpointer, metrics, stop, start.meta)
+      ctx = RunContext(config, mesh, model, splits, sources, checkpointer, metrics, stop,
+                       start.meta)
       variables = _train_phases(ctx, start)
     checkpointer.wait()  # A failed last checkpoint fails the run before its outputs are written.
     with reporting.write_errors_reported("writing the outputs to", workdir):
       return outputs.write_outputs(workdir, config, dataset, splits, model, variables,
-                                   device_images, device_labels, mesh, start.meta["results"])
+                                   sources["test"], mesh, start.meta["results"])
   finally:
     checkpointer.close()  # Whatever happened, a checkpoint being written is finished.
 
