@@ -2,13 +2,16 @@
 split held on the device, and a streamed run trains, resumes and ends bit for bit as one in
 memory."""
 
+import os
+import signal
+
 import flax.serialization
 import jax
 import numpy as np
 import pytest
 
 from test_folder import tiny_folder_config
-from tljax import data, input_pipeline, preemption, sharding, train
+from tljax import data, input_pipeline, preemption, reporting, sharding, train
 
 MESH = sharding.data_mesh(jax.devices()[:1])
 
@@ -50,20 +53,19 @@ def test_row_view_reads_only_when_indexed():
   np.testing.assert_array_equal(view[np.array([2, 0])], split.images[[5, 7]])
 
 
-def test_streamed_run_interrupted_mid_epoch_ends_as_the_run_in_memory(tiny_folder_run, tmp_path,
-                                                                       monkeypatch):
+def test_streamed_run_stopped_mid_epoch_ends_as_the_run_in_memory(tiny_folder_run, tmp_path,
+                                                                   monkeypatch):
   root, reference, _ = tiny_folder_run
   config = tiny_folder_config(root, stream="on")
-  config.checkpoint_every_steps = 1
-  save = train._save  # The 2nd phase's first step is global step 4 of 6, mid-epoch.
+  write = reporting.MetricsWriter.write
 
-  def save_then_stop(ctx, phase, state, global_step):
-    save(ctx, phase, state, global_step)
-    if global_step == 4:
-      raise preemption.Preempted("stopped for the test", 15)
+  def write_then_stop(self, record):  # SIGTERM after global step 4 of 6, mid-epoch.
+    write(self, record)
+    if record["kind"] == "step" and record["step"] == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
 
-  monkeypatch.setattr(train, "_save", save_then_stop)
-  with pytest.raises(preemption.Preempted):
+  monkeypatch.setattr(reporting.MetricsWriter, "write", write_then_stop)
+  with pytest.raises(preemption.Preempted, match="checkpoint 4 is saved"):
     train.run(config, tmp_path)
   monkeypatch.undo()
   train.run(config, tmp_path)

@@ -158,19 +158,24 @@ class Checkpointer:
 
 class _OrbaxFailureLogs(logging.Filter):
   """Drops Orbax's own error logs (this module reports each failure once, as a
-  CheckpointError) and the "Event loop is closed" errors its writer threads log after a
-  failed write; under --verbosity=1 everything is kept."""
+  CheckpointError): its absl errors, the "Event loop is closed" errors its writer threads log
+  after a failed write, and the "Task exception was never retrieved" of its reader tasks, logged
+  whenever they are collected after a failed restore. Under --verbosity=1 everything is kept."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if logging.getLogger().isEnabledFor(logging.DEBUG):
       return True
     exception = record.exc_info[1] if record.exc_info else None
+    message = record.getMessage()
     from_orbax = record.levelno >= logging.ERROR and "/orbax/" in record.pathname
-    return not (from_orbax or "Event loop is closed" in f"{record.getMessage()} {exception}")
+    orbax_task = record.name == "asyncio" and "/orbax/" in message
+    return not (from_orbax or orbax_task or "Event loop is closed" in f"{message} {exception}")
 
 
 _ORBAX_FAILURE_LOGS = _OrbaxFailureLogs()
-_NOISY_LOGGERS = ("absl", "asyncio")  # Orbax logs through absl; its event loops through asyncio.
+_NOISY_LOGGERS = ("absl",)  # Orbax logs through absl while a Checkpointer is open.
+# Orbax's event loops log through asyncio, also after a Checkpointer is closed.
+logging.getLogger("asyncio").addFilter(_ORBAX_FAILURE_LOGS)
 
 
 def state_digest(state: Any) -> str:

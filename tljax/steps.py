@@ -113,6 +113,5 @@ def eval_step(variables: Any, inputs: Any, labels: jax.Array, mask: jax.Array, *
   predictions = jnp.argmax(logits, -1)
   return {"loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
           "correct": jnp.sum(jnp.where(mask, predictions == labels, False)),
-          "count": jnp.sum(mask),
           "predictions": predictions,
           "probabilities": jax.nn.softmax(logits.astype(jnp.float32), axis=-1)}
