@@ -4,6 +4,8 @@ All functions take integer class ids as NumPy-convertible 1-D arrays and are
 pure; they never touch a device.
 """
 
+from collections.abc import Sequence
+
 import numpy as np
 
 
@@ -139,6 +141,17 @@ def top_k_accuracy(labels, probabilities, k: int) -> float:
   return float(np.mean(rank < k))
 
 
+def checked_confusion_matrix(cm, class_names: Sequence[str]) -> np.ndarray:
+  """``cm`` as an array; ValueError unless it is square with one name per class."""
+  cm = np.asarray(cm)
+  if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+    raise ValueError(f"cm must be a square confusion matrix, got shape {cm.shape}.")
+  if len(class_names) != cm.shape[0]:
+    raise ValueError(f"got {len(class_names)} class names for a {cm.shape[0]}-class confusion "
+                     "matrix; pass one name per class.")
+  return cm
+
+
 def classification_report(cm: np.ndarray, class_names, *, labels=None,
                           probabilities=None, top_k: int = 5) -> dict:
   """Per-class precision, recall, F1 and support, their macro and weighted averages, and
@@ -152,12 +165,7 @@ def classification_report(cm: np.ndarray, class_names, *, labels=None,
   >>> r["classes"][0]
   {'name': 'a', 'precision': 1.0, 'recall': 0.75, 'f1': 0.8571428571428571, 'support': 4}
   """
-  cm = np.asarray(cm)
-  if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
-    raise ValueError(f"cm must be a square confusion matrix, got shape {cm.shape}.")
-  if len(class_names) != cm.shape[0]:
-    raise ValueError(f"{len(class_names)} class names for a {cm.shape[0]}-class confusion "
-                     "matrix; give one name per class.")
+  cm = checked_confusion_matrix(cm, class_names)
   true_positives = np.diagonal(cm).astype(np.float64)
   support, predicted = cm.sum(axis=1), cm.sum(axis=0)
   precision = np.divide(true_positives, predicted, out=np.zeros_like(true_positives),

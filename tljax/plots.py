@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from tljax import reporting
+from tljax import evaluate, reporting
 
 _RIGHT, _WRONG = "tab:green", "tab:red"
 
@@ -39,12 +39,7 @@ def save_png(figure: Figure, path: str | os.PathLike) -> str:
 def confusion_matrix_figure(cm: np.ndarray, class_names: Sequence[str],
                             title: str = "Confusion matrix") -> Figure:
   """Heat map of ``cm`` (rows true, columns predicted) with the count in each cell."""
-  cm = np.asarray(cm)
-  if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
-    raise ValueError(f"cm must be a square confusion matrix, got shape {cm.shape}.")
-  if len(class_names) != cm.shape[0]:
-    raise ValueError(f"got {len(class_names)} class names for a {cm.shape[0]}-class "
-                     "confusion matrix; pass one name per class.")
+  cm = evaluate.checked_confusion_matrix(cm, class_names)
   total = cm.sum()
   if total <= 0:
     raise ValueError("cm counts no examples; evaluate on a non-empty dataset.")
