@@ -19,12 +19,11 @@ uncached, so several times slower a step) and more layers trained, e.g.
 ImageNet, ``--config.phases[1].epochs=1`` or the head phase alone.
 
 Measured on clothing-small (3,068 train / 341 validation / 372 test photos, 10 classes), on
-a 2-core AMD EPYC (AVX-512) VM shared with other jobs (load average 6-9 on 2 cores, so
-slower than an idle machine), 2026-11-30, with
+a 2-core AMD EPYC (AVX-512) VM, 2026-11-30, with
 ``--config.model.weights=../shared/weights/mobilenet_v2_1.0_imagenet_no_top.h5``:
-**88.44% test accuracy** (validation 90.9%) in 4 min 18 s with the decoded cache warm;
-decoding it cold added 12 s (317 images/s). The tf.keras tutorial recipe gave 74.19% in
-1,112 s on another (AVX2) machine (``../shared/PEERS.md``).
+**88.44% test accuracy** (validation 90.9%) in 122 s from process start to exit, decoding
+the photos cold included (5.1 s); the tf.keras tutorial recipe, run right after it on the same
+machine, 75.27% in 624 s (``benchmarks/recipe.py --recipe folder``).
 """
 
 from configs import default
