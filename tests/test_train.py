@@ -75,6 +75,7 @@ def test_run_writes_every_output(uninterrupted):
   assert report["top5_accuracy"] == pytest.approx(evaluate.top_k_accuracy(
       recount["labels"], recount["probabilities"], 5))
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert all(0 <= r["accuracy"] <= 1 for r in records)  # Step and epoch records alike.
   epochs = [(r["phase"], r["epoch"]) for r in records if r["kind"] == "epoch"]
   assert epochs == [(0, 1), (0, 2), (1, 1)]
   assert all(r["val_accuracy"] is not None for r in records if r["kind"] == "epoch")

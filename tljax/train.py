@@ -93,15 +93,16 @@ class _Tally:
   def images_per_s(self) -> float | None:
     return self.train_images / self.train_time if self.train_time else None
 
-  def add(self, metrics: Mapping[str, np.ndarray]) -> tuple[float, float]:
-    """Adds one dispatch's per-step metrics; returns its mean loss and accuracy."""
+  def add(self, metrics: Mapping[str, np.ndarray], batch: int) -> tuple[float, float]:
+    """Adds one dispatch's per-step metrics (of ``batch`` examples a step); returns its mean
+    loss and accuracy."""
     finite = metrics["finite"]
     self.loss_sum += float(np.sum(metrics["loss"][finite]))
     self.correct += int(np.sum(metrics["correct"]))
     self.finite_steps += int(finite.sum())
     self.skipped += int((~finite).sum())
     loss = float(np.mean(metrics["loss"][finite])) if finite.any() else float("nan")
-    return loss, float(np.sum(metrics["correct"])) / metrics["correct"].size
+    return loss, float(np.sum(metrics["correct"])) / (metrics["correct"].size * batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +146,7 @@ def train_epoch(ctx: RunContext, phase: Phase, fns: _Compiled, state: steps.Trai
         tally.train_images += k * batch
       tally.compiled = True
       position, step, global_step = position + k, step + k, global_step + k
-      loss, accuracy = totals.add(metrics)
+      loss, accuracy = totals.add(metrics, batch)
       progress.update(k, loss=loss, accuracy=accuracy)
       ctx.metrics.write({"kind": "step", "phase": phase.index, "phase_name": phase.name,
                          "epoch": epoch + 1, "step": global_step, "loss": loss,
