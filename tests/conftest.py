@@ -1,6 +1,7 @@
 """Shared fixtures: the real data and weights in ../shared, and the Keras reference backend."""
 
 import http.server
+import logging
 import os
 import pathlib
 import threading
@@ -21,6 +22,18 @@ def _shared_path(relative: str) -> pathlib.Path:
     pytest.skip(f"{path} is absent: real data and weights live in ../shared beside the "
                 "checkout, which a fresh clone does not have.")
   return path
+
+
+def logged_error(caplog) -> logging.LogRecord:
+  """The one error tljax logged (``main`` and ``predict`` log to the root logger).
+
+  Libraries log under their own names (Orbax as ``absl``, JAX as ``jax._src...``) and may do
+  so from background threads at any time; those are not the run's message.
+  """
+  errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+  ours = [r for r in errors if r.name == "root"]
+  assert len(ours) == 1, [f"{r.name}: {r.getMessage()}" for r in errors]
+  return ours[0]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import main
+from conftest import logged_error
 from test_train import tiny_config
 from tljax import checkpoint, checks, data, preemption, steps, train
 from tljax.models import mobilenet_v2
@@ -116,7 +117,7 @@ def test_bad_input_is_one_message_and_exit_2_before_weights_load(
                       lambda *a, **k: pytest.fail("weights loaded before the input was checked"))
   with caplog.at_level(logging.ERROR):
     assert main.run(tiny_config(tiny_idx_dir, **overrides), str(workdir)) == 2
-  [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+  record = logged_error(caplog)
   assert not record.exc_info and "\n" not in record.getMessage()
   assert re.search(message, record.getMessage()), record.getMessage()
   assert not (workdir / "metrics.jsonl").exists()
@@ -128,7 +129,7 @@ def _main_run(config, workdir, caplog) -> tuple[int, str]:
   """``main.run``'s exit code and its one error message."""
   with caplog.at_level(logging.ERROR):
     code = main.run(config, str(workdir))
-  [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+  record = logged_error(caplog)
   assert not record.exc_info and "\n" not in record.getMessage()
   return code, record.getMessage()
 
@@ -280,7 +281,7 @@ def test_quick_start_download_failure_is_one_message_and_exit_2(fault, what, fre
     fresh_machine.dropped.add(path)
   with caplog.at_level(logging.ERROR):
     assert main.run(_quick_start_config(), str(tmp_path / "run")) == 2
-  [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+  record = logged_error(caplog)
   expected = "answered HTTP 404" if fault == "404" else "could not be reached"
   local = "--config.data.dir=" if what == "dataset" else "--config.model.weights="
   assert expected in record.getMessage() and local in record.getMessage()

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import logged_error
 from test_folder import make_folder
 from tljax import predict
 
@@ -98,7 +99,7 @@ def test_bad_input_is_one_message_and_exit_2(case, message, folder_run, tmp_path
   with caplog.at_level(logging.ERROR):
     assert predict.run(str(workdir), paths, output=output, top_k=3, batch_size=8,
                        write_export=False) == 2
-  [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+  record = logged_error(caplog)
   assert message in record.getMessage() and not record.exc_info
 
 

@@ -26,6 +26,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from conftest import logged_error
 from tljax import checkpoint, dispatch, preemption, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -489,7 +490,7 @@ def test_no_restorable_checkpoint_fails_naming_the_directories_tried(
   for step in (20, 24):
     _truncate(_largest_state_file(workdir, step))
   assert _rerun(workdir, tiny_idx_dir, caplog) == 1
-  [error] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+  error = logged_error(caplog).getMessage()
   assert error == (
       f"no checkpoint in {workdir}/checkpoints could be restored; tried "
       f"{workdir}/checkpoints/24 (now {workdir}/checkpoints.rejected/24), "
@@ -506,7 +507,7 @@ def test_a_full_disk_while_writing_the_outputs_fails_and_keeps_the_checkpoints(
     raise OSError(errno.ENOSPC, "No space left on device", str(path))
   monkeypatch.setattr(train.reporting, "atomic_open", disk_full)
   assert _rerun(workdir, tiny_idx_dir, caplog) == 1
-  [error] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+  error = logged_error(caplog).getMessage()
   assert error.startswith(f"writing the outputs to {workdir}/trained_variables.msgpack failed: "
                           "No space left on device. The last checkpoint is kept")
   assert sorted(os.listdir(workdir / "checkpoints")) == ["20", "24"]
