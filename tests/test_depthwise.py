@@ -11,9 +11,9 @@ from tljax.models import depthwise
 TOLERANCE = 1e-5
 
 
-def _inputs(height, width, kernel_size, seed=0):
+def _inputs(height, width, kernel_size, seed=0, batch=2):
   rng = np.random.default_rng(seed)
-  x = rng.standard_normal((2, height, width, 5), np.float32)
+  x = rng.standard_normal((batch, height, width, 5), np.float32)
   kernel = rng.standard_normal((kernel_size, kernel_size, 5, 1), np.float32)
   return x, kernel, rng
 
@@ -25,14 +25,7 @@ def _outputs_and_gradients(conv, x, kernel, cotangent, stride, padding):
   return out, *vjp(cotangent)
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("padding, height, width, kernel_size", [
-    *[(padding, *shape) for padding in ("SAME", "VALID")
-      for shape in [(8, 8, 3), (7, 7, 3), (7, 10, 3), (9, 6, 5)]],
-    # Maps as small as the last blocks' at 32x32 input, where some taps read only padding.
-    ("SAME", 1, 1, 3), ("SAME", 2, 2, 3), ("SAME", 1, 2, 3), ("SAME", 3, 3, 5)])
-def test_shifted_matches_xla_outputs_and_gradients(stride, padding, height, width, kernel_size):
-  x, kernel, rng = _inputs(height, width, kernel_size)
+def _check_against_xla(x, kernel, rng, stride, padding):
   out_shape = jax.eval_shape(functools.partial(depthwise.depthwise_conv_xla, stride=stride,
                                                padding=padding), x, kernel).shape
   cotangent = rng.standard_normal(out_shape, np.float32)
@@ -43,6 +36,22 @@ def test_shifted_matches_xla_outputs_and_gradients(stride, padding, height, widt
   for name, a, e in zip(("output", "input gradient", "kernel gradient"), actual, expected):
     assert a.shape == e.shape, name
     np.testing.assert_allclose(a, e, atol=TOLERANCE, rtol=TOLERANCE, err_msg=name)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("padding, height, width, kernel_size", [
+    *[(padding, *shape) for padding in ("SAME", "VALID")
+      for shape in [(8, 8, 3), (7, 7, 3), (7, 10, 3), (9, 6, 5)]],
+    # Maps as small as the last blocks' at 32x32 input, where some taps read only padding.
+    ("SAME", 1, 1, 3), ("SAME", 2, 2, 3), ("SAME", 1, 2, 3), ("SAME", 3, 3, 5)])
+def test_shifted_matches_xla_outputs_and_gradients(stride, padding, height, width, kernel_size):
+  _check_against_xla(*_inputs(height, width, kernel_size), stride, padding)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("batch", [7, 24])  # One group of 7; three of 8.
+def test_kernel_gradient_sums_every_batch_group(batch, stride):
+  _check_against_xla(*_inputs(6, 6, 3, batch=batch), stride, "SAME")
 
 
 @pytest.mark.parametrize("impl", ["shifted", "xla"])
