@@ -156,12 +156,16 @@ def test_imagenet_features_of_mnist_digits_match_keras(imagenet_weights_path, mn
                                err_msg=f"{impl} depthwise")
 
 
-@pytest.mark.parametrize("kernel_size, stride", [(1, 1), (3, 2), (3, 1), (1, 2)])
-def test_keras_conv_equals_xla_convolution_with_gradients(kernel_size, stride):
-  """1x1 stride-1 convolutions run as a matrix product: same outputs and gradients."""
+@pytest.mark.parametrize("kernel_size, stride, channels_in, channels_out", [
+    (1, 1, 8, 16), (1, 1, 16, 8), (3, 2, 8, 16), (3, 1, 8, 16), (1, 2, 8, 16)])
+def test_keras_conv_equals_xla_convolution_with_gradients(kernel_size, stride, channels_in,
+                                                          channels_out):
+  """1x1 stride-1 convolutions run as a matrix product whose kernel gradient transposes the
+  narrower of input and output gradient (both cases): same outputs and gradients."""
   rng = np.random.default_rng(0)
-  x = rng.standard_normal((4, 5, 6, 8), np.float32)
-  kernel = rng.standard_normal((kernel_size, kernel_size, 8, 16), np.float32)
+  x = rng.standard_normal((4, 5, 6, channels_in), np.float32)
+  kernel = rng.standard_normal((kernel_size, kernel_size, channels_in, channels_out),
+                               np.float32)
   xla = functools.partial(jax.lax.conv_general_dilated, window_strides=(stride, stride),
                           padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   ours = functools.partial(layer_stack.keras_conv, stride=stride)

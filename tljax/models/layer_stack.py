@@ -53,13 +53,45 @@ def keras_pad(size_hw: tuple[int, int], kernel_size: int = 3) -> tuple[tuple[int
 
 
 def keras_conv(x_NHWC: jax.Array, kernel_HWIO: jax.Array, stride: int) -> jax.Array:
-  """A bias-free 'SAME' Keras convolution. The 1x1 ones are matrix products over the channels:
-  as ``dot_general`` their gradients need no transposed copy of the kernel, which XLA:CPU
+  """A bias-free 'SAME' Keras convolution. The 1x1 ones are matrix products over the channels
+  (``pointwise_conv``): their gradients need no transposed copy of the kernel, which XLA:CPU
   makes for a convolution's."""
   if kernel_HWIO.shape[:2] == (1, 1) and stride == 1:
-    return jax.lax.dot_general(x_NHWC, kernel_HWIO[0, 0], (((3,), (0,)), ((), ())))
+    return pointwise_conv(x_NHWC, kernel_HWIO[0, 0])
   return jax.lax.conv_general_dilated(x_NHWC, kernel_HWIO, (stride, stride), "SAME",
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_vjp
+def pointwise_conv(x_NHWC: jax.Array, kernel_IO: jax.Array) -> jax.Array:
+  """A 1x1 stride-1 convolution, ``x @ kernel`` over the channels.
+
+  Its kernel gradient, ``x^T @ dy`` over every example and position, needs one operand with
+  the positions as its minor axis. Left to itself XLA:CPU transposes the output gradient,
+  often the wider, inside the fusion that computes it; here the narrower of the two is
+  transposed, pinned by an optimization barrier (1.26x the whole-network step at 160 px,
+  benchmarks/README.md).
+  """
+  return jax.lax.dot_general(x_NHWC, kernel_IO, (((3,), (0,)), ((), ())))
+
+
+def _pointwise_forward(x_NHWC, kernel_IO):
+  return pointwise_conv(x_NHWC, kernel_IO), (x_NHWC, kernel_IO)
+
+
+def _pointwise_backward(residuals, dy_NHWC):
+  x_NHWC, kernel_IO = residuals
+  dx = jax.lax.dot_general(dy_NHWC, kernel_IO, (((3,), (1,)), ((), ())))
+  x_MI = x_NHWC.reshape(-1, x_NHWC.shape[-1])
+  dy_MO = dy_NHWC.reshape(-1, dy_NHWC.shape[-1])
+  if x_MI.shape[1] <= dy_MO.shape[1]:
+    dkernel = jax.lax.optimization_barrier(x_MI.T) @ dy_MO
+  else:
+    dkernel = (jax.lax.optimization_barrier(dy_MO.T) @ x_MI).T
+  return dx, dkernel.astype(kernel_IO.dtype)
+
+
+pointwise_conv.defvjp(_pointwise_forward, _pointwise_backward)
 
 
 def keras_depthwise(x_NHWC: jax.Array, kernel_HWC1: jax.Array, stride: int,
