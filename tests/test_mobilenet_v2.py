@@ -157,11 +157,13 @@ def test_imagenet_features_of_mnist_digits_match_keras(imagenet_weights_path, mn
 
 
 @pytest.mark.parametrize("kernel_size, stride, channels_in, channels_out", [
-    (1, 1, 8, 16), (1, 1, 16, 8), (3, 2, 8, 16), (3, 1, 8, 16), (1, 2, 8, 16)])
+    (1, 1, 8, 16), (1, 1, 16, 8), (3, 2, 8, 16), (3, 1, 8, 16), (1, 2, 8, 16),
+    (3, 2, 3, 16), (3, 1, 3, 16)])  # Three channels: an image's patches times the kernel.
 def test_keras_conv_equals_xla_convolution_with_gradients(kernel_size, stride, channels_in,
                                                           channels_out):
-  """1x1 stride-1 convolutions run as a matrix product whose kernel gradient transposes the
-  narrower of input and output gradient (both cases): same outputs and gradients."""
+  """1x1 stride-1 convolutions and those of an image run as matrix products whose kernel
+  gradient transposes the narrower of input and output gradient: same outputs and
+  gradients."""
   rng = np.random.default_rng(0)
   x = rng.standard_normal((4, 5, 6, channels_in), np.float32)
   kernel = rng.standard_normal((kernel_size, kernel_size, channels_in, channels_out),

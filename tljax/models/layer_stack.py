@@ -32,6 +32,7 @@ from tljax.models.batch_norm import BatchNorm
 
 INPUT_NAME = "input_layer"
 CONVOLUTIONS = ("conv", "depthwise")  # Layer kinds that convolve.
+IMAGE_CHANNELS = 4  # Convolutions of this few input channels run as matrix products.
 BN_EPSILON = 1e-3
 
 
@@ -53,13 +54,35 @@ def keras_pad(size_hw: tuple[int, int], kernel_size: int = 3) -> tuple[tuple[int
 
 
 def keras_conv(x_NHWC: jax.Array, kernel_HWIO: jax.Array, stride: int) -> jax.Array:
-  """A bias-free 'SAME' Keras convolution. The 1x1 ones are matrix products over the channels
-  (``pointwise_conv``): their gradients need no transposed copy of the kernel, which XLA:CPU
-  makes for a convolution's."""
-  if kernel_HWIO.shape[:2] == (1, 1) and stride == 1:
+  """A bias-free 'SAME' Keras convolution.
+
+  The 1x1 ones are matrix products over the channels (``pointwise_conv``): their gradients
+  need no transposed copy of the kernel, which XLA:CPU makes for a convolution's. So are
+  those reading an image's few channels (the stem), over the stacked ``kh * kw`` shifted
+  copies of the image: XLA:CPU's convolution of 3 channels ran at a twentieth of the rate
+  of its matrix product (benchmarks/README.md).
+  """
+  kh, kw, channels_in, channels_out = kernel_HWIO.shape
+  if (kh, kw) == (1, 1) and stride == 1:
     return pointwise_conv(x_NHWC, kernel_HWIO[0, 0])
+  if channels_in <= IMAGE_CHANNELS:
+    return pointwise_conv(image_patches(x_NHWC, kh, kw, stride),
+                          kernel_HWIO.reshape(kh * kw * channels_in, channels_out))
   return jax.lax.conv_general_dilated(x_NHWC, kernel_HWIO, (stride, stride), "SAME",
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def image_patches(x_NHWC: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
+  """``[N, H', W', kh * kw * C]``: the input under each 'SAME' window, in ``HWIO`` kernel
+  order (tap row, tap column, channel)."""
+  n, h, w, c = x_NHWC.shape
+  (pt, pb), (pl, pr) = jax.lax.padtype_to_pads((h, w), (kh, kw), (stride, stride), "SAME")
+  out_h, out_w = (h + pt + pb - kh) // stride + 1, (w + pl + pr - kw) // stride + 1
+  x = jnp.pad(x_NHWC, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  return jnp.concatenate([
+      jax.lax.slice(x, (0, i, j, 0), (n, i + (out_h - 1) * stride + 1,
+                                      j + (out_w - 1) * stride + 1, c), (1, stride, stride, 1))
+      for i in range(kh) for j in range(kw)], axis=3)
 
 
 @jax.custom_vjp
