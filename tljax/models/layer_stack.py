@@ -57,15 +57,18 @@ def keras_conv(x_NHWC: jax.Array, kernel_HWIO: jax.Array, stride: int) -> jax.Ar
   """A bias-free 'SAME' Keras convolution.
 
   The 1x1 ones are matrix products over the channels (``pointwise_conv``): their gradients
-  need no transposed copy of the kernel, which XLA:CPU makes for a convolution's. So are
-  those reading an image's few channels (the stem), over the stacked ``kh * kw`` shifted
-  copies of the image: XLA:CPU's convolution of 3 channels ran at a twentieth of the rate
-  of its matrix product (benchmarks/README.md).
+  need no transposed copy of the kernel, which XLA:CPU makes for a convolution's. On the CPU
+  in float32, so are those reading an image's few channels (the stem), over the stacked
+  ``kh * kw`` shifted copies of the image: XLA:CPU's convolution of 3 channels ran at a
+  twentieth of its matrix product's rate, 33 of the 163 ms of the 160 px forward pass
+  (benchmarks/README.md). Elsewhere the backend's convolution is the better one, and in
+  bfloat16 XLA:CPU's is the closer to float32.
   """
   kh, kw, channels_in, channels_out = kernel_HWIO.shape
   if (kh, kw) == (1, 1) and stride == 1:
     return pointwise_conv(x_NHWC, kernel_HWIO[0, 0])
-  if channels_in <= IMAGE_CHANNELS:
+  if (channels_in <= IMAGE_CHANNELS and x_NHWC.dtype == jnp.float32
+      and jax.default_backend() == "cpu"):
     return pointwise_conv(image_patches(x_NHWC, kh, kw, stride),
                           kernel_HWIO.reshape(kh * kw * channels_in, channels_out))
   return jax.lax.conv_general_dilated(x_NHWC, kernel_HWIO, (stride, stride), "SAME",
