@@ -59,13 +59,13 @@ def test_streamed_run_stopped_mid_epoch_ends_as_the_run_in_memory(tiny_folder_ru
   config = tiny_folder_config(root, stream="on")
   write = reporting.MetricsWriter.write
 
-  def write_then_stop(self, record):  # SIGTERM after global step 4 of 6, mid-epoch.
+  def write_then_stop(self, record):  # SIGTERM as step 4 of 6 is recorded; 5 is in flight.
     write(self, record)
     if record["kind"] == "step" and record["step"] == 4:
       os.kill(os.getpid(), signal.SIGTERM)
 
   monkeypatch.setattr(reporting.MetricsWriter, "write", write_then_stop)
-  with pytest.raises(preemption.Preempted, match="checkpoint 4 is saved"):
+  with pytest.raises(preemption.Preempted, match="checkpoint 5 is saved"):
     train.run(config, tmp_path)
   monkeypatch.undo()
   train.run(config, tmp_path)

@@ -224,19 +224,21 @@ def test_sigterm_while_caching_the_next_phase_stops_before_training(chain):
   assert outcome.records == before.records
 
 
-def test_sigterm_mid_fine_tune_checkpoints_that_step(chain):
+def test_sigterm_mid_fine_tune_checkpoints_the_dispatch_in_flight(chain):
   outcome = chain[1]["fine_tuning"]
   assert outcome.returncode == 143, outcome.stderr[-3000:]
   assert _resumed_from(outcome) == 8
-  assert outcome.listing == ["14"]
-  assert (outcome.latest, outcome.meta["phase"], outcome.meta["phase_step"]) == (14, 1, 6)
-  assert _steps(outcome.records)[-4:] == [8, 10, 12, 14]  # Nothing trained after the signal.
+  # The signal came as step 14 was recorded, with steps 15-16 already dispatched: they
+  # finish, are recorded and saved; nothing is dispatched after the signal.
+  assert outcome.listing == ["16"]
+  assert (outcome.latest, outcome.meta["phase"], outcome.meta["phase_step"]) == (16, 1, 8)
+  assert _steps(outcome.records)[-5:] == [8, 10, 12, 14, 16]
 
 
 def test_sigkill_mid_commit_leaves_the_last_complete_checkpoint(chain):
   outcome, next_run = chain[1]["committing"], chain[1]["failed_write"]
   assert outcome.returncode == -9, outcome.stderr[-3000:]
-  assert _resumed_from(outcome) == 14
+  assert _resumed_from(outcome) == 16
   # Checkpoint 20 was fully written but not committed; 16, the only one kept, survives.
   assert outcome.listing == ["16", "20.orbax-checkpoint-tmp"]
   assert outcome.latest == 16
@@ -335,9 +337,10 @@ def test_sigint_checkpoints_exits_130_and_the_rerun_ends_bit_for_bit(launch, ref
   assert outcome.returncode == 130, outcome.stderr[-3000:]
   assert "received SIGINT: saving a checkpoint" in outcome.stderr
   assert "Traceback" not in outcome.stderr and "KeyboardInterrupt" not in outcome.stderr
-  assert outcome.listing == ["14"] and outcome.meta["phase_step"] == 6
+  # Steps 15-16 were in flight when step 14 was recorded: they finish and are saved.
+  assert outcome.listing == ["16"] and outcome.meta["phase_step"] == 8
   finished = launch(workdir, "no_weights")
-  assert finished.returncode == 0 and _resumed_from(finished) == 14, finished.stderr[-3000:]
+  assert finished.returncode == 0 and _resumed_from(finished) == 16, finished.stderr[-3000:]
   _assert_same_state(_checkpoint(reference[0])[2], _checkpoint(workdir)[2])
 
 

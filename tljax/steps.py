@@ -99,8 +99,10 @@ def train_step(state: TrainState, inputs: Any, labels: jax.Array, *, model: Laye
       batch_stats={**state.batch_stats, **new_stats},
       opt_state=new_opt_state,
       bad_steps=jnp.where(finite, 0, state.bad_steps + 1))
+  # The bad-step count rides along: the host reads a dispatch's metrics after the next
+  # dispatch has taken over (donated) the state.
   metrics = {"loss": loss, "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
-             "finite": finite}
+             "finite": finite, "bad_steps": new_state.bad_steps}
   return new_state, metrics
 
 

@@ -56,14 +56,17 @@ def _save(ctx: RunContext, phase: Phase, state: steps.TrainState, global_step: i
 
 def _stop_if_requested(ctx: RunContext, phase: Phase, state: steps.TrainState,
                        global_step: int) -> None:
-  """After SIGTERM or Ctrl-C: checkpoints this point (unless saved already), waits, raises
-  Preempted.
+  """After SIGTERM or Ctrl-C: ``_stop``.
 
   Called between device calls: after each train chunk, the prefix cache, each evaluation
   and each phase, at the same points on every process, which stop together.
   """
-  if not distributed.any_process(ctx.stop.requested):
-    return
+  if distributed.any_process(ctx.stop.requested):
+    _stop(ctx, phase, state, global_step)
+
+
+def _stop(ctx: RunContext, phase: Phase, state: steps.TrainState, global_step: int) -> None:
+  """Checkpoints this point (unless saved already), waits, raises Preempted."""
   ctx.checkpointer.wait()
   if ctx.checkpointer.latest_step() != global_step:
     _save(ctx, phase, state, global_step)
@@ -88,6 +91,7 @@ class _Tally:
   compiled: bool = False    # Whether the phase's first dispatch, mostly compiling, is done.
   train_time: float = 0.0   # Seconds and images of the phase's dispatches after the first.
   train_images: int = 0
+  last_done: float = 0.0    # When the host saw the latest dispatch end (time.perf_counter()).
 
   @property
   def images_per_s(self) -> float | None:
@@ -120,10 +124,24 @@ def _chunk_size(total: int, target: int) -> int:
   return next((k for k in range(target, max(1, target // 2) - 1, -1) if total % k == 0), target)
 
 
+@dataclasses.dataclass(frozen=True)
+class _InFlight:
+  """A dispatched train chunk whose metrics the host has not read yet."""
+  metrics: Any          # Per-step metrics, on the device.
+  steps: int
+  step: int             # The phase step and the global step after it.
+  global_step: int
+  dispatched: float     # time.perf_counter() at dispatch.
+
+
 def train_epoch(ctx: RunContext, phase: Phase, fns: _Compiled, state: steps.TrainState,
                 step: int, global_step: int, sources, tally: _Tally):
   """Trains the epoch that ``step`` is in, to its end; returns the state, step, global step
-  and the epoch's record (validated)."""
+  and the epoch's record (validated).
+
+  The host reads each dispatch's metrics (the one host sync) after dispatching the next, so
+  the device never waits for the records, the progress bar or a file sync.
+  """
   config, batch = ctx.config, ctx.config.batch_size
   epoch, position = divmod(step, phase.steps_per_epoch)
   order = data.epoch_permutation(config.seed, phase.index, epoch, ctx.size("train"))
@@ -133,32 +151,53 @@ def train_epoch(ctx: RunContext, phase: Phase, fns: _Compiled, state: steps.Trai
   with reporting.Progress(phase.steps_per_epoch, desc, batch_size=batch,
                           enabled=distributed.is_main_process()) as progress:
     progress.update(position)
+
+    def read_metrics(chunk: _InFlight) -> None:
+      metrics = jax.device_get(chunk.metrics)
+      # The chunk ran from its dispatch or the previous chunk's end, whichever came later.
+      done = time.perf_counter()
+      seconds = done - max(chunk.dispatched, tally.last_done)
+      tally.last_done = done
+      if tally.compiled:  # The first call's time is mostly compilation.
+        tally.train_time += seconds
+        tally.train_images += chunk.steps * batch
+      tally.compiled = True
+      loss, accuracy = totals.add(metrics, batch)
+      progress.update(chunk.steps, loss=loss, accuracy=accuracy)
+      ctx.metrics.write({
+          "kind": "step", "phase": phase.index, "phase_name": phase.name, "epoch": epoch + 1,
+          "step": chunk.global_step, "loss": loss, "accuracy": accuracy,
+          "skipped_steps": int((~metrics["finite"]).sum()),
+          "learning_rate": float(fns.learning_rate(chunk.step - 1)),
+          "images_per_s": chunk.steps * batch / seconds})
+      # After the record, which counts them.
+      _check_bad_steps(int(metrics["bad_steps"][-1]), config, phase, chunk.step)
+
+    in_flight = None
     while position < phase.steps_per_epoch:
       k = min(fns.chunk_size, phase.steps_per_epoch - position)
-      t0 = time.perf_counter()
+      dispatched = time.perf_counter()
       state, metrics = fns.train_chunk(state, *sources[0].train_batches(
           order[position:position + k]))
       if position + k < phase.steps_per_epoch:  # Read ahead while the device computes.
         sources[0].prefetch(order[position + k:position + k + fns.chunk_size])
-      metrics, bad_steps = jax.device_get((metrics, state.bad_steps))  # The one host sync.
-      if tally.compiled:  # The first call's time is mostly compilation.
-        tally.train_time += time.perf_counter() - t0
-        tally.train_images += k * batch
-      tally.compiled = True
       position, step, global_step = position + k, step + k, global_step + k
-      loss, accuracy = totals.add(metrics, batch)
-      progress.update(k, loss=loss, accuracy=accuracy)
-      ctx.metrics.write({"kind": "step", "phase": phase.index, "phase_name": phase.name,
-                         "epoch": epoch + 1, "step": global_step, "loss": loss,
-                         "accuracy": accuracy, "skipped_steps": int((~metrics["finite"]).sum()),
-                         "learning_rate": float(fns.learning_rate(step - 1)),
-                         "images_per_s": k * batch / (time.perf_counter() - t0)})
-      _check_bad_steps(int(bad_steps), config, phase, step)  # After the record: it counts them.
-      _stop_if_requested(ctx, phase, state, global_step)
+      if in_flight:
+        read_metrics(in_flight)
+      in_flight = _InFlight(metrics, k, step, global_step, dispatched)
+      # A checkpoint follows the reading of its own steps' metrics (a non-finite run stops
+      # first). Epoch ends are saved by the caller.
+      stop = distributed.any_process(ctx.stop.requested)
       every = config.checkpoint_every_steps
-      if (every and global_step // every != (global_step - k) // every
-          and position < phase.steps_per_epoch):  # Epoch ends are saved by the caller.
+      if stop or (every and global_step // every != (global_step - k) // every
+                  and position < phase.steps_per_epoch):
+        read_metrics(in_flight)
+        in_flight = None
+        if stop:
+          _stop(ctx, phase, state, global_step)
         _save(ctx, phase, state, global_step)
+    if in_flight:
+      read_metrics(in_flight)
   record = _epoch_record(ctx, phase, fns, state, sources[1], totals, tally)
   record.update(epoch=epoch + 1, step=global_step)
   ctx.metrics.write(record)
