@@ -71,26 +71,23 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def launch(tiny_idx_dir, tmp_path_factory):
-  """``launch(workdir, processes, devices_each, hooks) -> [(returncode, stderr)]``."""
-  root = tmp_path_factory.mktemp("multiprocess")
-  (root / "driver.py").write_text(DRIVER)
-  config = root / "config.py"
-  config.write_text(CONFIG_FILE.format(tests=str(REPO / "tests"), data_dir=str(tiny_idx_dir),
-                                       overrides=OVERRIDES))
+def launcher(directory: pathlib.Path, default_config: pathlib.Path):
+  """``launch(workdir, processes, devices_each, hooks, config) -> [(returncode, stderr)]``:
+  main.py through tests/test_reliability.py's driver, in one or more processes on this
+  machine, with ``default_config`` unless a config file is given."""
+  (directory / "driver.py").write_text(DRIVER)
 
-  def run(workdir, processes, devices_each, hooks=""):
+  def launch(workdir, processes, devices_each, hooks="", config=default_config):
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}"}
     flags = [f"--config={config}", f"--workdir={workdir}"]
     if processes > 1:
       flags += [f"--config.distributed.coordinator_address=127.0.0.1:{_free_port()}",
                 f"--config.distributed.num_processes={processes}"]
-    launch_dir = pathlib.Path(tempfile.mkdtemp(prefix=f"{workdir.name}_", dir=root))
+    launch_dir = pathlib.Path(tempfile.mkdtemp(prefix=f"{workdir.name}_", dir=directory))
     logs = [launch_dir / f"process_{i}.log" for i in range(processes)]
     children = [subprocess.Popen(
-        [sys.executable, str(root / "driver.py"), hooks, *flags,
+        [sys.executable, str(directory / "driver.py"), hooks, *flags,
          *([f"--config.distributed.process_id={i}"] if processes > 1 else [])],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
         for i, log in enumerate(logs)]
@@ -100,7 +97,17 @@ def launch(tiny_idx_dir, tmp_path_factory):
       for child in children:
         child.kill()
 
-  return run
+  return launch
+
+
+@pytest.fixture(scope="module")
+def launch(tiny_idx_dir, tmp_path_factory):
+  """``launcher`` of the tiny two-phase MNIST job."""
+  root = tmp_path_factory.mktemp("multiprocess")
+  config = root / "config.py"
+  config.write_text(CONFIG_FILE.format(tests=str(REPO / "tests"), data_dir=str(tiny_idx_dir),
+                                       overrides=OVERRIDES))
+  return launcher(root, config)
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +158,4 @@ def test_two_processes_end_with_the_parameters_of_one(runs, tiny_idx_dir):
   assert [len(s["devices"]) for s in summaries] == [4, 4]
   np.testing.assert_array_equal(np.load(one / "test_predictions.npz")["predictions"],
                                 np.load(two / "test_predictions.npz")["predictions"])
+

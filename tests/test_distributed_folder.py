@@ -1,0 +1,50 @@
+"""Two processes stream a folder of photos and train as one process does.
+
+Process 0 decodes the photos into the shared cache and writes the split lists; each process
+then reads its dispatches from the cache. A separate module from tests/test_distributed.py,
+so that the two run side by side under ``pytest -n 2``.
+"""
+
+import importlib.util
+
+import numpy as np
+
+from test_distributed import REPO, TOLERANCE, _variables, _worst_difference, launcher
+from test_folder import make_folder
+from tljax import train
+
+# The tiny photo job of tests/test_folder.py, streamed, with SGD and BatchNorm in inference
+# mode: float32 sums in another order across processes stay at rounding level.
+CONFIG_FILE = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_folder import tiny_folder_config
+
+def get_config():
+  config = tiny_folder_config({root!r}, stream="on")
+  for phase in config.phases:
+    phase.optimizer, phase.batchnorm = "sgd", "inference"
+  config.distributed.timeout_s = 120
+  return config
+"""
+
+
+def test_two_processes_stream_a_folder_as_one_process_trains_on_it(tmp_path):
+  root = make_folder(tmp_path / "photos", {"red": 12, "green": 12, "blue": 12}, ext="jpg")
+  config_file = tmp_path / "folder_config.py"
+  config_file.write_text(CONFIG_FILE.format(tests=str(REPO / "tests"), root=str(root)))
+  launch = launcher(tmp_path, config_file)
+  two = launch(tmp_path / "two", processes=2, devices_each=1)
+  assert [code for code, _ in two] == [0, 0], two[0][1][-3000:] + two[1][1][-3000:]
+  assert "decoded 36 images in" in two[0][1]  # By process 0, into the cache both read.
+  spec = importlib.util.spec_from_file_location("folder_config", config_file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  train.run(module.get_config(), tmp_path / "one")  # One process, one device, same batches.
+  for split in ("train", "validation", "test"):
+    assert ((tmp_path / "two" / "splits" / f"{split}.txt").read_text()
+            == (tmp_path / "one" / "splits" / f"{split}.txt").read_text())
+  assert _worst_difference(_variables(tmp_path / "one"), _variables(tmp_path / "two")) < TOLERANCE
+  np.testing.assert_array_equal(
+      np.load(tmp_path / "one" / "test_predictions.npz")["predictions"],
+      np.load(tmp_path / "two" / "test_predictions.npz")["predictions"])
