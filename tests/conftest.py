@@ -24,6 +24,17 @@ def _shared_path(relative: str) -> pathlib.Path:
   return path
 
 
+# The longest files (each a chain of multi-process runs) first: under ``pytest -n 2 --dist
+# loadfile`` they then start at once and the short files fill in around them, instead of one
+# starting last and running alone.
+LONGEST_FILES = ("test_distributed.py", "test_distributed_folder.py", "test_reliability.py",
+                 "test_sharding.py")
+
+
+def pytest_collection_modifyitems(items):
+  items.sort(key=lambda item: item.path.name not in LONGEST_FILES)  # Stable: order kept.
+
+
 def logged_error(caplog) -> logging.LogRecord:
   """The one error tljax logged (``main`` and ``predict`` log to the root logger).
 
