@@ -61,10 +61,14 @@ def _geometry(x_shape, kernel_shape, stride, padding):
   return (pt, pb, pl, pr), (out_h, out_w), rows, cols
 
 
-def _windows(x_NHWC, kernel_shape, stride, padding):
-  """Yields ``((i, j), window)``: the padded input's strided slice that tap (i, j) reads."""
+def windows(x_NHWC, kernel_shape, stride, padding, every_tap=False):
+  """Yields ``((i, j), window)``, taps in row-major order: the padded input's strided slice
+  that tap (i, j) of a ``kernel_shape[:2]`` kernel reads. Taps that read only padding are
+  left out unless ``every_tap``."""
   (pt, pb, pl, pr), (out_h, out_w), rows, cols = _geometry(x_NHWC.shape, kernel_shape, stride,
                                                            padding)
+  if every_tap:
+    rows, cols = range(kernel_shape[0]), range(kernel_shape[1])
   n, _, _, c = x_NHWC.shape
   x = jnp.pad(x_NHWC, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
   for i in rows:
@@ -76,7 +80,7 @@ def _windows(x_NHWC, kernel_shape, stride, padding):
 
 def _shifted_forward(x_NHWC, kernel_HWC1, stride, padding):
   out = None
-  for (i, j), window in _windows(x_NHWC, kernel_HWC1.shape, stride, padding):
+  for (i, j), window in windows(x_NHWC, kernel_HWC1.shape, stride, padding):
     term = window * kernel_HWC1[i, j, :, 0]
     out = term if out is None else out + term
   return out, (x_NHWC, kernel_HWC1)
@@ -94,7 +98,7 @@ def _shifted_backward(stride, padding, residuals, dy):
       (0, 0, 0), (kh - 1, pt + h - 1 - (out_h - 1) * stride, stride - 1),
       (kw - 1, pl + w - 1 - (out_w - 1) * stride, stride - 1), (0, 0, 0)))
   dx, group_sums = None, {}
-  for (i, j), window in _windows(x_NHWC, kernel_HWC1.shape, stride, padding):
+  for (i, j), window in windows(x_NHWC, kernel_HWC1.shape, stride, padding):
     group_sums[i, j] = _sum_over_batch_groups(window * dy)
     start = (0, pt + kh - 1 - i, pl + kw - 1 - j, 0)
     shifted = lax.slice(dy_padded, start, (dy.shape[0], start[1] + h, start[2] + w, dy.shape[3]))
@@ -103,10 +107,8 @@ def _shifted_backward(stride, padding, residuals, dy):
   # The barrier keeps XLA from folding the two sums back into one reduction of the products.
   tap_sums = jnp.sum(lax.optimization_barrier(jnp.stack(list(group_sums.values()))),
                      axis=(1, 2, 3))
-  dkernel = jnp.zeros_like(kernel_HWC1)
-  for (i, j), tap_sum in zip(group_sums, tap_sums):
-    dkernel = dkernel.at[i, j, :, 0].set(tap_sum)
-  return dx, dkernel
+  rows, cols = zip(*group_sums)
+  return dx, jnp.zeros_like(kernel_HWC1).at[rows, cols, :, 0].set(tap_sums)
 
 
 def _sum_over_batch_groups(products_NHWC: jax.Array, group: int = 8) -> jax.Array:

@@ -78,14 +78,8 @@ def keras_conv(x_NHWC: jax.Array, kernel_HWIO: jax.Array, stride: int) -> jax.Ar
 def image_patches(x_NHWC: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
   """``[N, H', W', kh * kw * C]``: the input under each 'SAME' window, in ``HWIO`` kernel
   order (tap row, tap column, channel)."""
-  n, h, w, c = x_NHWC.shape
-  (pt, pb), (pl, pr) = jax.lax.padtype_to_pads((h, w), (kh, kw), (stride, stride), "SAME")
-  out_h, out_w = (h + pt + pb - kh) // stride + 1, (w + pl + pr - kw) // stride + 1
-  x = jnp.pad(x_NHWC, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  return jnp.concatenate([
-      jax.lax.slice(x, (0, i, j, 0), (n, i + (out_h - 1) * stride + 1,
-                                      j + (out_w - 1) * stride + 1, c), (1, stride, stride, 1))
-      for i in range(kh) for j in range(kw)], axis=3)
+  return jnp.concatenate([window for _, window in depthwise.windows(
+      x_NHWC, (kh, kw), stride, "SAME", every_tap=True)], axis=3)
 
 
 @jax.custom_vjp
