@@ -50,9 +50,13 @@ def logged_error(caplog) -> logging.LogRecord:
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
   """One persistent XLA cache for the session: a program compiled by one test (or one of
-  their subprocesses, which inherit the environment) is loaded, not compiled, by the next."""
+  their subprocesses, which inherit the environment) is loaded, not compiled, by the next.
+  Under pytest-xdist both workers share it (their base temporary directories are siblings)."""
   import jax
-  directory = str(tmp_path_factory.mktemp("xla_cache"))
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  directory = str(root / "xla_cache")
+  os.makedirs(directory, exist_ok=True)
   os.environ.update(JAX_COMPILATION_CACHE_DIR=directory,
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   jax.config.update("jax_compilation_cache_dir", directory)
