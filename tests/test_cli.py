@@ -267,6 +267,12 @@ def test_quick_start_downloads_once_then_runs_from_the_cache(fresh_machine, tmp_
   fresh_machine.requests.clear()
   assert main.run(_quick_start_config(), str(tmp_path / "run2")) == 0
   assert fresh_machine.requests == []
+  # A cached file that no longer has its sha256 (here cut short) is fetched again, alone.
+  labels = cache / "datasets" / "mnist" / "t10k-labels-idx1-ubyte.gz"
+  labels.write_bytes(labels.read_bytes()[:100])
+  assert data.load_dataset("mnist", None).test.labels.shape == (10_000,)
+  assert fresh_machine.requests == ["/mnist/t10k-labels-idx1-ubyte.gz"]
+  assert labels.read_bytes() == fresh_machine.files["/mnist/t10k-labels-idx1-ubyte.gz"]
 
 
 @pytest.mark.parametrize("fault", ["404", "dropped"])
@@ -282,7 +288,7 @@ def test_quick_start_download_failure_is_one_message_and_exit_2(fault, what, fre
   with caplog.at_level(logging.ERROR):
     assert main.run(_quick_start_config(), str(tmp_path / "run")) == 2
   record = logged_error(caplog)
-  expected = "answered HTTP 404" if fault == "404" else "could not be reached"
+  expected = "answered HTTP 404" if fault == "404" else "closed the connection before sending"
   local = "--config.data.dir=" if what == "dataset" else "--config.model.weights="
   assert expected in record.getMessage() and local in record.getMessage()
   assert not record.exc_info

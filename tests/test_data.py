@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import extractor
 
 from tljax import data, download
 
@@ -255,7 +256,10 @@ def test_tfds_failed_download_is_explained(tmp_path, monkeypatch):
     data.load_tfds("mnist", tmp_path)
 
 
-@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+# All need TensorFlow to read their downloads; tf_flowers, patch_camelyon and imagenet_resized
+# do not call it in their own code, and the last two hand NumPy images to tfds to encode.
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "tf_flowers", "patch_camelyon",
+                                  "imagenet_resized/32x32"])
 def test_tfds_without_tensorflow_says_so_before_any_download(name, tmp_path, monkeypatch):
   monkeypatch.setattr(data, "host_reachable", lambda host, port: pytest.fail("probed"))
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
@@ -269,15 +273,72 @@ def test_tfds_without_tensorflow_says_so_before_any_download(name, tmp_path, mon
   assert ("leave data.dir empty" in message) == (name == "mnist")
 
 
-def test_tfds_tensorflow_import_during_prepare_becomes_the_same_message(tmp_path, monkeypatch):
+def test_tfds_builders_from_elsewhere_are_prepared_without_tensorflow(tmp_path, monkeypatch):
+  monkeypatch.setattr(TinyDigits, "pkg_dir_path", tfds.core.Path(tmp_path))  # Its (absent) README.
+  monkeypatch.setattr(data, "host_reachable", lambda host, port: True)
+  ds = data.load_tfds("tiny_digits", tmp_path / "tfds")
+  assert ds.train.images.shape == (5, 4, 4) and ds.test.images.shape == (3, 4, 4)
+
+
+class TinyPhotos(TinyDigits):
+  """As TinyDigits, with ``image`` an Image feature given NumPy arrays, which tfds encodes to
+  PNG with TensorFlow."""
+
+  def _info(self):
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(4, 4, 1)),
+        "label": tfds.features.ClassLabel(names=["a", "b", "c"])}))
+
+
+def test_tfds_builders_from_elsewhere_that_need_tensorflow_say_so(tmp_path, monkeypatch):
+  monkeypatch.setattr(TinyPhotos, "pkg_dir_path", tfds.core.Path(tmp_path))
+  monkeypatch.setattr(data, "host_reachable", lambda host, port: True)
+  with pytest.raises(data.DataError, match="tiny_photos is not prepared in .* needs TensorFlow "
+                                           "to prepare it, which is not installed"):
+    data.load_tfds("tiny_photos", tmp_path / "tfds")
+
+
+# How tensorflow-datasets raises a failed TensorFlow import: as is from a builder's own code,
+# wrapped when extracting a download, re-raised with name None when encoding an image.
+def _as_is(e):
+  raise e
+
+
+def _extracting(e):
+  raise extractor.ExtractError(f"Error while extracting cifar-10-python.tar.gz: {e}") from e
+
+
+def _encoding(e):
+  tfds.core.utils.reraise(e, prefix="Failed to encode example:\n{'image': ...}\n")
+
+
+@pytest.mark.parametrize("reraise", [_as_is, _extracting, _encoding])
+def test_tfds_tensorflow_import_during_prepare_becomes_the_same_message(reraise, tmp_path,
+                                                                        monkeypatch):
   _tensorflow_installed(monkeypatch)
   monkeypatch.setattr(data, "host_reachable", lambda host, port: True)
 
   def prepare(*args, **kwargs):
-    raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
+    try:  # As tensorflow-datasets' lazy import of TensorFlow fails.
+      raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
+    except ModuleNotFoundError as e:
+      reraise(e)
 
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", prepare)
-  with pytest.raises(data.DataError, match="needs TensorFlow to prepare it"):
+  with pytest.raises(data.DataError, match="needs TensorFlow to prepare it") as e:
+    data.load_tfds("cifar10", tmp_path)
+  assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def test_tfds_other_import_errors_during_prepare_stay_as_they_are(tmp_path, monkeypatch):
+  _tensorflow_installed(monkeypatch)
+  monkeypatch.setattr(data, "host_reachable", lambda host, port: True)
+
+  def prepare(*args, **kwargs):
+    raise ModuleNotFoundError("No module named 'tensorflow_io'", name="tensorflow_io")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", prepare)
+  with pytest.raises(ModuleNotFoundError, match="tensorflow_io"):
     data.load_tfds("cifar10", tmp_path)
 
 
@@ -332,7 +393,8 @@ def test_fetch_idx_downloads_once_and_replaces_a_damaged_file(idx_mirror, tmp_pa
 
 @pytest.mark.parametrize("fault, expected", [
     ("404", r"/mnist/t10k-images-idx3-ubyte.gz answered HTTP 404"),
-    ("dropped", r"the mnist download host 127.0.0.1:\d+ could not be reached"),
+    ("dropped", r"the mnist download host 127.0.0.1:\d+ closed the connection before sending "
+                r"t10k-images-idx3-ubyte.gz"),
     ("sha256", r"t10k-images-idx3-ubyte.gz downloaded with sha256 [0-9a-f]{64}, expected")])
 def test_fetch_idx_failures_name_the_file_and_the_local_alternative(idx_mirror, tmp_path,
                                                                     fault, expected):

@@ -5,6 +5,8 @@ import functools
 import hashlib
 import os
 import socket
+import struct
+import threading
 import time
 
 import pytest
@@ -122,9 +124,30 @@ def test_fetch_times_out_on_a_silent_host(tmp_path):
 
 def test_fetch_reports_a_dropped_connection(server, tmp_path):
   server.dropped.add("/w.h5")
-  with pytest.raises(download.DownloadError, match=r"the weights host 127.0.0.1:\d+ could not be "
-                     r"reached .*use a local copy"):
+  with pytest.raises(download.DownloadError, match=r"the weights host 127.0.0.1:\d+ closed the "
+                     r"connection before sending w.h5 \(RemoteDisconnected: .*\)\. Retry; to run "
+                     r"without it, use a local copy\."):
     fetch(f"{server.url}/w.h5", tmp_path)
+  assert os.listdir(tmp_path) == []
+
+
+def test_fetch_reports_a_reset_connection(tmp_path):
+  with socket.socket() as listener:
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def reset():  # Reads the request, then closes with a TCP reset instead of an answer.
+      conn, _ = listener.accept()
+      conn.recv(4096)
+      conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+      conn.close()
+
+    thread = threading.Thread(target=reset, daemon=True)
+    thread.start()
+    with pytest.raises(download.DownloadError, match=r"closed the connection before sending "
+                       r"w.h5 \(ConnectionResetError: .*\)\. Retry"):
+      fetch(f"http://127.0.0.1:{listener.getsockname()[1]}/w.h5", tmp_path, timeout=5)
+    thread.join()
   assert os.listdir(tmp_path) == []
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import default
-from tljax import checks, data, folder, images, input_pipeline, sharding
+from tljax import checks, data, folder, images, input_pipeline, sharding, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -141,6 +141,8 @@ def test_split_lists_are_written_and_reused(tmp_path):
   root = make_folder(tmp_path / "d", {"a": 6, "b": 6})
   splits_dir = tmp_path / "run" / "splits"
   first = folder.load_folder(folder_config(root), splits_dir, progress=False)
+  assert not splits_dir.exists()  # The run writes them, once its config has passed.
+  folder.write_split_lists(splits_dir, first.split_files)
   train_list = (splits_dir / "train.txt").read_text().split()
   assert len(train_list) == len(first.train) == 8 and "a/000.png" in "".join(
       (splits_dir / f"{s}.txt").read_text() for s in folder.SPLITS)
@@ -283,6 +285,34 @@ def test_bad_folder_layout_is_one_message(tmp_path, build, message):
   with pytest.raises(data.DataError, match=message) as e:
     folder.load_folder(folder_config(tmp_path / "d"), None, progress=False)
   assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("unreadable", [".", "b/nested"])
+def test_an_unreadable_folder_is_one_message(tmp_path, monkeypatch, unreadable):
+  root = make_folder(tmp_path / "d", {"a": 2, "b": 2})
+  write_image(root / "b" / "nested" / "000.png")
+  refused = os.path.normpath(root / unreadable)
+  scandir = os.scandir
+
+  def guarded_scandir(path="."):  # File modes do not stop root, who runs the tests.
+    if os.path.normpath(path) == refused:
+      raise PermissionError(13, "Permission denied", os.fspath(path))
+    return scandir(path)
+
+  monkeypatch.setattr(os, "scandir", guarded_scandir)
+  config = folder_config(root)
+  with pytest.raises(data.DataError) as e:
+    input_pipeline.load_dataset(config)  # data.source=auto looks into the folder first.
+  assert str(e.value) == (f"{refused}: cannot be read (Permission denied); check its "
+                          "permissions and that the storage holding it is reachable.")
+
+
+def test_a_bad_setting_on_a_folder_leaves_no_workdir(tmp_path):
+  config = tiny_folder_config(make_folder(tmp_path / "d", {"a": 10, "b": 10}))
+  config.phases[1].rules = ("freeze:.*",)
+  with pytest.raises(checks.ConfigError, match="freeze every parameter"):
+    train.run(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
 
 
 def test_main_exits_2_on_a_bad_image_and_keeps_the_workdir(tmp_path):

@@ -288,6 +288,17 @@ def test_load_pretrained_initialises_a_missing_head(files, init_variables):
                                 init_variables["params"]["predictions"]["kernel"])
 
 
+def test_load_pretrained_hints_only_what_a_run_can_set(files):
+  """The trainer sets a new head itself, so its message names model.alpha, never dont_load
+  or num_classes (which are not config keys)."""
+  with pytest.raises(weights.WeightsError) as error:
+    weights.load_pretrained(str(files["top"]), MobileNetV2(alpha=0.5, num_classes=5),
+                            input_size=32, rng=jax.random.key(0))
+  hints = [line for line in str(error.value).split("\n") if line.startswith("Hint:")]
+  assert hints == ["Hint: the file is for alpha=0.35; set model.alpha=0.35 to match, or use "
+                   "the file for alpha=0.5."]
+
+
 def test_load_pretrained_keeps_a_matching_head(files):
   variables = weights.load_pretrained(str(files["top"]), TOP, input_size=32,
                                       rng=jax.random.key(7))

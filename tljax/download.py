@@ -85,18 +85,31 @@ def fetch(url: str, cache_dir: str | os.PathLike | None = None, sha256: str | No
   return target
 
 
+def _dropped_by_server(error: BaseException) -> bool:
+  """Whether ``error`` (or the reason a URLError gives) says the server was reached and then
+  closed or reset the connection, rather than that it could not be reached."""
+  reason = getattr(error, "reason", error)
+  return isinstance(reason, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError,
+                             http.client.HTTPException))
+
+
 def stream(url: str, out: BinaryIO, what: str, instead: str, timeout: float) -> None:
-  """Streams ``url`` into ``out`` with a progress bar; an unreachable host or short body raises."""
+  """Streams ``url`` into ``out`` with a progress bar; an unreachable host, a dropped
+  connection or a short body raises."""
   try:
     response = urllib.request.urlopen(url, timeout=timeout)
   except urllib.error.HTTPError as e:
     raise DownloadError(f"{url} answered HTTP {e.code} ({e.reason}). To run without it, "
                         f"{instead}.") from None
-  except OSError as e:  # URLError (DNS, refused), timeouts, resets.
+  except (OSError, http.client.HTTPException) as e:  # URLError (DNS, refused), resets...
     host = urllib.parse.urlparse(url).netloc or url
-    raise DownloadError(f"the {what} host {host} could not be reached "
-                        f"({getattr(e, 'reason', e)}); are you offline? To run without it, "
-                        f"{instead}.") from None
+    reason = getattr(e, "reason", e)
+    if _dropped_by_server(e):
+      raise DownloadError(f"the {what} host {host} closed the connection before sending "
+                          f"{file_name(url)} ({type(reason).__name__}: {reason}). Retry; to "
+                          f"run without it, {instead}.") from None
+    raise DownloadError(f"the {what} host {host} could not be reached ({reason}); are you "
+                        f"offline? To run without it, {instead}.") from None
   length = response.headers.get("Content-Length")
   total = int(length) if length else None
   received = 0

@@ -27,6 +27,7 @@ import os
 import pathlib
 import sys
 import time
+from collections.abc import Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -48,6 +49,35 @@ def _problem(what: str, paths: list[str], fix: str) -> data.DataError:
   """One message (one line) naming the first offending paths and their count, then the fix."""
   more = f"; ... and {len(paths) - _LISTED} more" if len(paths) > _LISTED else ""
   return data.DataError(f"{len(paths)} {what}: {'; '.join(paths[:_LISTED])}{more}. {fix}")
+
+
+def _unreadable(error: OSError) -> data.DataError:
+  return data.DataError(f"{error.filename}: cannot be read ({error.strerror or error}); check "
+                        "its permissions and that the storage holding it is reachable.")
+
+
+def _entries(folder: str | os.PathLike) -> list[os.DirEntry]:
+  """The entries of ``folder`` by name; an unreadable folder is a DataError."""
+  try:
+    with os.scandir(folder) as entries:
+      return sorted(entries, key=lambda e: e.name)
+  except OSError as e:
+    raise _unreadable(e) from None
+
+
+def _is_dir(path: pathlib.Path) -> bool:
+  try:
+    return path.is_dir()
+  except OSError as e:  # Not "missing": e.g. a parent folder that cannot be entered.
+    raise _unreadable(e) from None
+
+
+def _walk(folder: str | os.PathLike):
+  """``os.walk(folder)``, following links, where an unreadable folder is a DataError (not
+  skipped)."""
+  def refuse(error: OSError):
+    raise _unreadable(error) from None
+  return os.walk(folder, onerror=refuse, followlinks=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +103,7 @@ def _walk_class(folder: pathlib.Path, root: pathlib.Path,
                 ignored: dict[str, list[str]]) -> list[str]:
   """Image files anywhere under one class folder; hidden and other files go to ``ignored``."""
   found = []
-  for directory, subdirs, names in os.walk(folder, followlinks=True):
+  for directory, subdirs, names in _walk(folder):
     rel = pathlib.Path(directory).relative_to(root)
     for name in sorted(d for d in subdirs if d.startswith(".")):
       ignored["hidden"].append(str(rel / name))
@@ -89,7 +119,7 @@ def _scan_classes(folder: pathlib.Path, root: pathlib.Path,
                   ignored: dict[str, list[str]]) -> dict[str, list[str]]:
   """Class folder name -> its image files, for the class folders directly in ``folder``."""
   classes = {}
-  for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+  for entry in _entries(folder):
     rel = str(pathlib.Path(entry.path).relative_to(root))
     if entry.name.startswith("."):
       ignored["hidden"].append(rel)
@@ -119,11 +149,11 @@ def scan(root: str | os.PathLike) -> Listing:
   """The image files under ``root`` in either layout; raises DataError for a root with no
   images, a single class, an empty class folder or classes missing from train."""
   root = pathlib.Path(root)
-  if not root.is_dir():
+  if not _is_dir(root):
     raise data.DataError(f"data.dir {str(root)!r} is not a folder. Give a folder with one "
                          "sub-folder of images per class (or train/ holding those).")
   ignored = {"hidden": [], "not an image file": [], "not in a class folder": []}
-  top = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+  top = [e.name for e in _entries(root) if e.is_dir() and not e.name.startswith(".")]
   if "train" in top:
     layout = "splits"
     by_split = {split: _scan_classes(root / name, root, ignored)
@@ -161,12 +191,12 @@ def is_image_folder(path: str | os.PathLike) -> bool:
   """Whether ``path`` looks like a folder dataset: a sub-folder (of ``train/`` if there is
   one) holds an image file somewhere below it. (What ``data.source=auto`` detects.)"""
   root = pathlib.Path(path)
-  if not root.is_dir():
+  if not _is_dir(root):
     return False
-  base = root / "train" if (root / "train").is_dir() else root
-  for entry in os.scandir(base):
+  base = root / "train" if _is_dir(root / "train") else root
+  for entry in _entries(base):
     if entry.is_dir() and not entry.name.startswith("."):
-      for _, _, names in os.walk(entry.path):
+      for _, _, names in _walk(entry.path):
         if any(images.is_image_name(n) for n in names):
           return True
   return False
@@ -204,12 +234,12 @@ def split_listing(listing: Listing, *, validation_split: float, test_split: floa
   return {split: sorted(files) for split, files in splits.items()}
 
 
-def write_split_lists(directory: pathlib.Path, splits: dict[str, list[tuple[str, int]]]):
+def write_split_lists(directory: pathlib.Path, split_files: Mapping[str, Sequence[str]]):
   """``<directory>/<split>.txt``: the split's paths relative to the root, one a line."""
   reporting.make_workdir(directory)
-  for split, files in splits.items():
+  for split, paths in split_files.items():
     with reporting.atomic_open(directory / f"{split}.txt") as f:
-      f.writelines(f"{path}\n" for path, _ in files)
+      f.writelines(f"{path}\n" for path in paths)
 
 
 def read_split_lists(directory: pathlib.Path,
@@ -360,18 +390,17 @@ def _streams(n: int, size: int, data_config) -> bool:
 
 
 def load_folder(config: ml_collections.ConfigDict, splits_dir: pathlib.Path | None,
-                *, write_splits: bool = True, progress: bool = True) -> data.Dataset:
+                *, progress: bool = True) -> data.Dataset:
   """The folder ``config.data.dir`` as a Dataset with its own validation split.
 
-  Split lists are read from ``splits_dir`` if an earlier run wrote them, else cut and, once
-  every file has been read (and if ``write_splits``), written there. Bad image files raise
+  Split lists are read from ``splits_dir`` if an earlier run wrote them there
+  (:func:`write_split_lists` of ``Dataset.split_files``), else cut. Bad image files raise
   one DataError listing them, unless ``data.skip_bad_images``: then they are left out with a
   warning and named in ``Dataset.skipped``.
   """
   listing = scan(config.data.dir)
   splits = read_split_lists(splits_dir, listing) if splits_dir else None
-  new_splits = splits is None
-  if new_splits:
+  if splits is None:
     splits = split_listing(listing, validation_split=config.data.validation_split,
                            test_split=config.data.test_split, seed=config.seed)
   _log_listing(listing, splits)
@@ -390,8 +419,6 @@ def load_folder(config: ml_collections.ConfigDict, splits_dir: pathlib.Path | No
   if failed:
     logging.warning("%s: skipping %d image files that cannot be read: %s", listing.root,
                     len(failed), ", ".join(list(failed)[:_LISTED]))
-  if new_splits and splits_dir and write_splits:
-    write_split_lists(splits_dir, splits)
   row = {path: i for i, path in enumerate(paths)}
 
   def to_split(files):
@@ -410,4 +437,6 @@ def load_folder(config: ml_collections.ConfigDict, splits_dir: pathlib.Path | No
                                         sorted(failed)]).encode()).hexdigest()
   return data.Dataset(train, test, len(names), names, listing.root.name,
                       identity=f"folder sha256:{identity}", validation=validation,
-                      skipped=tuple(sorted(failed)))
+                      skipped=tuple(sorted(failed)),
+                      split_files={split: tuple(path for path, _ in files)
+                                   for split, files in splits.items()})

@@ -18,8 +18,8 @@ from tljax import data, distributed, folder, sharding
 
 def load_dataset(config, workdir: pathlib.Path | None = None) -> data.Dataset:
   """The dataset ``config.data`` names, from the source it names or detects (``auto``: a
-  folder of class folders, else IDX files or a tfds data_dir). A folder's split lists go to
-  ``<workdir>/splits``."""
+  folder of class folders, else IDX files or a tfds data_dir). A folder's split lists are
+  read from ``<workdir>/splits`` where an earlier run wrote them."""
   source, data_dir = config.data.source, config.data.dir
   if source == "auto" and data_dir and folder.is_image_folder(data_dir):
     source = "folder"
@@ -28,7 +28,6 @@ def load_dataset(config, workdir: pathlib.Path | None = None) -> data.Dataset:
       raise data.DataError("data.source=folder needs --config.data.dir=<folder of class "
                            "folders>.")
     return folder.load_folder(config, workdir / "splits" if workdir else None,
-                              write_splits=distributed.is_main_process(),
                               progress=distributed.is_main_process())
   if source == "idx":
     return data.load_idx_folder(data_dir, config.data.name)

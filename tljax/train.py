@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tljax import checkpoint, checks, data, dispatch, distributed, freezing, input_pipeline
-from tljax import models, optim, outputs, phases, preemption, prefix, reporting, resume
-from tljax import selection, sharding, steps, tensorboard, weights
+from tljax import checkpoint, checks, data, dispatch, distributed, folder, freezing
+from tljax import input_pipeline, models, optim, outputs, phases, preemption, prefix
+from tljax import reporting, resume, selection, sharding, steps, tensorboard, weights
 from tljax.models.layer_stack import LayerStack
 from tljax.phases import Phase
 
@@ -303,6 +303,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   fingerprint = checks.config_fingerprint(config, dataset.identity, weights.identity(
       config.model.weights, model, input_size=size, cache_dir=config.model.cache_dir or None))
   workdir = reporting.make_workdir(workdir)
+  if dataset.split_files and distributed.is_main_process():
+    with reporting.write_errors_reported("writing the split lists to", workdir / "splits"):
+      folder.write_split_lists(workdir / "splits", dataset.split_files)
   checkpointer = checkpoint.Checkpointer(workdir, max_to_keep=config.max_to_keep)
   start = resume.start(checkpointer, fingerprint, config, model, abstract_variables,
                        len(splits["train"]), mesh)

@@ -160,7 +160,8 @@ def _to_variables(weights: KerasWeights, model: LayerStack, path: pathlib.Path,
   skipped = _matcher(dont_load, [*(layer.name for layer in model.layers), *weights])
   variables, problems = _match(weights, model, abstract, skipped)
   if problems:
-    raise WeightsError(_mapping_message(path, model, problems, weights))
+    raise WeightsError(_mapping_message(path, model, problems, weights,
+                                        head_loaded=not skipped("predictions")))
   initialised = [layer.name for layer in model.layers
                  if skipped(layer.name) and any(layer.name in abstract[c] for c in abstract)]
   if initialised:
@@ -246,12 +247,12 @@ def _fill_from_init(variables: Variables, model: LayerStack, rng: jax.Array | No
 
 
 def _mapping_message(path: pathlib.Path, model: LayerStack, problems: Sequence[str],
-                     weights: KerasWeights) -> str:
+                     weights: KerasWeights, head_loaded: bool) -> str:
   listed = problems[:_MAX_LISTED]
   more = len(problems) - len(listed)
   lines = [f"{path} does not fit {_describe(model)}:",
            *(f"  - {p}" for p in listed), *([f"  ... and {more} more"] if more else [])]
-  lines += [f"Hint: {hint}" for hint in _hints(model, weights)]
+  lines += [f"Hint: {hint}" for hint in _hints(model, weights, head_loaded)]
   return "\n".join(lines)
 
 
@@ -266,8 +267,12 @@ def _has_head(model: LayerStack) -> bool:
   return any(layer.name == "predictions" for layer in model.layers)
 
 
-def _hints(model: LayerStack, weights: KerasWeights) -> list[str]:
+def _hints(model: LayerStack, weights: KerasWeights, head_loaded: bool) -> list[str]:
+  """What to change; nothing about the head where it is not loaded (``dont_load``, as the
+  trainer does for a head that does not fit)."""
   hints = model.weights_hints(weights)
+  if not head_loaded:
+    return hints
   head = weights.get("predictions", {}).get("kernel")
   if head is not None and not _has_head(model):
     hints.append("the file has a classification head ('predictions'); use a _no_top file, set "
