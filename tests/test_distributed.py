@@ -23,7 +23,7 @@ import pytest
 
 from configs import default
 from test_reliability import CONFIG_FILE, DRIVER
-from test_train import tiny_config
+from test_train import read_events, tiny_config
 from tljax import distributed, models, weights
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -133,10 +133,25 @@ def test_both_processes_are_killed_then_resume_from_the_shared_checkpoint(runs):
   assert 16 <= resumed_from < KILL_AT_STEP
   assert "process 0 of 2; 2 local of 4 devices" in resumed[0][1]
   assert "resuming" not in resumed[1][1]  # Process 1 logs warnings and errors only.
-  steps = [r["step"] for r in map(json.loads, (two / "metrics.jsonl").read_text().splitlines())
-           if r["kind"] == "step"]
+  records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+  steps = [r["step"] for r in records if r["kind"] == "step"]
   # One record per dispatch, written once (by process 0); the resumed steps again.
   assert steps == [*range(2, KILL_AT_STEP + 1, 2), *range(resumed_from + 2, 33, 2)]
+  # TensorBoard (on in this config): only process 0 writes. One event file per launch for
+  # the training records, and one for the test confusion matrix at the end.
+  events = sorted(two.glob("events.out.tfevents.*"))  # Named by the second they began.
+  assert len(events) == 3, [p.name for p in events]
+  assert events[0].stat().st_size > 0  # The killed launch's: it may end mid-record.
+  scalars, images = read_events(two, events[1:])
+  # The resumed launch's records: from its first dispatch (the killed launch's came first).
+  first_resumed = max(i for i, r in enumerate(records)
+                      if r["kind"] == "step" and r["step"] == resumed_from + 2)
+  resumed_records = records[first_resumed:]
+  assert scalars["train/loss"] == [(r["step"], pytest.approx(r["loss"], rel=1e-6))
+                                   for r in resumed_records if r["kind"] == "step"]
+  assert scalars["validation/accuracy"] == [(r["step"], pytest.approx(r["val_accuracy"]))
+                                            for r in resumed_records if r["kind"] == "epoch"]
+  assert images == {"test/confusion_matrix"}
 
 
 def _worst_difference(a, b) -> float:

@@ -5,6 +5,7 @@ import csv
 import json
 import logging
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import pytest
 
 from conftest import logged_error
 from test_folder import make_folder
-from tljax import predict
+from tljax import export, predict
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -58,10 +59,50 @@ def test_image_files_of_a_folder_run_get_the_runs_predictions(folder_run, tmp_pa
     assert predict.run(str(workdir), [str(root / "red"), str(root / "blue" / "00[0-7].jpg")],
                        output=str(output), top_k=2, batch_size=64, write_export=False) == 0
   with open(tmp_path / "out.csv", newline="") as f:
+    assert next(csv.reader(f)) == ["path", "label", "probability", "top_k"]
+  with open(tmp_path / "out.csv", newline="") as f:
     written = list(csv.DictReader(f))
   assert len(written) == 12 + 8 and written[0]["path"] == str(root / "red" / "000.jpg")
-  assert json.loads(written[0]["top_k"]) == json.loads((tmp_path / "out.json").read_text()
-                                                       )[0]["top_k"]
+  as_json = json.loads((tmp_path / "out.json").read_text())
+  assert len(as_json) == 12 + 8
+  assert all(list(r) == ["path", "label", "probability", "top_k"] for r in as_json)
+  assert [r["path"] for r in written] == [r["path"] for r in as_json]
+  assert json.loads(written[0]["top_k"]) == as_json[0]["top_k"]
+  assert all(len(r["top_k"]) == 2 and r["top_k"][0] == [r["label"], r["probability"]]
+             for r in as_json)
+
+
+def test_export_flag_writes_the_export_directory_then_predicts(idx_run, tiny_idx_dir, tmp_path):
+  workdir = tmp_path / "run"  # What prediction reads of the run, and no export/ yet.
+  workdir.mkdir()
+  for name in ("summary.json", "trained_variables.msgpack"):
+    shutil.copy(idx_run / name, workdir / name)
+  assert predict.run(str(workdir), [], output=None, top_k=3, batch_size=8,
+                     write_export=True) == 0  # Export only: no images needed.
+  assert sorted(p.name for p in (workdir / "export").iterdir()) == [export.ARTIFACT,
+                                                                  export.METADATA]
+  assert all((workdir / "export" / name).stat().st_size > 0
+             for name in (export.ARTIFACT, export.METADATA))
+  # The same model as the run's own export: the same metadata, the same probabilities.
+  assert json.loads((workdir / "export" / export.METADATA).read_text()) == \
+      json.loads((idx_run / "export" / export.METADATA).read_text())
+  images_file = tiny_idx_dir / "t10k-images-idx3-ubyte.gz"
+  images = np.stack([image for _, image in predict.read_inputs([images_file], (28, 28))][:5])
+  np.testing.assert_allclose(export.predict(workdir / "export", images),
+                             export.predict(idx_run / "export", images), rtol=0, atol=1e-6)
+  # Export and predictions in one command: the rows are written as well.
+  shutil.rmtree(workdir / "export")
+  assert predict.run(str(workdir), [str(images_file)], output=str(tmp_path / "out.json"),
+                     top_k=10, batch_size=64, write_export=True) == 0
+  assert (workdir / "export" / export.ARTIFACT).stat().st_size > 0
+  rows = json.loads((tmp_path / "out.json").read_text())[:5]
+  class_names = json.loads((workdir / "export" / export.METADATA).read_text())["class_names"]
+  predicted = np.zeros((5, len(class_names)))
+  for i, row in enumerate(rows):
+    for label, probability in row["top_k"]:
+      predicted[i, class_names.index(label)] = probability
+  np.testing.assert_allclose(export.predict(workdir / "export", images), predicted,
+                             rtol=0, atol=1e-5)
 
 
 def test_expand_paths_skips_hidden_and_other_files(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from tljax import checkpoint, data, dispatch, evaluate, selection, train
+from tljax import checkpoint, data, dispatch, evaluate, predict, selection, train
 
 
 def tiny_config(data_dir, **overrides):
@@ -113,8 +113,20 @@ def test_export_round_trips_in_a_process_without_tljax(uninterrupted, tiny_idx_d
        str(tmp_path / "images.npy"), str(tmp_path / "out.npy")],
       capture_output=True, text=True, check=True)
   assert json.loads(loaded.stdout) == []
+  exported = np.load(tmp_path / "out.npy")
+  assert exported.shape == (7, 10) and exported.dtype == np.float32
+  # tljax.predict on the same images, every class listed: its full probability vectors.
+  run = predict.load_run(workdir)
+  rows = predict.predict(run, ((f"image{i}", image) for i, image in enumerate(images)),
+                         batch_size=4, top_k=10, progress=False)
+  assert [len(r["top_k"]) for r in rows] == [10] * 7
+  predicted = np.zeros((7, 10))
+  for i, row in enumerate(rows):
+    for label, probability in row["top_k"]:
+      predicted[i, run.class_names.index(label)] = probability
+  np.testing.assert_allclose(exported, predicted, rtol=0, atol=1e-5)
   expected = np.load(workdir / "test_predictions.npz")["probabilities"][:7]
-  np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(exported, expected, rtol=0, atol=1e-5)
 
 
 def test_restart_after_phase_one_continues_in_phase_two(uninterrupted, tiny_idx_dir,
@@ -190,11 +202,12 @@ def test_ema_weights_are_evaluated_and_saved_and_frozen_ones_untouched(tiny_idx_
     np.testing.assert_array_equal(a, b)
 
 
-def read_events(workdir):
-  """``tag -> [(step, value)]`` of scalars, and the image tags, of every event file."""
+def read_events(workdir, files=None):
+  """``tag -> [(step, value)]`` of scalars, and the image tags, of every event file (or of
+  ``files``, in their order)."""
   from tensorboardX.proto import event_pb2
   scalars, images = {}, set()
-  for path in sorted(workdir.glob("events.out.tfevents.*")):
+  for path in sorted(workdir.glob("events.out.tfevents.*")) if files is None else files:
     blob, position = path.read_bytes(), 0
     while position < len(blob):  # TFRecord: length, its CRC, the event, its CRC.
       length = int.from_bytes(blob[position:position + 8], "little")
