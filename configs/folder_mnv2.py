@@ -10,7 +10,9 @@ once at 184x184 into a disk cache. A 5-epoch head phase on the frozen base, then
 from ``layers[100]`` (block 11) on train for 3 epochs with their BatchNorm on the moving
 statistics (Adam, warmup and cosine decay, label smoothing 0.1). Neither phase augments, so
 the frozen layers run once per image: the head phase caches the base's pooled features and,
-in the same pass, the input of block 11 for the fine-tune phase.
+in the same pass, the input of block 11 for the fine-tune phase. (Training the head on the
+cached features of augmented views instead was no more accurate: benchmarks/README.md, "The
+head phase: cached augmented views".)
 
 The other situations, from the command line: a large dataset, or photos unlike ImageNet's,
 ``--config.phases[1].use_augmentation=true`` (random resized crops and flips, set up below;

@@ -111,6 +111,17 @@ DRIVER = textwrap.dedent('''
     cross_entropy = steps.cross_entropy
     steps.cross_entropy = lambda *args: cross_entropy(*args) * jnp.nan
 
+  def count_rows_read():  # Rows of a decoded cache this process reads, printed at exit.
+    import atexit
+    import numpy as np
+    from tljax import data
+    getitem, read = data.RowView.__getitem__, [0]
+    def counted(self, index):
+      read[0] += 0 if isinstance(index, slice) else np.size(self.rows[index])
+      return getitem(self, index)
+    data.RowView.__getitem__ = counted
+    atexit.register(lambda: print(f"ROWS READ: {read[0]}", file=sys.stderr))
+
   for spec in filter(None, sys.argv[1].split(",")):
     name, _, arg = spec.partition("=")
     globals()[name](*([arg] if arg else []))

@@ -81,8 +81,9 @@ def gather(tree, indices):
 
 
 # ---------------------------------------------------------------------------------------------
-# Sources: where a phase's batches come from. The same compiled step reads both: a batch of
-# examples gathered by index from ``inputs``.
+# Sources: where a phase's batches come from. The same compiled step reads both: batch ``i``
+# of a dispatch is ``inputs[indices[i]]``, rows gathered on the device (DeviceSource) or the
+# batch itself (StreamSource, whose ``indices`` are the step numbers).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -118,8 +119,10 @@ class DeviceSource:
 
 class StreamSource:
   """A split read from its memory-mapped decoded cache batch by batch, for datasets larger than
-  memory: the host gathers a dispatch's examples (the next dispatch's in a background thread
-  while the device runs this one) and puts just those on the device."""
+  memory. A dispatch's K batches go to the devices as ``images[K, B, ...]``, split over the
+  devices along B, so each process reads from the cache only the rows of its own devices (the
+  next dispatch's in a background thread while the devices run this one). The step takes
+  batch ``i`` as ``inputs[i]``: its ``indices`` are the step numbers."""
 
   def __init__(self, split: data.Split, mesh):
     self.split, self.mesh = split, mesh
@@ -130,39 +133,59 @@ class StreamSource:
   def __len__(self) -> int:
     return len(self.split)
 
-  def _read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return np.asarray(self.split.images[rows]), self.split.labels[rows]
+  def _read_local(self, rows_KB: np.ndarray) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
+    """The images and labels of ``rows_KB`` that this process's devices hold, by their index."""
+    blocks = {}
+    for index in self._sharding.addressable_devices_indices_map(rows_KB.shape).values():
+      key = _index_key(index)
+      if key not in blocks:
+        rows = rows_KB[index]
+        blocks[key] = np.asarray(self.split.images[rows]), self.split.labels[rows]
+    return blocks
 
-  def _put(self, images: np.ndarray, labels: np.ndarray):
-    replicated = sharding.replicated(self.mesh)
-    return sharding.put({"images": images}, replicated), sharding.put(labels, replicated)
+  @property
+  def _sharding(self):
+    return sharding.batch_sharded(self.mesh, 1)
+
+  def _put(self, rows_KB: np.ndarray, blocks=None):
+    """``({"images": [K, B, ...]}, labels [K, B])`` of ``rows_KB`` on the devices."""
+    blocks = self._read_local(rows_KB) if blocks is None else blocks
+    images = jax.make_array_from_callback(
+        rows_KB.shape + self.split.images.shape[1:], self._sharding,
+        lambda index: blocks[_index_key(index[:2])][0])
+    labels = jax.make_array_from_callback(rows_KB.shape, self._sharding,
+                                          lambda index: blocks[_index_key(index)][1])
+    return {"images": images}, labels
 
   def prefetch(self, order_KB: np.ndarray) -> None:
-    """Starts reading the examples of ``order_KB`` in the background."""
-    self._next = (order_KB.tobytes(), self._reader.submit(self._read, order_KB.reshape(-1)))
+    """Starts reading this process's rows of ``order_KB`` in the background."""
+    self._next = (order_KB.tobytes(), self._reader.submit(self._read_local, order_KB))
 
   def train_batches(self, order_KB: np.ndarray):
-    """``(inputs, labels, indices[K, B])``: the examples of ``order_KB`` in order, so that
-    ``indices`` are 0, 1, ... (as prefetched, where they were)."""
+    """``(inputs, labels, steps[K])``: the examples of ``order_KB`` (as prefetched, where they
+    were)."""
+    blocks = None
     if self._next is not None and self._next[0] == order_KB.tobytes():
-      images, labels = self._next[1].result()
-    else:
-      images, labels = self._read(order_KB.reshape(-1))
+      blocks = self._next[1].result()
     self._next = None
-    indices = np.arange(order_KB.size, dtype=np.int32).reshape(order_KB.shape)
-    return (*self._put(images, labels),
-            sharding.put(indices, sharding.batch_sharded(self.mesh, 1)))
+    steps = np.arange(order_KB.shape[0], dtype=np.int32)
+    return (*self._put(order_KB, blocks),
+            sharding.put(steps, sharding.replicated(self.mesh)))
 
   def eval_batches(self, batch: int):
-    """As ``DeviceSource.eval_batches``, reading each batch's rows from the cache."""
+    """As ``DeviceSource.eval_batches``: each batch's rows, read from the cache, as a dispatch
+    of one step (``indices`` 0)."""
     n = len(self)
+    step = sharding.put(np.int32(0), sharding.replicated(self.mesh))
     for start in range(0, n, batch):
       rows = np.minimum(np.arange(start, start + batch), n - 1)
-      inputs, labels = self._put(*self._read(rows))
-      mask = np.arange(start, start + batch) < n
-      indices, mask = sharding.put((np.arange(batch, dtype=np.int32), mask),
-                                   sharding.batch_sharded(self.mesh))
-      yield inputs, labels, indices, mask
+      mask = sharding.put(np.arange(start, start + batch) < n, sharding.batch_sharded(self.mesh))
+      yield (*self._put(rows[None]), step, mask)
+
+
+def _index_key(index: tuple[slice, ...]) -> tuple:
+  """A device's slice of an array (``slice`` is not hashable before Python 3.12)."""
+  return tuple((s.start, s.stop, s.step) for s in index)
 
 
 def sources(splits: Mapping[str, data.Split], mesh) -> dict[str, "DeviceSource | StreamSource"]:
