@@ -133,6 +133,11 @@ class StreamSource:
   def __len__(self) -> int:
     return len(self.split)
 
+  @property
+  def _sharding(self):
+    """A dispatch's ``[K, B, ...]`` split over the devices along B."""
+    return sharding.batch_sharded(self.mesh, 1)
+
   def _read_local(self, rows_KB: np.ndarray) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
     """The images and labels of ``rows_KB`` that this process's devices hold, by their index."""
     blocks = {}
@@ -142,10 +147,6 @@ class StreamSource:
         rows = rows_KB[index]
         blocks[key] = np.asarray(self.split.images[rows]), self.split.labels[rows]
     return blocks
-
-  @property
-  def _sharding(self):
-    return sharding.batch_sharded(self.mesh, 1)
 
   def _put(self, rows_KB: np.ndarray, blocks=None):
     """``({"images": [K, B, ...]}, labels [K, B])`` of ``rows_KB`` on the devices."""
