@@ -67,6 +67,21 @@ def test_metrics_writer_starts_a_new_line_after_a_partial_one(tmp_path, caplog):
   assert "metrics.jsonl:2: skipping a line that is not JSON" in caplog.text
 
 
+def test_a_full_disk_while_appending_metrics_names_the_file(tmp_path, monkeypatch):
+  path = tmp_path / "metrics.jsonl"
+  with reporting.MetricsWriter(path) as writer:
+    writer.write({"step": 1})
+
+    def no_space(fd):
+      raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(reporting.OutputWriteError) as e:
+      writer.write({"step": 2})
+  assert str(e.value) == (f"appending to {path} failed: No space left on device. The last "
+                          "checkpoint is kept: fix the cause and rerun the same command.")
+
+
 def test_metrics_writer_rejects_bad_records(tmp_path):
   path = tmp_path / "metrics.jsonl"
   with reporting.MetricsWriter(path) as writer:
