@@ -68,7 +68,8 @@ def get_config() -> ml_collections.ConfigDict:
   # An image folder, a folder of IDX *-ubyte.gz files, or a tfds data_dir; "" = download into
   # the cache ($TLJAX_CACHE or ~/.cache/tljax; mnist and fashion_mnist) or tfds's default.
   config.data.dir = ""
-  config.data.train_examples = 0     # Use the first N training examples; 0 = all.
+  config.data.train_examples = 0     # Use the first N training examples; 0 = all. (A
+  # folder's are in a seeded random order, so they are a sample of every class.)
   # Held out for validation: IDX/tfds the last fraction, as Keras's validation_split; a
   # folder without validation/ this fraction of each class (seeded).
   config.data.validation_split = 0.2

@@ -149,7 +149,8 @@ def test_split_lists_are_written_and_reused(tmp_path):
   config = folder_config(root)
   config.seed = 5  # A resumed run reads the lists back, whatever would be cut now.
   again = folder.load_folder(config, splits_dir, progress=False)
-  np.testing.assert_array_equal(again.train.images, first.train.images)
+  assert again.split_files == first.split_files
+  assert sorted(map(bytes, again.train.images)) == sorted(map(bytes, first.train.images))
   os.remove(root / train_list[0])
   with pytest.raises(data.DataError, match=r"1 files listed in .*splits.* missing") as e:
     folder.load_folder(config, splits_dir, progress=False)
@@ -199,6 +200,13 @@ def test_dataset_images_labels_and_stored_size(tmp_path):
   assert ds.validation.labels.tolist() == [0, 0, 1] and ds.test.labels.tolist() == [0, 1, 1]
   np.testing.assert_array_equal(ds.test.images[2], images.load_stored(
       root / "test" / "b" / "001.png", 40))
+  # Training examples come in a seeded random order, so that the first N hold every class.
+  assert sorted(ds.train.labels.tolist()) == [0] * 5 + [1] * 5
+  assert set(ds.train.labels[:4].tolist()) == {0, 1}
+  train_paths = [p for p, _ in folder.scan(root).files["train"]]
+  order = np.random.default_rng(0).permutation(10)
+  np.testing.assert_array_equal(ds.train.images[0], images.load_stored(
+      root / train_paths[order[0]], 40))
 
 
 def test_too_big_for_memory_without_streaming_is_refused_before_decoding(tmp_path):

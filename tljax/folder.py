@@ -430,7 +430,11 @@ def load_folder(config: ml_collections.ConfigDict, splits_dir: pathlib.Path | No
     return data.Split(np.asarray(pixels[rows]) if kept else np.zeros((0, size, size, 3),
                                                                      np.uint8), labels)
 
-  train, validation, test = (to_split(splits[split]) for split in SPLITS)
+  # Training examples in a seeded random order, not by class, so that data.train_examples's
+  # first N are a sample of every class.
+  shuffled = np.random.default_rng(config.seed).permutation(len(splits["train"]))
+  train = to_split([splits["train"][i] for i in shuffled])
+  validation, test = to_split(splits["validation"]), to_split(splits["test"])
   names = listing.class_names
   # The files (each path's size and modification time) and which split each is in.
   identity = hashlib.sha256(json.dumps([cache_key(listing.root, paths, size), splits,
