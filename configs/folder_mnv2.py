@@ -23,9 +23,9 @@ ImageNet, ``--config.phases[1].epochs=1`` or the head phase alone.
 Measured on clothing-small (3,068 train / 341 validation / 372 test photos, 10 classes), on
 a 2-core AMD EPYC (AVX-512) VM, 2026-11-30, with
 ``--config.model.weights=../shared/weights/mobilenet_v2_1.0_imagenet_no_top.h5``:
-**88.44% test accuracy** (validation 90.9%) in 122 s from process start to exit, decoding
-the photos cold included (5.1 s); the tf.keras tutorial recipe, run right after it on the same
-machine, 75.27% in 624 s (``benchmarks/recipe.py --recipe folder``).
+**91.13% test accuracy** (validation 90.9%) in 98 s from process start to exit, decoding
+the photos cold included (4.6 s); the tf.keras tutorial recipe, run right after it on the same
+machine, 75.54% in 614 s (``benchmarks/recipe.py --recipe folder``).
 """
 
 from configs import default
