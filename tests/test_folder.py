@@ -157,6 +157,20 @@ def test_split_lists_are_written_and_reused(tmp_path):
   assert train_list[0] in str(e.value) and "another --workdir" in str(e.value)
 
 
+def test_train_list_is_written_last(tmp_path, monkeypatch):
+  """Another process takes the lists once train.txt exists: the others must be there."""
+  written, atomic_open = [], folder.reporting.atomic_open
+
+  def recording(path, *args):
+    written.append(pathlib.Path(path).name)
+    return atomic_open(path, *args)
+
+  monkeypatch.setattr(folder.reporting, "atomic_open", recording)
+  folder.write_split_lists(tmp_path, {"train": ["a/0.png"], "validation": ["a/1.png"],
+                                      "test": ["b/0.png"]})
+  assert written == ["validation.txt", "test.txt", "train.txt"]
+
+
 # ---------------------------------------------------------------------------------------------
 # The decoded cache.
 # ---------------------------------------------------------------------------------------------

@@ -235,11 +235,15 @@ def split_listing(listing: Listing, *, validation_split: float, test_split: floa
 
 
 def write_split_lists(directory: pathlib.Path, split_files: Mapping[str, Sequence[str]]):
-  """``<directory>/<split>.txt``: the split's paths relative to the root, one a line."""
+  """``<directory>/<split>.txt``: the split's paths relative to the root, one a line.
+
+  ``train.txt`` comes last: :func:`read_split_lists` takes the lists once it exists, so
+  another process loading the folder meanwhile reads all of them or none.
+  """
   reporting.make_workdir(directory)
-  for split, paths in split_files.items():
+  for split in sorted(split_files, key=lambda split: split == "train"):
     with reporting.atomic_open(directory / f"{split}.txt") as f:
-      f.writelines(f"{path}\n" for path in paths)
+      f.writelines(f"{path}\n" for path in split_files[split])
 
 
 def read_split_lists(directory: pathlib.Path,
