@@ -498,6 +498,17 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_resumed(
           == json.loads((finished[0] / "summary.json").read_text())["test_loss"])
 
 
+def test_a_truncated_checkpoint_is_one_line_on_the_command_line(finished, launch, tmp_path):
+  """Orbax's abandoned reads (hundreds of tracebacks when collected) stay out of the log."""
+  workdir = _copy_without_outputs(finished, tmp_path)
+  _truncate(_largest_state_file(workdir, 24))
+  outcome = launch(workdir, max_to_keep=2)
+  assert outcome.returncode == 0 and outcome.outputs, outcome.stderr[-3000:]
+  assert outcome.stderr.count(f"moved it to {workdir}/checkpoints.rejected/24") == 1
+  for noise in ("Traceback", "Exception ignored", "Event loop is closed"):
+    assert noise not in outcome.stderr, outcome.stderr[-3000:]
+
+
 def test_no_restorable_checkpoint_fails_naming_the_directories_tried(
     finished, tiny_idx_dir, tmp_path, caplog):
   workdir = _copy_without_outputs(finished, tmp_path)

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import pathlib
+import sys
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -176,6 +177,27 @@ _ORBAX_FAILURE_LOGS = _OrbaxFailureLogs()
 _NOISY_LOGGERS = ("absl",)  # Orbax logs through absl while a Checkpointer is open.
 # Orbax's event loops log through asyncio, also after a Checkpointer is closed.
 logging.getLogger("asyncio").addFilter(_ORBAX_FAILURE_LOGS)
+
+
+def _orbax_follow_on(unraisable) -> bool:
+  """Whether an error Python could not raise (``sys.unraisablehook``'s argument) is one a
+  failed Orbax read leaves behind: its reader coroutines, raising again when they are
+  collected, and its I/O threads' callbacks into the event loop it has closed (hundreds of
+  tracebacks after one damaged checkpoint, which this module reports in one line)."""
+  code = getattr(unraisable.object, "cr_code", None)
+  return ((code is not None and "/orbax/" in code.co_filename)
+          or (isinstance(unraisable.exc_value, RuntimeError)
+              and str(unraisable.exc_value) == "Event loop is closed"))
+
+
+def _quiet_unraisable(unraisable, default=sys.unraisablehook) -> None:
+  """Drops Orbax's follow-on errors, unless under --verbosity=1; passes the rest on."""
+  if _orbax_follow_on(unraisable) and not logging.getLogger().isEnabledFor(logging.DEBUG):
+    return
+  default(unraisable)
+
+
+sys.unraisablehook = _quiet_unraisable
 
 
 def state_digest(state: Any) -> str:
