@@ -18,6 +18,7 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from configs import default
     from tljax import dispatch, models, phases, sharding
+    from tljax.models.batch_norm import BatchNorm
     assert jax.device_count() == 8, jax.devices()
     config = default.get_config()
     config.model.alpha = 0.35
@@ -34,7 +35,8 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     images = rng.integers(0, 255, (64, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, 64).astype(np.int32)
     indices = rng.permutation(64)[:48].reshape(3, 16).astype(np.int32)
-    bn_layers = frozenset(l.name for l in model.layers if l.kind == "bn")
+    bn = BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-3)
+    bn_variables = bn.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 8)))
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
       mesh = sharding.data_mesh(devices)
@@ -46,10 +48,9 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
       state, metrics = chunk(state, inputs, jax.device_put(labels, sharding.replicated(mesh)),
                              jax.device_put(indices, sharding.batch_sharded(mesh, 1)))
       # Batch-statistics mode normalises with, and averages in, the GLOBAL batch's moments.
-      x = jax.device_put(np.asarray(jax.random.uniform(jax.random.PRNGKey(2), (16, 32, 32, 3))),
+      x = jax.device_put(np.asarray(jax.random.normal(jax.random.PRNGKey(2), (16, 4, 4, 8))),
                          sharding.batch_sharded(mesh))
-      _, updated = jax.jit(lambda v, x: model.apply(v, x, train_bn=bn_layers,
-                                                    mutable=["batch_stats"]))(variables, x)
+      updated = jax.jit(lambda v, x: bn.apply(v, x, mutable=["batch_stats"]))(bn_variables, x)
       results.append(jax.device_get((state.params, metrics["loss"], updated)))
     (p1, l1, s1), (p8, l8, s8) = results
     def worst(a, b):
