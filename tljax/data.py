@@ -163,6 +163,12 @@ def _slice(split: Split, start: int, stop: int) -> Split:
 # ---------------------------------------------------------------------------------------------
 
 
+def unreadable(path: str | os.PathLike, error: OSError) -> DataError:
+  """A file or folder that is there but cannot be read (permissions, storage gone)."""
+  return DataError(f"{path}: cannot be read ({error.strerror or error}); check its "
+                   "permissions and that the storage holding it is reachable.")
+
+
 def read_idx(path: str | pathlib.Path) -> np.ndarray:
   """Reads a uint8 IDX file (``.gz`` or plain): labels [N] or images [N, H, W]."""
   path = pathlib.Path(path)
@@ -172,8 +178,7 @@ def read_idx(path: str | pathlib.Path) -> np.ndarray:
   except FileNotFoundError:
     raise DataError(f"{path}: no such file. {_IDX_FIX}") from None
   except OSError as e:
-    raise DataError(f"{path}: cannot be read ({e.strerror or e}); check its permissions and "
-                    "that the storage holding it is reachable.") from None
+    raise unreadable(path, e) from None
   try:
     if path.suffix == ".gz":
       data = gzip.decompress(data)

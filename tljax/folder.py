@@ -51,32 +51,27 @@ def _problem(what: str, paths: list[str], fix: str) -> data.DataError:
   return data.DataError(f"{len(paths)} {what}: {'; '.join(paths[:_LISTED])}{more}. {fix}")
 
 
-def _unreadable(error: OSError) -> data.DataError:
-  return data.DataError(f"{error.filename}: cannot be read ({error.strerror or error}); check "
-                        "its permissions and that the storage holding it is reachable.")
-
-
 def _entries(folder: str | os.PathLike) -> list[os.DirEntry]:
   """The entries of ``folder`` by name; an unreadable folder is a DataError."""
   try:
     with os.scandir(folder) as entries:
       return sorted(entries, key=lambda e: e.name)
   except OSError as e:
-    raise _unreadable(e) from None
+    raise data.unreadable(e.filename, e) from None
 
 
 def _is_dir(path: pathlib.Path) -> bool:
   try:
     return path.is_dir()
   except OSError as e:  # Not "missing": e.g. a parent folder that cannot be entered.
-    raise _unreadable(e) from None
+    raise data.unreadable(e.filename, e) from None
 
 
 def _walk(folder: str | os.PathLike):
   """``os.walk(folder)``, following links, where an unreadable folder is a DataError (not
   skipped)."""
   def refuse(error: OSError):
-    raise _unreadable(error) from None
+    raise data.unreadable(error.filename, error) from None
   return os.walk(folder, onerror=refuse, followlinks=True)
 
 
