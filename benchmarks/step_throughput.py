@@ -27,6 +27,7 @@ Prints tables and writes JSON.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -36,6 +37,7 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # This checkout's tljax, and configs as the package ``configs``.
@@ -51,7 +53,7 @@ from keras_worker import KINDS as BASELINES, Worker, WorkerError  # noqa: E402
 from timing import cpu_model, print_table, summarize, time_calls, write_json  # noqa: E402
 from tljax import dispatch, freezing, input_pipeline, models  # noqa: E402
 from tljax import phases, prefix, sharding  # noqa: E402
-from tljax.models import depthwise  # noqa: E402
+from tljax.models import depthwise, microbatch  # noqa: E402
 
 # Phase kind -> (index into config.phases, rules replacing that phase's, or None).
 PHASES = {"frozen_base": (0, None), "fine_tune": (1, None), "full": (1, ("train:.*",))}
@@ -76,17 +78,20 @@ class Case:
   grad: str = "partial"         # partial (the trainer's) | everything (then masked).
   depthwise: str = "auto"       # config.model.depthwise.
   dtype: str = "float32"        # config.model.dtype (compute dtype).
+  microbatch: bool = True       # Frozen layers in micro-batches (the trainer's) or whole.
 
   @property
   def is_lever(self) -> bool:
-    return self.grad != "partial" or self.depthwise != "auto" or self.dtype != "float32"
+    return (self.grad != "partial" or self.depthwise != "auto" or self.dtype != "float32"
+            or not self.microbatch)
 
   @property
   def label(self) -> str:
     return (f"{self.phase} {'cached' if self.cached else 'uncached'}"
             + ("" if self.grad == "partial" else " grad-everything")
             + ("" if self.depthwise == "auto" else f" dw-{self.depthwise}")
-            + ("" if self.dtype == "float32" else f" {self.dtype}"))
+            + ("" if self.dtype == "float32" else f" {self.dtype}")
+            + ("" if self.microbatch else " whole-batch"))
 
 
 def parse_case(text: str) -> Case:
@@ -152,7 +157,7 @@ def build_case(case: Case, args) -> dict[str, Any]:
   config, index = load_config(args.config, case, k)
   pool = max(256, 2 * case.batch)  # Examples on device that batches are drawn from.
   config.eval_batch_size = pool
-  model = models.create(config.model, NUM_CLASSES)
+  model = models.create(config.model, NUM_CLASSES, mesh.shape[sharding.DATA_AXIS])
   variables = random_variables(model, case.size, args.seed)
   phase = phases.build_phase(config, index, model, variables["params"], pool)
   if case.cached and not phase.cut:
@@ -171,12 +176,15 @@ def build_case(case: Case, args) -> dict[str, Any]:
     phase = dataclasses.replace(phase, cut=0)  # What the trainer does when it cannot cache.
   if case.grad == "everything":  # Every parameter in the gradient; the optimizer still masks.
     phase = dataclasses.replace(
-        phase, labels=jax.tree.map(lambda _: freezing.TRAIN, phase.labels))
+        phase, labels=jax.tree.map(lambda _: freezing.TRAIN, phase.labels), frozen_until=0)
   state = replicate(phases.init_state(phase, jax.tree.map(jnp.copy, variables), config.seed))
   indices = [sharding.put(rng.integers(0, pool, (k, case.batch), np.int32),
                           sharding.batch_sharded(mesh, 1)) for _ in range(4)]
   chunk = dispatch.make_train_chunk(phase, model, config, mesh)
-  figures = analyse_step(chunk, state, inputs, labels, indices[0][:1])
+  batches = contextlib.nullcontext if case.microbatch else whole_batches
+  with batches():  # Steps are traced when they first compile.
+    figures = analyse_step(chunk, lambda: dispatch.make_train_chunk(phase, model, config, mesh),
+                           state, inputs, labels, indices[0][:1])
   holder = {"state": state, "calls": 0}
 
   def call():
@@ -186,7 +194,8 @@ def build_case(case: Case, args) -> dict[str, Any]:
     jax.device_get(metrics)
 
   t0 = time.perf_counter()
-  call()  # Compiles the trainer's own step.
+  with batches():
+    call()  # Compiles the trainer's own step.
   first_call_s = time.perf_counter() - t0
   call()
   return {"call": call, "steps_per_call": k, "first_call_s": first_call_s,
@@ -196,12 +205,25 @@ def build_case(case: Case, args) -> dict[str, Any]:
           **figures}
 
 
-def analyse_step(chunk, state, inputs, labels, indices_1B) -> dict[str, float]:
-  """Compile time, FLOPs and memory of one step: ``chunk`` over one batch, compiled whole."""
+@contextlib.contextmanager
+def whole_batches():
+  """Steps traced inside run every per-example computation on the whole batch at once."""
+  with mock.patch.object(microbatch, "PIXELS", sys.maxsize):
+    yield
+
+
+def analyse_step(chunk, make_chunk, state, inputs, labels, indices_1B) -> dict[str, float]:
+  """Compile time and memory of one step, ``chunk`` over one batch compiled whole, and its
+  FLOPs, counted on a new chunk (``make_chunk()``) in whole batches: XLA's cost analysis
+  counts a loop's body once."""
+  def compile_step(chunk):
+    return jax.jit(chunk, donate_argnums=0).lower(state, inputs, labels, indices_1B).compile()
+
   t0 = time.perf_counter()
-  compiled = jax.jit(chunk, donate_argnums=0).lower(state, inputs, labels, indices_1B).compile()
+  compiled = compile_step(chunk)
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
+  with whole_batches():
+    cost = compile_step(make_chunk()).cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   memory = compiled.memory_analysis()
   return {"compile_s": compile_s, "flops": float(cost.get("flops", 0.0)),
@@ -248,6 +270,8 @@ def group_cases(phases: list[str], batch: int, size: int, levers: bool) -> list[
               for p in ("frozen_base", "fine_tune") if p in phases]
     cases += [Case(p, False, batch, size, depthwise=other) for p in ("fine_tune",)
               if p in phases]
+    cases += [Case(p, False, batch, size, microbatch=False)
+              for p in ("frozen_base", "fine_tune") if p in phases]
     if jax.default_backend() != "cpu":  # bfloat16 is emulated, hence slow, on CPUs.
       cases += [Case(p, False, batch, size, dtype="bfloat16") for p in phases]
   return cases
@@ -350,7 +374,8 @@ def lever_rows(rows: list[dict]) -> list[dict]:
     base = _trainer_row(rows, r["phase"], r["batch"], r["size"], r["cached"])
     lever = ("gradient of every parameter, then mask" if r["grad"] != "partial"
              else f"depthwise {r['depthwise']} instead of auto" if r["depthwise"] != "auto"
-             else f"{r['dtype']} compute instead of float32")
+             else f"{r['dtype']} compute instead of float32" if r["dtype"] != "float32"
+             else "whole batches instead of micro-batches")
     out.append({"lever": lever, "case": base["label"], "batch": r["batch"], "size": r["size"],
                 "trainer_ms": base["median_ms"], "lever_ms": r["median_ms"],
                 "lever_slowdown": r["median_ms"] / base["median_ms"]})

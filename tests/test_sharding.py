@@ -18,6 +18,7 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from configs import default
     from tljax import dispatch, models, phases, sharding
+    from tljax.models import microbatch
     from tljax.models.batch_norm import BatchNorm
     assert jax.device_count() == 8, jax.devices()
     config = default.get_config()
@@ -29,6 +30,7 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     # the reduction-order noise of near-zero gradients into differences as large as lr.)
     config.phases[1].optimizer = "sgd"
     config.phases[1].learning_rate = 0.01
+    microbatch.PIXELS = 32 * 32  # The frozen layers one image a device at a time.
     model = models.create(config.model, 10)
     variables = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
     rng = np.random.default_rng(0)
@@ -40,6 +42,7 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
       mesh = sharding.data_mesh(devices)
+      model = models.create(config.model, 10, batch_shards=len(devices))
       phase = phases.build_phase(config, 1, model, variables["params"], 64)
       state = jax.device_put(phases.init_state(phase, variables, 0),
                              sharding.replicated(mesh))

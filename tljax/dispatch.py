@@ -33,7 +33,7 @@ def make_train_chunk(phase: Phase, model: LayerStack, config, mesh):
   del mesh  # The batch is split over devices by the sharding of ``indices``.
   step = functools.partial(
       steps.train_step, model=model, tx=phase.tx, param_labels=phase.labels,
-      train_bn=phase.train_bn, start=phase.cut,
+      train_bn=phase.train_bn, start=phase.cut, frozen_until=phase.frozen_until,
       label_smoothing=phase.config.label_smoothing)
   prepare = functools.partial(input_pipeline.model_inputs, cut=phase.cut, size=config.model.input_size,
                               scale=config.data.scale, crop_fraction=config.data.eval_crop,

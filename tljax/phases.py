@@ -23,6 +23,7 @@ class Phase:
   tx: Any                        # The masked optimizer.
   train_bn: frozenset[str]       # BatchNorm layers in batch-statistics mode.
   cut: int                       # First layer the train step runs (0: from the images).
+  frozen_until: int              # First layer with a trainable parameter (0: the first).
   steps_per_epoch: int
   augmentation: data.Augmentation  # What this phase changes in its training images.
 
@@ -57,13 +58,12 @@ def build_phase(config: ml_collections.ConfigDict, index: int, model: LayerStack
       else frozenset()
   augmentation = (data.Augmentation.from_config(config.data)
                   if phase_config.use_augmentation else data.Augmentation())
-  cut = 0
-  if phase_config.cache_prefix == "auto" and not augmentation.active:
-    cut = prefix.first_trainable_layer(model.layers, trainable)
-    cut = cut if cut > 1 else 0
+  frozen_until = prefix.first_trainable_layer(model.layers, trainable)
+  frozen_until = frozen_until if frozen_until > 1 else 0
+  cut = frozen_until if phase_config.cache_prefix == "auto" and not augmentation.active else 0
   tx = freezing.masked_optimizer(optim.make_optimizer(phase_config, steps_per_epoch), labels)
-  return Phase(index, phase_config, labels, reports, tx, train_bn, cut, steps_per_epoch,
-               augmentation)
+  return Phase(index, phase_config, labels, reports, tx, train_bn, cut, frozen_until,
+               steps_per_epoch, augmentation)
 
 
 def init_state(phase: Phase, variables: Mapping[str, Any], seed: int) -> steps.TrainState:

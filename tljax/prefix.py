@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tljax import data, input_pipeline, sharding
+from tljax.models import microbatch
 from tljax.models.layer_stack import Layer, LayerStack
 
 
@@ -84,7 +85,7 @@ def build_prefix_caches(variables, source, *, model: LayerStack, cuts: tuple[int
   def extract(variables, inputs, indices):
     x = data.evaluation_input(inputs["images"][indices], size=size, scale=scale,
                               crop_fraction=config.data.eval_crop)
-    return model.apply(variables, x, stop=max(cuts), capture=names)
+    return microbatch.inference(model, variables, x, stop=max(cuts), capture=names)
 
   @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def concatenate(chunks):

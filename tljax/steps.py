@@ -3,7 +3,8 @@
 The model, optimizer and freeze labels are bound with ``functools.partial``; the caller jits.
 Gradients are taken with respect to the trainable partition only (the frozen partition is a
 closed-over constant), so XLA computes no frozen-parameter gradient and no backward pass
-below the lowest trainable layer.
+below the lowest trainable layer. The layers below it run in inference mode, in micro-batches
+(``tljax.microbatch``), before the differentiated rest.
 """
 
 from collections.abc import Mapping
@@ -14,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tljax import freezing
+from tljax import freezing, prefix
+from tljax.models import microbatch
 from tljax.models.layer_stack import LayerStack
 
 
@@ -49,7 +51,7 @@ def _all_finite(tree: Any) -> jax.Array:
 
 def train_step(state: TrainState, inputs: Any, labels: jax.Array, *, model: LayerStack,
                tx: optax.GradientTransformation, param_labels: Any,
-               train_bn: frozenset[str], start: int = 0,
+               train_bn: frozenset[str], start: int = 0, frozen_until: int = 0,
                label_smoothing: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a batch; a non-finite loss or gradient leaves the state unchanged.
 
@@ -60,7 +62,14 @@ def train_step(state: TrainState, inputs: Any, labels: jax.Array, *, model: Laye
     labels: ``[B]`` integer classes.
     model, tx, param_labels: the network, the masked optimizer, the freeze labels.
     train_bn: BatchNorm layers that use batch statistics (see ``LayerStack``).
+    frozen_until: the first layer with a trainable parameter; where it is past ``start``,
+      the layers before it run first, in micro-batches.
   """
+  if frozen_until > max(start, 1):
+    inputs = microbatch.inference(
+        model, {"params": state.params, "batch_stats": state.batch_stats}, inputs,
+        start=start, stop=frozen_until, capture=prefix.frontier(model.layers, frozen_until))
+    start = frozen_until
   trainable, frozen = freezing.split(state.params, param_labels)
 
   def loss_fn(trainable_params):
@@ -109,8 +118,8 @@ def train_step(state: TrainState, inputs: Any, labels: jax.Array, *, model: Laye
 def eval_step(variables: Any, inputs: Any, labels: jax.Array, mask: jax.Array, *,
               model: LayerStack, start: int = 0) -> dict[str, jax.Array]:
   """Summed loss and correct count over the unmasked examples, and every prediction with its
-  class probabilities."""
-  logits = model.apply(variables, inputs, start=start)
+  class probabilities (the model run in micro-batches)."""
+  logits = microbatch.inference(model, variables, inputs, start=start)
   losses = cross_entropy(logits, labels)
   predictions = jnp.argmax(logits, -1)
   return {"loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),

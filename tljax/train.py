@@ -294,7 +294,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   mesh = sharding.data_mesh()
   checks.check_config(config, mesh)
   dataset, splits = input_pipeline.load_splits(config, pathlib.Path(workdir))
-  model = models.create(config.model, dataset.num_classes)
+  model = models.create(config.model, dataset.num_classes, mesh.shape[sharding.DATA_AXIS])
   size = config.model.input_size
   abstract_variables = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                                       jnp.zeros((1, size, size, 3), jnp.float32))

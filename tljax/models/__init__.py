@@ -20,8 +20,9 @@ def backbone(name: str) -> type:
   return BACKBONES[name]
 
 
-def create(model_config, num_classes: int) -> LayerStack:
-  """The backbone ``model_config`` names (``config.model``), with a ``num_classes`` head."""
+def create(model_config, num_classes: int, batch_shards: int = 1) -> LayerStack:
+  """The backbone ``model_config`` names (``config.model``), with a ``num_classes`` head, for
+  batches split over ``batch_shards`` devices."""
   return backbone(model_config.name).from_config(
       model_config, num_classes, dtype=DTYPES[model_config.dtype],
-      depthwise=model_config.depthwise)
+      depthwise=model_config.depthwise, batch_shards=batch_shards)

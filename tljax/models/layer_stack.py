@@ -160,11 +160,14 @@ class LayerStack(nn.Module):
     dtype: compute dtype; parameters and BatchNorm statistics stay float32.
     depthwise: "auto", "shifted" or "xla" (see ``tljax.models.depthwise``).
     bn_momentum: moving-average momentum of BatchNorm layers in batch-statistics mode.
+    batch_shards: devices a batch is split over, so that frozen layers run in micro-batches
+      (``tljax.models.microbatch``) keep each device on its own examples.
   """
   num_classes: int = 1000
   dtype: Any = jnp.float32
   depthwise: str = "auto"
   bn_momentum: float = 0.999
+  batch_shards: int = 1
 
   MIN_INPUT_SIZE: ClassVar[int] = 32
   PRESETS: ClassVar[Mapping[str, tuple[str, ...]]] = {}

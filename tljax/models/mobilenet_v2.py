@@ -164,7 +164,7 @@ class MobileNetV2(LayerStack):
   @classmethod
   def from_config(cls, model_config: Any, num_classes: int, **kwargs) -> "MobileNetV2":
     """The classifier for ``model_config`` (alpha, bn_momentum) and ``num_classes``;
-    ``kwargs`` set the other LayerStack attributes (dtype, depthwise)."""
+    ``kwargs`` set the other LayerStack attributes (dtype, depthwise, batch_shards)."""
     cls.check_config(model_config)
     return cls(alpha=model_config.alpha, include_top=True, num_classes=num_classes,
                bn_momentum=model_config.bn_momentum, **kwargs)
