@@ -35,6 +35,7 @@ import tqdm
 from PIL import Image
 
 from tljax import data, export, images, models, reporting
+from tljax.models import microbatch
 
 EXIT_BAD_INPUT = 2
 
@@ -160,7 +161,8 @@ def _batches(items: Iterator[tuple[str, np.ndarray]],
 def predict(run: Run, items: Iterator[tuple[str, np.ndarray]], *, batch_size: int = 64,
             top_k: int = 3, progress: bool = True) -> list[dict[str, Any]]:
   """One row per image: path, label, probability and the ``top_k`` (label, probability)."""
-  probabilities_of = jax.jit(export.inference_function(run.model, run.variables, run.config))
+  inference = export.inference_function(run.model, run.variables, run.config)
+  probabilities_of = jax.jit(lambda images: microbatch.apply(inference, images, shards=1))
   k = min(top_k, len(run.class_names))
   rows = []
   with tqdm.tqdm(unit="image", desc="predicting", disable=not progress) as bar:
