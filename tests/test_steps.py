@@ -108,15 +108,14 @@ def test_optimizer_state_has_no_moments_for_frozen_params(trained):
   assert sum(int(np.prod(m.shape)) for m in moments) == 2 * train_size
 
 
-@pytest.mark.parametrize("name", ["frozen_base", "fine_tune_batch_stats"])
-def test_frozen_layers_in_micro_batches_train_as_the_whole_batch(name):
+def test_frozen_layers_in_micro_batches_train_as_the_whole_batch():
   # SGD: its update is linear in the gradient (Adam's turns rounding noise in near-zero
   # gradients into steps as large as its learning rate).
   (_, _, _, micro), (_, _, _, whole) = (
-      _train(*PHASES[name], optax.sgd(0.01), num_steps=1, micro_batches=m) for m in (True, False))
+      _train(*PHASES["frozen_base"], optax.sgd(0.01), num_steps=1, micro_batches=m)
+      for m in (True, False))
   # The same operations on fewer rows, in float32: XLA:CPU may block the matrix products
-  # differently (measured: 1.5e-6 apart at most, gradients up to 7). A row out of place
-  # would move them far more.
+  # differently (measured: 1.3e-6 apart at most). A row out of place moves them far more.
   for a, b in zip(jax.tree.leaves((micro.params, micro.batch_stats)),
                   jax.tree.leaves((whole.params, whole.batch_stats))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
