@@ -1,4 +1,5 @@
-"""Micro-batches: how many images run at a time, and that every row comes back in its place."""
+"""Micro-batches: how many images run at a time, that every row comes back in its place and
+that totals sum every micro-batch."""
 
 from unittest import mock
 
@@ -33,6 +34,22 @@ def test_apply_keeps_rows_in_place_and_each_device_on_its_own_block():
   np.testing.assert_array_equal(out["row"], np.arange(12))
   # Blocks of 6 rows, one a device: each micro-batch takes 2 rows of each block.
   np.testing.assert_array_equal(out["together"], [0, 0, 2, 2, 4, 4, 0, 0, 2, 2, 4, 4])
+
+
+def test_accumulate_sums_every_micro_batch_of_images_of_the_given_size():
+  x = jnp.arange(8.0).reshape(8, 1, 1, 1)  # Cached maps of 1x1, from 4x4 images.
+  fn = lambda x: {"sum": jnp.sum(x), "count": x.shape[0]}
+  with mock.patch.object(microbatch, "PIXELS", 2 * 16):
+    total = microbatch.accumulate(fn, x, shards=2, pixels=16)
+    jaxpr = str(jax.make_jaxpr(lambda x: microbatch.accumulate(fn, x, shards=2, pixels=16))(x))
+  assert "scan" in jaxpr
+  assert float(total["sum"]) == 28.0 and int(total["count"]) == 8
+
+
+def test_pooled_features_run_whole():
+  with mock.patch.object(microbatch, "PIXELS", 1):
+    jaxpr = jax.make_jaxpr(lambda x: microbatch.apply(lambda x: 2 * x, x, shards=1, pixels=16))
+    assert "scan" not in str(jaxpr(jnp.ones((8, 1280))))
 
 
 def test_apply_runs_the_whole_batch_when_it_fits():

@@ -38,8 +38,9 @@ CALIBRATED = _calibrated_variables()
 
 
 def _train(rules, batchnorm, tx, num_steps=3, micro_batches=True):
-  """``num_steps`` steps as the trainer takes them: the frozen layers below the first
-  trainable one in micro-batches (of 2 images here), unless ``micro_batches`` is false."""
+  """``num_steps`` steps as the trainer takes them: in micro-batches of 2 images (the frozen
+  layers, and the gradient where BatchNorm keeps its moving statistics), unless
+  ``micro_batches`` is false."""
   variables = CALIBRATED
   labels, _ = freezing.label_params(variables["params"], freezing.parse_rules(rules), BASE)
   bn = {l.name for l in MODEL.layers if l.kind == "bn"}
@@ -54,9 +55,10 @@ def _train(rules, batchnorm, tx, num_steps=3, micro_batches=True):
                            rng=jax.random.PRNGKey(1), bad_steps=jnp.zeros((), jnp.int32))
   step = jax.jit(lambda s, x, y: steps.train_step(s, x, y, model=MODEL, tx=masked,
                                                    param_labels=labels, train_bn=train_bn,
-                                                   frozen_until=frozen_until))
+                                                   frozen_until=frozen_until, image_size=32))
   rng = np.random.default_rng(0)
-  with mock.patch.object(microbatch, "PIXELS", 2 * 32 * 32):  # Read when the step compiles.
+  pixels = 2 * 32 * 32 if micro_batches else microbatch.PIXELS  # The batch of 8 at once.
+  with mock.patch.object(microbatch, "PIXELS", pixels):  # Read when the step compiles.
     for _ in range(num_steps):
       x = rng.uniform(0, 1, (8, 32, 32, 3)).astype(np.float32)
       y = rng.integers(0, 10, 8)
@@ -112,7 +114,7 @@ def test_frozen_layers_in_micro_batches_train_as_the_whole_batch():
   # SGD: its update is linear in the gradient (Adam's turns rounding noise in near-zero
   # gradients into steps as large as its learning rate).
   (_, _, _, micro), (_, _, _, whole) = (
-      _train(*PHASES["frozen_base"], optax.sgd(0.01), num_steps=1, micro_batches=m)
+      _train(*PHASES["fine_tune_inference"], optax.sgd(0.01), num_steps=1, micro_batches=m)
       for m in (True, False))
   # The same operations on fewer rows, in float32: XLA:CPU may block the matrix products
   # differently (measured: 1.3e-6 apart at most). A row out of place moves them far more.

@@ -34,7 +34,7 @@ def make_train_chunk(phase: Phase, model: LayerStack, config, mesh):
   step = functools.partial(
       steps.train_step, model=model, tx=phase.tx, param_labels=phase.labels,
       train_bn=phase.train_bn, start=phase.cut, frozen_until=phase.frozen_until,
-      label_smoothing=phase.config.label_smoothing)
+      image_size=config.model.input_size, label_smoothing=phase.config.label_smoothing)
   prepare = functools.partial(input_pipeline.model_inputs, cut=phase.cut, size=config.model.input_size,
                               scale=config.data.scale, crop_fraction=config.data.eval_crop,
                               augmentation=phase.augmentation)
@@ -76,7 +76,8 @@ def make_eval_batch(model: LayerStack, cut: int, config, mesh):
   @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def eval_batch(variables, inputs, labels, indices, mask):
     x = prepare(input_pipeline.gather(inputs, indices), None)
-    return steps.eval_step(variables, x, labels[indices], mask, model=model, start=cut)
+    return steps.eval_step(variables, x, labels[indices], mask, model=model, start=cut,
+                           image_size=config.model.input_size)
 
   return eval_batch
 

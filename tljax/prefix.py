@@ -85,7 +85,8 @@ def build_prefix_caches(variables, source, *, model: LayerStack, cuts: tuple[int
   def extract(variables, inputs, indices):
     x = data.evaluation_input(inputs["images"][indices], size=size, scale=scale,
                               crop_fraction=config.data.eval_crop)
-    return microbatch.inference(model, variables, x, stop=max(cuts), capture=names)
+    return microbatch.inference(model, variables, x, pixels=size**2, stop=max(cuts),
+                                capture=names)
 
   @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def concatenate(chunks):

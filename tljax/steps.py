@@ -52,6 +52,7 @@ def _all_finite(tree: Any) -> jax.Array:
 def train_step(state: TrainState, inputs: Any, labels: jax.Array, *, model: LayerStack,
                tx: optax.GradientTransformation, param_labels: Any,
                train_bn: frozenset[str], start: int = 0, frozen_until: int = 0,
+               image_size: int = 0,
                label_smoothing: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a batch; a non-finite loss or gradient leaves the state unchanged.
 
@@ -63,16 +64,23 @@ def train_step(state: TrainState, inputs: Any, labels: jax.Array, *, model: Laye
     model, tx, param_labels: the network, the masked optimizer, the freeze labels.
     train_bn: BatchNorm layers that use batch statistics (see ``LayerStack``).
     frozen_until: the first layer with a trainable parameter; where it is past ``start``,
-      the layers before it run first, in micro-batches.
+      the layers before it run first, in micro-batches (``tljax.models.microbatch``).
+    image_size: the model's input side, which sets the micro-batches' size (0: the maps in
+      ``inputs``).
   """
+  pixels = image_size**2 or None
   if frozen_until > max(start, 1):
     inputs = microbatch.inference(
         model, {"params": state.params, "batch_stats": state.batch_stats}, inputs,
-        start=start, stop=frozen_until, capture=prefix.frontier(model.layers, frozen_until))
+        pixels=pixels, start=start, stop=frozen_until,
+        capture=prefix.frontier(model.layers, frozen_until))
     start = frozen_until
   trainable, frozen = freezing.split(state.params, param_labels)
+  batch_size = labels.shape[0]
 
-  def loss_fn(trainable_params):
+  def loss_fn(trainable_params, inputs, labels):
+    """The loss of these examples' share of the batch's mean, their correct count and the
+    updated statistics."""
     variables = {"params": freezing.merge(trainable_params, frozen),
                  "batch_stats": state.batch_stats}
     if train_bn:
@@ -81,10 +89,16 @@ def train_step(state: TrainState, inputs: Any, labels: jax.Array, *, model: Laye
       stats = {name: updated["batch_stats"][name] for name in train_bn}
     else:
       logits, stats = model.apply(variables, inputs, start=start), {}
-    loss = cross_entropy(logits, labels, label_smoothing).mean()
-    return loss, (logits, stats)
+    loss = jnp.sum(cross_entropy(logits, labels, label_smoothing)) / batch_size
+    return loss, (jnp.sum(jnp.argmax(logits, -1) == labels), stats)
 
-  (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+  loss_and_grads = jax.value_and_grad(loss_fn, has_aux=True)
+  if train_bn:  # Batch statistics: every example's activations before any is normalised.
+    (loss, (correct, stats)), grads = loss_and_grads(trainable, inputs, labels)
+  else:  # Each example alone: the batch's gradient is the sum of its micro-batches'.
+    (loss, (correct, stats)), grads = microbatch.accumulate(
+        lambda part: loss_and_grads(trainable, *part), (inputs, labels),
+        shards=model.batch_shards, pixels=pixels)
   finite = jnp.isfinite(loss) & _all_finite(grads)
 
   def update(_):
@@ -110,16 +124,17 @@ def train_step(state: TrainState, inputs: Any, labels: jax.Array, *, model: Laye
       bad_steps=jnp.where(finite, 0, state.bad_steps + 1))
   # The bad-step count rides along: the host reads a dispatch's metrics after the next
   # dispatch has taken over (donated) the state.
-  metrics = {"loss": loss, "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
+  metrics = {"loss": loss, "correct": correct,
              "finite": finite, "bad_steps": new_state.bad_steps}
   return new_state, metrics
 
 
 def eval_step(variables: Any, inputs: Any, labels: jax.Array, mask: jax.Array, *,
-              model: LayerStack, start: int = 0) -> dict[str, jax.Array]:
+              model: LayerStack, start: int = 0, image_size: int = 0) -> dict[str, jax.Array]:
   """Summed loss and correct count over the unmasked examples, and every prediction with its
-  class probabilities (the model run in micro-batches)."""
-  logits = microbatch.inference(model, variables, inputs, start=start)
+  class probabilities (the model run in micro-batches, as in ``train_step``)."""
+  logits = microbatch.inference(model, variables, inputs, pixels=image_size**2 or None,
+                                start=start)
   losses = cross_entropy(logits, labels)
   predictions = jnp.argmax(logits, -1)
   return {"loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
