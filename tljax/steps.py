@@ -3,8 +3,9 @@
 The model, optimizer and freeze labels are bound with ``functools.partial``; the caller jits.
 Gradients are taken with respect to the trainable partition only (the frozen partition is a
 closed-over constant), so XLA computes no frozen-parameter gradient and no backward pass
-below the lowest trainable layer. The layers below it run in inference mode, in micro-batches
-(``tljax.microbatch``), before the differentiated rest.
+below the lowest trainable layer. On the CPU the layers below it run in inference mode, a few
+images at a time (``tljax.models.microbatch``), before the differentiated rest; so does the
+gradient where no BatchNorm layer uses batch statistics, summed over the micro-batches.
 """
 
 from collections.abc import Mapping

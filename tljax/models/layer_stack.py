@@ -160,8 +160,8 @@ class LayerStack(nn.Module):
     dtype: compute dtype; parameters and BatchNorm statistics stay float32.
     depthwise: "auto", "shifted" or "xla" (see ``tljax.models.depthwise``).
     bn_momentum: moving-average momentum of BatchNorm layers in batch-statistics mode.
-    batch_shards: devices a batch is split over, so that frozen layers run in micro-batches
-      (``tljax.models.microbatch``) keep each device on its own examples.
+    batch_shards: devices a batch is split over, so that work in micro-batches
+      (``tljax.models.microbatch``) keeps each device on its own examples.
   """
   num_classes: int = 1000
   dtype: Any = jnp.float32

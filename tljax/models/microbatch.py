@@ -39,7 +39,7 @@ def map_examples(fn: Callable[[Any], tuple[Any, Any]], inputs: Any, *, shards: i
 
   ``inputs`` is a pytree of ``[B, ...]`` arrays. Where it holds ``[B, H, W, C]`` maps, ``B``
   splits into ``shards`` equal blocks, one per device of the data axis (the result does not
-  depend on it, the speed does), and each step of a ``lax.map`` takes ``size(...)`` examples
+  depend on it, the speed does), and each step of a ``lax.scan`` takes ``size(...)`` examples
   from every block, so that every device works on its own rows: examples of ``pixels`` pixels
   (the images the maps come from), by default those of the largest map. Without maps
   (pooled features) the whole batch runs at once.
