@@ -213,17 +213,21 @@ def whole_batches():
 
 
 def analyse_step(chunk, make_chunk, state, inputs, labels, indices_1B) -> dict[str, float]:
-  """Compile time and memory of one step, ``chunk`` over one batch compiled whole, and its
-  FLOPs, counted on a new chunk (``make_chunk()``) in whole batches: XLA's cost analysis
-  counts a loop's body once."""
+  """Compile time, FLOPs and memory of one step: ``chunk`` over one batch, compiled whole.
+  Where that runs micro-batches, the FLOPs are counted on a new chunk (``make_chunk()``) in
+  whole batches: XLA's cost analysis counts a loop's body once."""
   def compile_step(chunk):
     return jax.jit(chunk, donate_argnums=0).lower(state, inputs, labels, indices_1B).compile()
 
   t0 = time.perf_counter()
   compiled = compile_step(chunk)
   compile_s = time.perf_counter() - t0
-  with whole_batches():
-    cost = compile_step(make_chunk()).cost_analysis()
+  if " while(" in compiled.as_text():  # Micro-batches: count them on the whole batch.
+    with whole_batches():
+      compiled_whole = compile_step(make_chunk())
+  else:
+    compiled_whole = compiled
+  cost = compiled_whole.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   memory = compiled.memory_analysis()
   return {"compile_s": compile_s, "flops": float(cost.get("flops", 0.0)),
