@@ -18,7 +18,6 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from configs import default
     from tljax import dispatch, models, phases, sharding
-    from tljax.models import microbatch
     from tljax.models.batch_norm import BatchNorm
     assert jax.device_count() == 8, jax.devices()
     config = default.get_config()
@@ -30,7 +29,6 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     # the reduction-order noise of near-zero gradients into differences as large as lr.)
     config.phases[1].optimizer = "sgd"
     config.phases[1].learning_rate = 0.01
-    microbatch.PIXELS = 32 * 32  # The frozen layers one image a device at a time.
     model = models.create(config.model, 10)
     variables = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
     rng = np.random.default_rng(0)
