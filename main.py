@@ -1,6 +1,6 @@
 """Trains and evaluates a transfer-learning run: ``python main.py --config configs/mnist_mnv2.py``.
 
-Exit codes: 0 done; 2 bad command line, configuration, input or work directory (the message
+Exit codes (``tljax.exits``): 0 done; 2 bad command line, configuration, input or work directory (the message
 says which and how to fix it); 143 / 130 stopped by SIGTERM / Ctrl-C after saving a checkpoint
 (rerun the same command to resume); 1 any other failure (a write failed mid-run, no
 checkpoint could be restored, the loss is non-finite, a bug).
@@ -15,14 +15,15 @@ from absl import app, flags
 from ml_collections import config_flags
 from ml_collections.config_flags import config_path
 
-from tljax import checkpoint, checks, data, preemption, reporting, steps, train, weights
+from tljax import checkpoint, checks, exits, files, preemption, steps, train
+from tljax.data import dataset
+from tljax.models import weights
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 # Failures of a run that had good inputs (exit 1), and the user's own mistakes (exit 2).
 RUN_FAILURES = (checkpoint.CheckpointWriteError, checkpoint.CheckpointDamagedError,
-                reporting.OutputWriteError, steps.NonFiniteError)
-INPUT_ERRORS = (checks.ConfigError, data.DataError, weights.WeightsError,
-                checkpoint.CheckpointError, reporting.WorkdirError)
+                files.OutputWriteError, steps.NonFiniteError)
+INPUT_ERRORS = (checks.ConfigError, dataset.DataError, weights.WeightsError,
+                checkpoint.CheckpointError, files.WorkdirError)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file (see configs/).", lock_config=True)
@@ -42,15 +43,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
   except KeyboardInterrupt:
     logging.warning("interrupted: stopped at once; rerun the same command to resume from the "
                     "last checkpoint, if there is one.")
-    return EXIT_INTERRUPTED
+    return exits.INTERRUPTED
   except RUN_FAILURES as e:
-    return _failed(e, EXIT_FAILED)
+    return _failed(e, exits.FAILED)
   except INPUT_ERRORS as e:
-    return _failed(e, EXIT_BAD_INPUT)
+    return _failed(e, exits.BAD_INPUT)
   except Exception as e:  # noqa: BLE001 - a bug: one message, the traceback on request
-    return _failed(e, EXIT_FAILED, f"unexpected {type(e).__name__} (a bug in tljax): ",
+    return _failed(e, exits.FAILED, f"unexpected {type(e).__name__} (a bug in tljax): ",
                    " Rerun with --verbosity=1 for the traceback, and report it.")
-  return 0
+  return exits.DONE
 
 
 def _failed(error: Exception, code: int, before: str = "", after: str = "") -> int:
@@ -74,7 +75,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     message = _override_problem(argv) or f"--config: {e}"
   print(f"{argv[0]}: {message.rstrip('.')}. Run with --helpfull to list the flags.",
         file=sys.stderr)
-  sys.exit(EXIT_BAD_INPUT)
+  sys.exit(exits.BAD_INPUT)
 
 
 def _override_problem(argv: list[str]) -> str | None:
@@ -121,7 +122,7 @@ def _missing_key(config: ml_collections.ConfigDict, path: str) -> str | None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.key=value",
-                         exitcode=EXIT_BAD_INPUT)
+                         exitcode=exits.BAD_INPUT)
   sys.exit(run(_CONFIG.value, _WORKDIR.value))
 
 

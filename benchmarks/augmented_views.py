@@ -28,7 +28,9 @@ sys.path.insert(0, str(REPO))
 
 from configs import folder_mnv2  # noqa: E402
 from timing import cpu_model, print_table, write_json  # noqa: E402
-from tljax import data, input_pipeline, models, steps, weights  # noqa: E402
+from tljax import models, steps  # noqa: E402
+from tljax.data import load, transforms  # noqa: E402
+from tljax.models import weights  # noqa: E402
 
 HEAD = "predictions"
 
@@ -79,22 +81,21 @@ def main() -> None:
   config = folder_mnv2.get_config()
   config.data.dir, config.model.weights = args.data_dir, args.weights
   phase = config.phases[0]
-  dataset, splits = input_pipeline.load_splits(config, pathlib.Path(tempfile.mkdtemp()))
+  dataset, splits = load.load_splits(config, pathlib.Path(tempfile.mkdtemp()))
   model = models.create(config.model, dataset.num_classes)
-  size, scale = config.model.input_size, config.data.scale
+  size = config.model.input_size
+  view = transforms.EvalView.from_config(config)
   variables = weights.load_pretrained(args.weights, model, input_size=size,
                                       rng=jax.random.key(0))
-  augmentation = data.Augmentation.from_config(config.data)
+  augmentation = transforms.Augmentation.from_config(config.data)
 
   def evaluation_view(_, images):
-    return data.evaluation_input(images, size=size, scale=scale,
-                                 crop_fraction=config.data.eval_crop)
+    return view(images)
 
   def augmented_view(view):
     def augmented(start, images):
       rng = jax.random.fold_in(jax.random.key(view), start)
-      return data.training_input(rng, images, size=size, scale=scale,
-                                 crop_fraction=config.data.eval_crop, augmentation=augmentation)
+      return transforms.training_input(rng, images, view=view, augmentation=augmentation)
     return augmented
 
   t0 = time.perf_counter()

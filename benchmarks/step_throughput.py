@@ -51,8 +51,9 @@ import numpy as np  # noqa: E402
 
 from keras_worker import KINDS as BASELINES, Worker, WorkerError  # noqa: E402
 from timing import cpu_model, print_table, summarize, time_calls, write_json  # noqa: E402
-from tljax import dispatch, freezing, input_pipeline, models  # noqa: E402
+from tljax import dispatch, freezing, models  # noqa: E402
 from tljax import phases, prefix, sharding  # noqa: E402
+from tljax.data import sources, transforms  # noqa: E402
 from tljax.models import depthwise, microbatch  # noqa: E402
 
 # Phase kind -> (index into config.phases, rules replacing that phase's, or None).
@@ -164,14 +165,15 @@ def build_case(case: Case, args) -> dict[str, Any]:
     raise ValueError(f"{case.label}: the phase has no frozen prefix to cache.")
   trainer_caches = bool(phase.cut) and cache_fits(model, phase.cut, variables, config)
   rng = np.random.default_rng(args.seed)
+  view = transforms.EvalView.from_config(config)
   replicate = lambda tree: sharding.put(tree, sharding.replicated(mesh))  # As the trainer.
   inputs = replicate({"images": rng.integers(0, 256, (pool, *MNIST_SHAPE), np.uint8)})
   labels = replicate(rng.integers(0, NUM_CLASSES, pool).astype(np.int32))
   variables = replicate(variables)
   if case.cached:
-    source = input_pipeline.DeviceSource(inputs, labels, mesh)
-    inputs, = prefix.build_prefix_caches(variables, source, model=model, cuts=(phase.cut,),
-                                        config=config, mesh=mesh)
+    source = sources.DeviceSource(inputs, labels, mesh)
+    inputs, = prefix.build_prefix_caches(variables, source, model=model, cuts=(phase.cut,), view=view,
+                                        batch_size=config.eval_batch_size, mesh=mesh)
   else:
     phase = dataclasses.replace(phase, cut=0)  # What the trainer does when it cannot cache.
   if case.grad == "everything":  # Every parameter in the gradient; the optimizer still masks.
@@ -180,10 +182,10 @@ def build_case(case: Case, args) -> dict[str, Any]:
   state = replicate(phases.init_state(phase, jax.tree.map(jnp.copy, variables), config.seed))
   indices = [sharding.put(rng.integers(0, pool, (k, case.batch), np.int32),
                           sharding.batch_sharded(mesh, 1)) for _ in range(4)]
-  chunk = dispatch.make_train_chunk(phase, model, config, mesh)
+  chunk = dispatch.make_train_chunk(phase, model, view)
   batches = contextlib.nullcontext if case.microbatch else whole_batches
   with batches():  # Steps are traced when they first compile.
-    figures = analyse_step(chunk, lambda: dispatch.make_train_chunk(phase, model, config, mesh),
+    figures = analyse_step(chunk, lambda: dispatch.make_train_chunk(phase, model, view),
                            state, inputs, labels, indices[0][:1])
   holder = {"state": state, "calls": 0}
 

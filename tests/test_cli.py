@@ -20,7 +20,8 @@ import pytest
 import main
 from conftest import logged_error
 from test_train import tiny_config
-from tljax import checkpoint, checks, data, preemption, steps, train
+from tljax import checkpoint, checks, exits, preemption, steps, train
+from tljax.data import idx, load
 from tljax.models import mobilenet_v2
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def _cli(*flags: str) -> subprocess.CompletedProcess:
 ])
 def test_bad_config_override_is_one_message_and_exit_2(flag, message, tmp_path):
   done = _cli(f"--workdir={tmp_path / 'run'}", flag)
-  assert done.returncode == main.EXIT_BAD_INPUT == 2, done.stderr[-2000:]
+  assert done.returncode == exits.BAD_INPUT == 2, done.stderr[-2000:]
   assert message in done.stderr
   assert done.stderr.strip().endswith("Run with --helpfull to list the flags.")
   assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
@@ -225,15 +226,15 @@ def test_a_bug_is_exit_1_with_the_hint_for_its_traceback(bug, monkeypatch, caplo
 def fresh_machine(server, mnist_dir, imagenet_weights_path, tmp_path, monkeypatch):
   """A fresh HOME and no caches; ``server`` on 127.0.0.1 mirrors the MNIST files and the
   Keras weights from ../shared through $TLJAX_DATA_MIRROR and $TLJAX_WEIGHTS_URL."""
-  for name in data.IDX_FILES:
+  for name in idx.IDX_FILES:
     server.files[f"/mnist/{name}.gz"] = (mnist_dir / f"{name}.gz").read_bytes()
   weights_name = mobilenet_v2.weights_file_name(1.0, 224, include_top=False)
   server.files[f"/keras/{weights_name}"] = imagenet_weights_path.read_bytes()
   # ../shared's train images are a rebuild of the original file (its README says so); every
   # other checksum is the published one.
-  url, shas = data.IDX_SOURCES["mnist"]
+  url, shas = idx.IDX_SOURCES["mnist"]
   rebuilt = hashlib.sha256(server.files["/mnist/train-images-idx3-ubyte.gz"]).hexdigest()
-  monkeypatch.setitem(data.IDX_SOURCES, "mnist", (url, (rebuilt, *shas[1:])))
+  monkeypatch.setitem(idx.IDX_SOURCES, "mnist", (url, (rebuilt, *shas[1:])))
   for variable in ("TLJAX_CACHE", "KERAS_HOME", "TFDS_DATA_DIR"):
     monkeypatch.delenv(variable, raising=False)
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -259,18 +260,18 @@ def test_quick_start_downloads_once_then_runs_from_the_cache(fresh_machine, tmp_
     assert (tmp_path / "run1" / output).is_file()
   cache = tmp_path / "home" / ".cache" / "tljax"
   assert sorted(p.name for p in (cache / "datasets" / "mnist").iterdir()) == sorted(
-      f"{name}.gz" for name in data.IDX_FILES)
+      f"{name}.gz" for name in idx.IDX_FILES)
   weights_name = mobilenet_v2.weights_file_name(1.0, 224, include_top=False)
   assert (cache / weights_name).is_file()
   assert sorted(fresh_machine.requests) == sorted(
-      [f"/keras/{weights_name}", *(f"/mnist/{name}.gz" for name in data.IDX_FILES)])
+      [f"/keras/{weights_name}", *(f"/mnist/{name}.gz" for name in idx.IDX_FILES)])
   fresh_machine.requests.clear()
   assert main.run(_quick_start_config(), str(tmp_path / "run2")) == 0
   assert fresh_machine.requests == []
   # A cached file that no longer has its sha256 (here cut short) is fetched again, alone.
   labels = cache / "datasets" / "mnist" / "t10k-labels-idx1-ubyte.gz"
   labels.write_bytes(labels.read_bytes()[:100])
-  assert data.load_dataset("mnist", None).test.labels.shape == (10_000,)
+  assert load.idx_or_tfds("mnist", None).test.labels.shape == (10_000,)
   assert fresh_machine.requests == ["/mnist/t10k-labels-idx1-ubyte.gz"]
   assert labels.read_bytes() == fresh_machine.files["/mnist/t10k-labels-idx1-ubyte.gz"]
 

@@ -13,7 +13,9 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import extractor
 
-from tljax import data, download
+from tljax import download
+from tljax.data import dataset, idx, load, sources, transforms
+from tljax.data import tfds as tfds_source
 
 
 def write_idx(path, array, magic=None):
@@ -26,7 +28,7 @@ def write_idx(path, array, magic=None):
 
 
 def small_split(n, h=4, w=4):
-  return data.Split((np.arange(n * h * w) % 256).astype(np.uint8).reshape(n, h, w),
+  return dataset.Split((np.arange(n * h * w) % 256).astype(np.uint8).reshape(n, h, w),
                     np.arange(n, dtype=np.int32))
 
 
@@ -61,8 +63,7 @@ def tf_bilinear_resize(x_NHWC, out_h, out_w):
 
 
 def test_mnist_idx_folder(mnist_dir):
-  assert data.is_idx_folder(mnist_dir)
-  ds = data.load_dataset("mnist", str(mnist_dir))
+  ds = load.idx_or_tfds("mnist", str(mnist_dir))
   assert (ds.name, ds.num_classes, ds.class_names) == ("mnist", 10, tuple("0123456789"))
   assert ds.train.images.shape == (60000, 28, 28) and ds.train.images.dtype == np.uint8
   assert ds.test.images.shape == (10000, 28, 28)
@@ -75,7 +76,7 @@ def test_mnist_idx_folder(mnist_dir):
 
 
 def test_fashion_mnist_idx_folder(fashion_mnist_dir):
-  ds = data.load_dataset("fashion_mnist", fashion_mnist_dir)
+  ds = load.idx_or_tfds("fashion_mnist", fashion_mnist_dir)
   assert ds.class_names == ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                             "Shirt", "Sneaker", "Bag", "Ankle boot")
   assert ds.train.images.shape == (60000, 28, 28) and ds.test.images.shape == (10000, 28, 28)
@@ -88,14 +89,14 @@ def test_fashion_mnist_idx_folder(fashion_mnist_dir):
 def test_read_idx_round_trip(tmp_path, suffix):
   images = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5)
   labels = np.array([3, 1], np.uint8)
-  np.testing.assert_array_equal(data.read_idx(write_idx(tmp_path / f"i{suffix}", images)), images)
-  np.testing.assert_array_equal(data.read_idx(write_idx(tmp_path / f"l{suffix}", labels)), labels)
+  np.testing.assert_array_equal(idx.read_idx(write_idx(tmp_path / f"i{suffix}", images)), images)
+  np.testing.assert_array_equal(idx.read_idx(write_idx(tmp_path / f"l{suffix}", labels)), labels)
 
 
 def test_read_idx_bad_magic_names_path_and_magics(tmp_path):
   path = write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((2, 2, 2)), magic=0x0D03)
-  with pytest.raises(data.DataError, match="0x00000803") as e:
-    data.read_idx(path)
+  with pytest.raises(dataset.DataError, match="0x00000803") as e:
+    idx.read_idx(path)
   assert str(path) in str(e.value) and "0x00000d03" in str(e.value)
   assert "train-labels-idx1-ubyte.gz" in str(e.value)
 
@@ -103,8 +104,8 @@ def test_read_idx_bad_magic_names_path_and_magics(tmp_path):
 def test_read_idx_gzip_without_suffix_says_so(tmp_path):
   path = write_idx(tmp_path / "x.gz", np.zeros((2,)))
   path = path.rename(tmp_path / "x")
-  with pytest.raises(data.DataError, match=r"name it \*\.gz"):
-    data.read_idx(path)
+  with pytest.raises(dataset.DataError, match=r"name it \*\.gz"):
+    idx.read_idx(path)
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
@@ -114,24 +115,24 @@ def test_read_idx_truncated_payload(tmp_path, suffix):
   raw = gzip.decompress(path.read_bytes()) if suffix else path.read_bytes()
   truncated = raw[:-5]
   path.write_bytes(gzip.compress(truncated) if suffix else truncated)
-  with pytest.raises(data.DataError, match=r"call for 48 bytes of data, found 43") as e:
-    data.read_idx(path)
+  with pytest.raises(dataset.DataError, match=r"call for 48 bytes of data, found 43") as e:
+    idx.read_idx(path)
   assert str(path) in str(e.value)
 
 
 def test_read_idx_truncated_gzip_stream(tmp_path):
   path = write_idx(tmp_path / "labels.gz", np.arange(200) % 10)
   path.write_bytes(path.read_bytes()[:-20])
-  with pytest.raises(data.DataError, match="cannot be decompressed") as e:
-    data.read_idx(path)
+  with pytest.raises(dataset.DataError, match="cannot be decompressed") as e:
+    idx.read_idx(path)
   assert str(path) in str(e.value)
 
 
 def test_read_idx_truncated_header(tmp_path):
   path = tmp_path / "images"
   path.write_bytes((0x803).to_bytes(4, "big") + b"\0\0\0\2")
-  with pytest.raises(data.DataError, match="truncated IDX header: expected 16 bytes, found 8"):
-    data.read_idx(path)
+  with pytest.raises(dataset.DataError, match="truncated IDX header: expected 16 bytes, found 8"):
+    idx.read_idx(path)
 
 
 def write_idx_folder(folder, n_train=5, n_test=3, train_labels=None):
@@ -145,35 +146,34 @@ def write_idx_folder(folder, n_train=5, n_test=3, train_labels=None):
 
 
 def test_idx_folder_of_another_dataset_numbers_its_classes(tmp_path):
-  ds = data.load_dataset("digits3", write_idx_folder(tmp_path / "d"))
+  ds = load.idx_or_tfds("digits3", write_idx_folder(tmp_path / "d"))
   assert (ds.num_classes, ds.class_names, len(ds.train), len(ds.test)) == (3, ("0", "1", "2"),
                                                                            5, 3)
 
 
 def test_idx_count_mismatch(tmp_path):
   folder = write_idx_folder(tmp_path / "d", train_labels=np.zeros(4))
-  with pytest.raises(data.DataError, match="holds 5 images but .* holds 4 labels"):
-    data.load_idx_folder(folder, "mnist")
+  with pytest.raises(dataset.DataError, match="holds 5 images but .* holds 4 labels"):
+    idx.load_idx_folder(folder, "mnist")
 
 
 def test_idx_label_beyond_the_named_dataset(tmp_path):
   folder = write_idx_folder(tmp_path / "d", train_labels=np.array([0, 1, 2, 3, 10]))
-  with pytest.raises(data.DataError, match="label 10 found, but mnist has 10 classes"):
-    data.load_idx_folder(folder, "mnist")
+  with pytest.raises(dataset.DataError, match="label 10 found, but mnist has 10 classes"):
+    idx.load_idx_folder(folder, "mnist")
 
 
 def test_incomplete_idx_folder_names_missing_files(tmp_path):
   folder = write_idx_folder(tmp_path / "d")
   (folder / "t10k-images-idx3-ubyte").unlink()
-  assert not data.is_idx_folder(folder)
-  with pytest.raises(data.DataError, match=r"missing IDX files \['t10k-images-idx3-ubyte'\]"):
-    data.load_dataset("mnist", folder)
+  with pytest.raises(dataset.DataError, match=r"missing IDX files \['t10k-images-idx3-ubyte'\]"):
+    load.idx_or_tfds("mnist", folder)
 
 
 @pytest.mark.parametrize("data_dir", ["", "/nonexistent/tljax-data"])
 def test_load_dataset_rejects_missing_data_dir(data_dir):
-  with pytest.raises(data.DataError, match="is not a folder") as e:
-    data.load_dataset("mnist", data_dir)
+  with pytest.raises(dataset.DataError, match="is not a folder") as e:
+    load.idx_or_tfds("mnist", data_dir)
   assert repr(data_dir) in str(e.value)
 
 
@@ -207,7 +207,7 @@ def test_tfds_reads_a_prepared_copy_without_network(tmp_path, monkeypatch):
   monkeypatch.setattr(TinyDigits, "pkg_dir_path", tfds.core.Path(tmp_path))  # Its (absent) README.
   TinyDigits(data_dir=tmp_path / "tfds").download_and_prepare(file_format="array_record")
   monkeypatch.setattr(socket, "create_connection", _no_network)
-  ds = data.load_dataset("tiny_digits", tmp_path / "tfds")
+  ds = load.idx_or_tfds("tiny_digits", tmp_path / "tfds")
   assert (ds.num_classes, ds.class_names) == (3, ("a", "b", "c"))
   assert ds.train.images.shape == (5, 4, 4) and ds.test.images.shape == (3, 4, 4)
   assert sorted(ds.train.images[:, 0, 0].tolist()) == [0, 1, 2, 3, 4]
@@ -216,14 +216,14 @@ def test_tfds_reads_a_prepared_copy_without_network(tmp_path, monkeypatch):
 
 def _tensorflow_installed(monkeypatch):
   """As where TensorFlow is installed, which preparing most tfds datasets needs."""
-  monkeypatch.setattr(data, "needs_tensorflow_to_prepare", lambda builder: False)
+  monkeypatch.setattr(tfds_source, "needs_tensorflow_to_prepare", lambda builder: False)
 
 
 def test_tfds_mnist_under_mock_data(tmp_path, monkeypatch):
   _tensorflow_installed(monkeypatch)  # mock_data stands in for the prepare step.
-  monkeypatch.setattr(data, "host_reachable", lambda host, port: True)
+  monkeypatch.setattr(tfds_source, "host_reachable", lambda host, port: True)
   with tfds.testing.mock_data(num_examples=6):
-    ds = data.load_dataset("mnist", tmp_path)  # An empty folder is a tfds data_dir.
+    ds = load.idx_or_tfds("mnist", tmp_path)  # An empty folder is a tfds data_dir.
   assert (ds.name, ds.num_classes, ds.class_names) == ("mnist", 10, tuple("0123456789"))
   for split in (ds.train, ds.test):
     assert split.images.shape == (6, 28, 28) and split.images.dtype == np.uint8
@@ -237,8 +237,8 @@ def test_tfds_offline_fails_fast_with_the_fix(tmp_path, monkeypatch):
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
                       lambda *a, **k: pytest.fail("must not start a download offline"))
   start = time.perf_counter()
-  with pytest.raises(data.DataError) as e:
-    data.load_dataset("fashion_mnist", tmp_path)
+  with pytest.raises(dataset.DataError) as e:
+    load.idx_or_tfds("fashion_mnist", tmp_path)
   assert time.perf_counter() - start < 5
   message = str(e.value)
   for part in ("fashion_mnist", str(tmp_path), "could not be reached", "--config.data.dir=",
@@ -248,12 +248,12 @@ def test_tfds_offline_fails_fast_with_the_fix(tmp_path, monkeypatch):
 
 def test_tfds_failed_download_is_explained(tmp_path, monkeypatch):
   _tensorflow_installed(monkeypatch)
-  monkeypatch.setattr(data, "host_reachable", lambda host, port: True)
+  monkeypatch.setattr(tfds_source, "host_reachable", lambda host, port: True)
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
                       lambda *a, **k: _no_network())
-  with pytest.raises(data.DataError, match="downloading it failed: network is unreachable.*"
+  with pytest.raises(dataset.DataError, match="downloading it failed: network is unreachable.*"
                                            "--config.data.dir="):
-    data.load_tfds("mnist", tmp_path)
+    tfds_source.load_tfds("mnist", tmp_path)
 
 
 # All need TensorFlow to read their downloads; tf_flowers, patch_camelyon and imagenet_resized
@@ -261,11 +261,11 @@ def test_tfds_failed_download_is_explained(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["mnist", "cifar10", "tf_flowers", "patch_camelyon",
                                   "imagenet_resized/32x32"])
 def test_tfds_without_tensorflow_says_so_before_any_download(name, tmp_path, monkeypatch):
-  monkeypatch.setattr(data, "host_reachable", lambda host, port: pytest.fail("probed"))
+  monkeypatch.setattr(tfds_source, "host_reachable", lambda host, port: pytest.fail("probed"))
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
                       lambda *a, **k: pytest.fail("must not start a download"))
-  with pytest.raises(data.DataError) as e:
-    data.load_tfds(name, tmp_path)
+  with pytest.raises(dataset.DataError) as e:
+    tfds_source.load_tfds(name, tmp_path)
   message = str(e.value)
   assert f"{name} is not prepared in {tmp_path}" in message
   assert "needs TensorFlow to prepare it, which is not installed" in message
@@ -275,8 +275,8 @@ def test_tfds_without_tensorflow_says_so_before_any_download(name, tmp_path, mon
 
 def test_tfds_builders_from_elsewhere_are_prepared_without_tensorflow(tmp_path, monkeypatch):
   monkeypatch.setattr(TinyDigits, "pkg_dir_path", tfds.core.Path(tmp_path))  # Its (absent) README.
-  monkeypatch.setattr(data, "host_reachable", lambda host, port: True)
-  ds = data.load_tfds("tiny_digits", tmp_path / "tfds")
+  monkeypatch.setattr(tfds_source, "host_reachable", lambda host, port: True)
+  ds = tfds_source.load_tfds("tiny_digits", tmp_path / "tfds")
   assert ds.train.images.shape == (5, 4, 4) and ds.test.images.shape == (3, 4, 4)
 
 
@@ -292,10 +292,10 @@ class TinyPhotos(TinyDigits):
 
 def test_tfds_builders_from_elsewhere_that_need_tensorflow_say_so(tmp_path, monkeypatch):
   monkeypatch.setattr(TinyPhotos, "pkg_dir_path", tfds.core.Path(tmp_path))
-  monkeypatch.setattr(data, "host_reachable", lambda host, port: True)
-  with pytest.raises(data.DataError, match="tiny_photos is not prepared in .* needs TensorFlow "
+  monkeypatch.setattr(tfds_source, "host_reachable", lambda host, port: True)
+  with pytest.raises(dataset.DataError, match="tiny_photos is not prepared in .* needs TensorFlow "
                                            "to prepare it, which is not installed"):
-    data.load_tfds("tiny_photos", tmp_path / "tfds")
+    tfds_source.load_tfds("tiny_photos", tmp_path / "tfds")
 
 
 # How tensorflow-datasets raises a failed TensorFlow import: as is from a builder's own code,
@@ -316,7 +316,7 @@ def _encoding(e):
 def test_tfds_tensorflow_import_during_prepare_becomes_the_same_message(reraise, tmp_path,
                                                                         monkeypatch):
   _tensorflow_installed(monkeypatch)
-  monkeypatch.setattr(data, "host_reachable", lambda host, port: True)
+  monkeypatch.setattr(tfds_source, "host_reachable", lambda host, port: True)
 
   def prepare(*args, **kwargs):
     try:  # As tensorflow-datasets' lazy import of TensorFlow fails.
@@ -325,21 +325,21 @@ def test_tfds_tensorflow_import_during_prepare_becomes_the_same_message(reraise,
       reraise(e)
 
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", prepare)
-  with pytest.raises(data.DataError, match="needs TensorFlow to prepare it") as e:
-    data.load_tfds("cifar10", tmp_path)
+  with pytest.raises(dataset.DataError, match="needs TensorFlow to prepare it") as e:
+    tfds_source.load_tfds("cifar10", tmp_path)
   assert e.value.__cause__ is None and e.value.__suppress_context__
 
 
 def test_tfds_other_import_errors_during_prepare_stay_as_they_are(tmp_path, monkeypatch):
   _tensorflow_installed(monkeypatch)
-  monkeypatch.setattr(data, "host_reachable", lambda host, port: True)
+  monkeypatch.setattr(tfds_source, "host_reachable", lambda host, port: True)
 
   def prepare(*args, **kwargs):
     raise ModuleNotFoundError("No module named 'tensorflow_io'", name="tensorflow_io")
 
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", prepare)
   with pytest.raises(ModuleNotFoundError, match="tensorflow_io"):
-    data.load_tfds("cifar10", tmp_path)
+    tfds_source.load_tfds("cifar10", tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,13 +353,13 @@ def test_idx_downloads_are_the_files_tfds_checks(name):
   listing = (pathlib.Path(tensorflow_datasets.__file__).parent / "url_checksums" /
              f"{name}.txt").read_text().split("\n")
   published = {url: sha256 for url, _, sha256, _ in (line.split("\t") for line in listing if line)}
-  assert {url: sha256 for url, sha256 in data.idx_downloads(name).values()} == published
+  assert {url: sha256 for url, sha256 in idx.idx_downloads(name).values()} == published
 
 
 def test_idx_checksums_match_the_original_files_in_shared(mnist_dir):
   # The shared copy's train images are a rebuild (see ../shared/README.md); the rest are
   # the original files.
-  for file, (_, sha256) in data.idx_downloads("mnist").items():
+  for file, (_, sha256) in idx.idx_downloads("mnist").items():
     if file != "train-images-idx3-ubyte.gz":
       assert download.sha256_of(mnist_dir / file) == sha256
 
@@ -367,10 +367,10 @@ def test_idx_checksums_match_the_original_files_in_shared(mnist_dir):
 @pytest.fixture
 def idx_mirror(server, tiny_idx_dir, monkeypatch):
   """``server`` as $TLJAX_DATA_MIRROR serving tiny_idx_dir as "mnist", with its checksums."""
-  files = {f"{stem}.gz": (tiny_idx_dir / f"{stem}.gz").read_bytes() for stem in data.IDX_FILES}
+  files = {f"{stem}.gz": (tiny_idx_dir / f"{stem}.gz").read_bytes() for stem in idx.IDX_FILES}
   server.files.update({f"/mnist/{name}": body for name, body in files.items()})
-  shas = tuple(hashlib.sha256(files[f"{stem}.gz"]).hexdigest() for stem in data.IDX_FILES)
-  monkeypatch.setitem(data.IDX_SOURCES, "mnist", ("https://unused.invalid/", shas))
+  shas = tuple(hashlib.sha256(files[f"{stem}.gz"]).hexdigest() for stem in idx.IDX_FILES)
+  monkeypatch.setitem(idx.IDX_SOURCES, "mnist", ("https://unused.invalid/", shas))
   monkeypatch.setenv("TLJAX_DATA_MIRROR", server.url)
   return server
 
@@ -378,16 +378,16 @@ def idx_mirror(server, tiny_idx_dir, monkeypatch):
 def test_fetch_idx_downloads_once_and_replaces_a_damaged_file(idx_mirror, tmp_path,
                                                               monkeypatch):
   monkeypatch.setenv("TLJAX_CACHE", str(tmp_path))
-  ds = data.load_dataset("mnist", None)
+  ds = load.idx_or_tfds("mnist", None)
   folder = tmp_path / "datasets" / "mnist"
-  assert sorted(p.name for p in folder.iterdir()) == sorted(f"{s}.gz" for s in data.IDX_FILES)
+  assert sorted(p.name for p in folder.iterdir()) == sorted(f"{s}.gz" for s in idx.IDX_FILES)
   assert (len(ds.train), len(ds.test), ds.class_names) == (160, 40, tuple("0123456789"))
-  assert sorted(idx_mirror.requests) == sorted(f"/mnist/{s}.gz" for s in data.IDX_FILES)
+  assert sorted(idx_mirror.requests) == sorted(f"/mnist/{s}.gz" for s in idx.IDX_FILES)
   idx_mirror.requests.clear()
-  data.load_dataset("mnist", None)
+  load.idx_or_tfds("mnist", None)
   assert idx_mirror.requests == []
   (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(b"damaged")
-  data.load_dataset("mnist", None)
+  load.idx_or_tfds("mnist", None)
   assert idx_mirror.requests == ["/mnist/t10k-labels-idx1-ubyte.gz"]
 
 
@@ -405,15 +405,15 @@ def test_fetch_idx_failures_name_the_file_and_the_local_alternative(idx_mirror, 
     idx_mirror.dropped.add(path)
   else:
     idx_mirror.files[path] = b"tampered"
-  with pytest.raises(data.DataError, match=expected + r".*--config.data.dir=<folder with the "
+  with pytest.raises(dataset.DataError, match=expected + r".*--config.data.dir=<folder with the "
                      r"four files train-images-idx3-ubyte.gz"):
-    data.fetch_idx("mnist", tmp_path)
+    idx.fetch_idx("mnist", tmp_path)
   assert not list((tmp_path / "datasets" / "mnist").glob("t10k-images*"))
 
 
 def test_tfds_unknown_name_suggests_valid_ones(tmp_path):
-  with pytest.raises(data.DataError, match=r"Unknown dataset 'mnistt'.*did you mean mnist"):
-    data.load_tfds("mnistt", tmp_path)
+  with pytest.raises(dataset.DataError, match=r"Unknown dataset 'mnistt'.*did you mean mnist"):
+    tfds_source.load_tfds("mnistt", tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +426,7 @@ def test_tfds_unknown_name_suggests_valid_ones(tmp_path):
 def test_holdout_split_matches_keras(n, fraction, monkeypatch):
   split = small_split(n)
   (x_train, y_train), (x_val, y_val) = keras_validation_split(split, fraction, monkeypatch)
-  train, val = data.holdout_split(split, fraction)
+  train, val = dataset.holdout_split(split, fraction)
   np.testing.assert_array_equal(train.images, x_train)
   np.testing.assert_array_equal(train.labels, y_train)
   np.testing.assert_array_equal(val.images, x_val)
@@ -435,11 +435,11 @@ def test_holdout_split_matches_keras(n, fraction, monkeypatch):
 
 def test_holdout_split_zero_and_bad_fractions():
   split = small_split(10)
-  train, val = data.holdout_split(split, 0.0)
+  train, val = dataset.holdout_split(split, 0.0)
   assert train is split and len(val) == 0 and val.images.shape == (0, 4, 4)
   for bad in (-0.1, 1.0, 1.5):
     with pytest.raises(ValueError, match=f"fraction {bad} must be in"):
-      data.holdout_split(split, bad)
+      dataset.holdout_split(split, bad)
 
 
 @pytest.mark.parametrize("n, fraction", [(3, 0.7), (1, 0.5), (10, 1e-17)])
@@ -448,26 +448,26 @@ def test_holdout_split_refuses_an_empty_side_like_keras(n, fraction, monkeypatch
   with pytest.raises(ValueError, match="not sufficient"):
     keras_validation_split(split, fraction, monkeypatch)
   with pytest.raises(ValueError, match=f"{n} examples are too few"):
-    data.holdout_split(split, fraction)
+    dataset.holdout_split(split, fraction)
 
 
 @pytest.mark.parametrize("n, expected", [(0, 10), (3, 3), (10, 10), (25, 10)])
 def test_take(n, expected):
-  split = data.take(small_split(10), n)
+  split = dataset.take(small_split(10), n)
   assert len(split) == expected
   np.testing.assert_array_equal(split.labels, np.arange(expected))
 
 
 def test_take_rejects_negative():
   with pytest.raises(ValueError, match="n=-1 must be >= 0"):
-    data.take(small_split(3), -1)
+    dataset.take(small_split(3), -1)
 
 
 def test_split_checks_its_arrays():
   with pytest.raises(ValueError, match="labels must be int32"):
-    data.Split(np.zeros((3, 4, 4), np.uint8), np.zeros(3, np.int64))
+    dataset.Split(np.zeros((3, 4, 4), np.uint8), np.zeros(3, np.int64))
   with pytest.raises(ValueError, match="images must be uint8"):
-    data.Split(np.zeros((3, 4), np.uint8), np.zeros(3, np.int32))
+    dataset.Split(np.zeros((3, 4), np.uint8), np.zeros(3, np.int32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,8 +480,8 @@ def test_preprocess_shapes_and_ranges(shape):
   images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
   images[0] = 0
   images[1] = 255
-  unit = jax.jit(lambda x: data.preprocess(x, size=40, scale="unit"))(images)
-  symmetric = data.preprocess(images, size=40, scale="symmetric")
+  unit = jax.jit(lambda x: transforms.preprocess(x, size=40, scale="unit"))(images)
+  symmetric = transforms.preprocess(images, size=40, scale="symmetric")
   assert unit.shape == symmetric.shape == (2, 40, 40, 3) and unit.dtype == jnp.float32
   np.testing.assert_allclose(unit[0], 0.0, rtol=0, atol=1e-6)
   np.testing.assert_allclose(unit[1], 1.0, rtol=0, atol=1e-6)
@@ -492,8 +492,8 @@ def test_preprocess_shapes_and_ranges(shape):
 
 def test_preprocess_scales_exactly():
   images = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
-  unit = np.asarray(data.preprocess(images, size=16, scale="unit"))
-  symmetric = np.asarray(data.preprocess(images, size=16, scale="symmetric"))
+  unit = np.asarray(transforms.preprocess(images, size=16, scale="unit"))
+  symmetric = np.asarray(transforms.preprocess(images, size=16, scale="symmetric"))
   expected = images[..., None].astype(np.float32)
   np.testing.assert_allclose(unit, np.repeat(expected / 255, 3, -1), rtol=0, atol=1e-7)
   np.testing.assert_allclose(symmetric, np.repeat(expected / 127.5 - 1, 3, -1), rtol=0,
@@ -504,14 +504,14 @@ def test_preprocess_scales_exactly():
 def test_preprocess_resize_matches_tf_bilinear(size_in, size_out):
   images = np.random.default_rng(size_in + size_out).integers(
       0, 256, (2, size_in, size_in, 3), dtype=np.uint8)
-  got = data.preprocess(images, size=size_out, scale="unit")
+  got = transforms.preprocess(images, size=size_out, scale="unit")
   expected = tf_bilinear_resize(images, size_out, size_out) / 255
   np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-5)
 
 
 def test_preprocess_grey_repeats_to_rgb():
   images = np.random.default_rng(1).integers(0, 256, (3, 28, 28), dtype=np.uint8)
-  out = np.asarray(data.preprocess(images, size=32, scale="unit"))
+  out = np.asarray(transforms.preprocess(images, size=32, scale="unit"))
   np.testing.assert_array_equal(out[..., 0], out[..., 1])
   np.testing.assert_array_equal(out[..., 0], out[..., 2])
   np.testing.assert_allclose(out[..., 0], tf_bilinear_resize(images[..., None], 32, 32)[..., 0]
@@ -520,14 +520,14 @@ def test_preprocess_grey_repeats_to_rgb():
 
 def test_preprocess_rejects_unknown_scale_and_channels():
   with pytest.raises(ValueError, match=r"Unknown scale 'imagenet'.*\['symmetric', 'unit'\]"):
-    data.preprocess(np.zeros((1, 4, 4), np.uint8), size=4, scale="imagenet")
+    transforms.preprocess(np.zeros((1, 4, 4), np.uint8), size=4, scale="imagenet")
   with pytest.raises(ValueError, match="1 or 3 channels"):
-    data.preprocess(np.zeros((1, 4, 4, 2), np.uint8), size=4, scale="unit")
+    transforms.preprocess(np.zeros((1, 4, 4, 2), np.uint8), size=4, scale="unit")
 
 
 def test_augment_zero_shift_is_identity():
   images = jnp.ones((2, 8, 8, 3))
-  assert data.augment(jax.random.PRNGKey(0), images, max_shift=0) is images
+  assert transforms.augment(jax.random.PRNGKey(0), images, max_shift=0) is images
 
 
 def _shift(image, dy, dx):
@@ -543,7 +543,7 @@ def test_augment_translates_each_image_with_zero_fill():
   rng = np.random.default_rng(0)
   images = rng.uniform(1, 2, (16, 8, 8, 3)).astype(np.float32)  # No zeros before shifting.
   key = jax.random.PRNGKey(3)
-  augment = jax.jit(lambda k, x: data.augment(k, x, max_shift=2))
+  augment = jax.jit(lambda k, x: transforms.augment(k, x, max_shift=2))
   out = np.asarray(augment(key, images))
   assert out.shape == images.shape
   np.testing.assert_array_equal(out, augment(key, images))
@@ -563,25 +563,20 @@ def test_augment_translates_each_image_with_zero_fill():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_epoch_permutation_is_a_reproducible_permutation():
-  order = data.epoch_permutation(0, 1, 2, 1000)
-  assert order.dtype == jnp.int32 and order.shape == (1000,)
-  np.testing.assert_array_equal(np.sort(order), np.arange(1000))
-  np.testing.assert_array_equal(order, data.epoch_permutation(0, 1, 2, 1000))
+def test_epoch_order_is_a_reproducible_permutation_cut_into_batches():
+  order = sources.epoch_order(0, 1, 2, 1000, 33, 30)
+  assert order.dtype == np.int32 and order.shape == (33, 30)
+  assert len(np.unique(order)) == 990 and order.min() >= 0 and order.max() < 1000
+  np.testing.assert_array_equal(order, sources.epoch_order(0, 1, 2, 1000, 33, 30))
   for other in [(1, 1, 2), (0, 0, 2), (0, 1, 3)]:
-    assert not np.array_equal(order, data.epoch_permutation(*other, 1000))
+    assert not np.array_equal(order, sources.epoch_order(*other, 1000, 33, 30))
 
 
-@pytest.mark.parametrize("n, batch, drop, expected", [
-    (10, 3, True, 3), (10, 3, False, 4), (9, 3, True, 3), (9, 3, False, 3), (2, 3, True, 0),
-    (2, 3, False, 1), (0, 3, False, 0)])
-def test_num_batches(n, batch, drop, expected):
-  assert data.num_batches(n, batch, drop) == expected
-
-
-def test_num_batches_rejects_bad_batch_size():
-  with pytest.raises(ValueError, match="batch_size=0 must be > 0"):
-    data.num_batches(10, 0, True)
+def test_epoch_order_is_jax_random_permutation_of_the_phase_and_epoch_key():
+  """The order of earlier builds (a device permutation), so runs and resumes keep theirs."""
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(7), 1), 4)
+  expected = np.asarray(jax.random.permutation(key, 100))[:96].reshape(8, 12)
+  np.testing.assert_array_equal(sources.epoch_order(7, 1, 4, 100, 8, 12), expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,30 +590,30 @@ def _photos(n=4, h=8, w=8):
 
 def test_evaluation_input_without_crop_is_preprocess():
   images = _photos()
-  np.testing.assert_array_equal(data.evaluation_input(images, size=6, scale="symmetric"),
-                                data.preprocess(images, size=6, scale="symmetric"))
+  np.testing.assert_array_equal(transforms.evaluation_input(images, size=6, scale="symmetric"),
+                                transforms.preprocess(images, size=6, scale="symmetric"))
 
 
 def test_evaluation_input_takes_the_centre_crop():
   images = _photos(h=10, w=10)
-  got = data.evaluation_input(images, size=6, scale="unit", crop_fraction=0.6)
-  np.testing.assert_array_equal(got, data.preprocess(images[:, 2:8, 2:8], size=6, scale="unit"))
+  got = transforms.evaluation_input(images, size=6, scale="unit", crop_fraction=0.6)
+  np.testing.assert_array_equal(got, transforms.preprocess(images[:, 2:8, 2:8], size=6, scale="unit"))
   with pytest.raises(ValueError, match=r"crop_fraction=0 must be in \(0, 1\]"):
-    data.evaluation_input(images, size=6, scale="unit", crop_fraction=0)
+    transforms.evaluation_input(images, size=6, scale="unit", crop_fraction=0)
 
 
 def test_random_resized_crop_of_the_whole_image_is_a_bilinear_resize():
   images = _photos(h=12, w=12)
   whole = dict(scale_range=(1.0, 1.0), ratio_range=(1.0, 1.0))
-  same = data.random_resized_crop(jax.random.PRNGKey(0), images, size=12, **whole)
+  same = transforms.random_resized_crop(jax.random.PRNGKey(0), images, size=12, **whole)
   np.testing.assert_allclose(same, images.astype(np.float32), atol=1e-4)
-  smaller = data.random_resized_crop(jax.random.PRNGKey(0), images, size=8, **whole)
+  smaller = transforms.random_resized_crop(jax.random.PRNGKey(0), images, size=8, **whole)
   np.testing.assert_allclose(smaller, tf_bilinear_resize(images, 8, 8), atol=1e-3)
 
 
 def test_random_resized_crop_varies_per_image_and_key_within_range():
   images = np.repeat(_photos(n=1, h=16, w=16), 8, axis=0)
-  crop = jax.jit(lambda k, x: data.random_resized_crop(
+  crop = jax.jit(lambda k, x: transforms.random_resized_crop(
       k, x, size=8, scale_range=(0.2, 0.6), ratio_range=(0.75, 1.333)))
   out = np.asarray(crop(jax.random.PRNGKey(1), images))
   assert out.shape == (8, 8, 8, 3) and 0 <= out.min() and out.max() <= 255
@@ -629,7 +624,7 @@ def test_random_resized_crop_varies_per_image_and_key_within_range():
 
 def test_random_flip_mirrors_some_images_and_keeps_the_others():
   x = jnp.asarray(_photos(n=16), jnp.float32)
-  out = np.asarray(data.random_flip(jax.random.PRNGKey(0), x))
+  out = np.asarray(transforms.random_flip(jax.random.PRNGKey(0), x))
   mirrored = [np.array_equal(o, xi[:, ::-1]) for o, xi in zip(out, np.asarray(x))]
   kept = [np.array_equal(o, xi) for o, xi in zip(out, np.asarray(x))]
   assert all(m or k for m, k in zip(mirrored, kept)) and any(mirrored) and any(kept)
@@ -637,16 +632,16 @@ def test_random_flip_mirrors_some_images_and_keeps_the_others():
 
 def test_training_input_with_only_a_shift_is_the_shift_of_preprocess():
   images, key = _photos(), jax.random.PRNGKey(3)
-  got = data.training_input(key, images, size=8, scale="unit", crop_fraction=1.0,
-                            augmentation=data.Augmentation(shift=2))
-  want = data.augment(key, data.preprocess(images, size=8, scale="unit"), max_shift=2)
+  got = transforms.training_input(key, images, view=transforms.EvalView(8, "unit"),
+                                 augmentation=transforms.Augmentation(shift=2))
+  want = transforms.augment(key, transforms.preprocess(images, size=8, scale="unit"), max_shift=2)
   np.testing.assert_array_equal(got, want)
 
 
 def test_augmentation_from_config():
   from configs import default
   config = default.get_config()
-  assert not data.Augmentation.from_config(config.data).active
+  assert not transforms.Augmentation.from_config(config.data).active
   config.data.random_crop, config.data.flip = True, True
-  augmentation = data.Augmentation.from_config(config.data)
+  augmentation = transforms.Augmentation.from_config(config.data)
   assert augmentation.active and augmentation.crop_scale == (0.35, 1.0) and augmentation.flip

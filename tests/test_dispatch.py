@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import default
-from tljax import dispatch, input_pipeline, models, phases, prefix, sharding
+from tljax import dispatch, models, phases, prefix, sharding
+from tljax.data import sources, transforms
 
 MESH = sharding.data_mesh(jax.devices()[:1])
 
@@ -40,7 +41,7 @@ def _run_chunk(config, model, variables, inputs, labels, indices, cut, index=1):
   phase = phase.__class__(**{**phase.__dict__, "cut": cut})
   assert dispatch.scans_steps(phase, model) == (model.layers[cut].kind == "dense")
   state = phases.init_state(phase, jax.tree.map(jnp.array, variables), config.seed)
-  chunk = dispatch.make_train_chunk(phase, model, config, MESH)
+  chunk = dispatch.make_train_chunk(phase, model, transforms.EvalView.from_config(config))
   state, metrics = chunk(state, inputs, jnp.asarray(labels), jnp.asarray(indices))
   return jax.device_get((state.params, state.batch_stats, metrics["loss"]))
 
@@ -50,9 +51,10 @@ def test_cached_prefix_phase_equals_uncached():
   phase = phases.build_phase(config, 1, model, variables["params"], len(labels))
   assert model.layers[phase.cut].name == "block_11_depthwise"  # layers[:100] + its relu.
   device_images = {"images": jnp.asarray(images)}
-  source = input_pipeline.DeviceSource(device_images, jnp.asarray(labels), MESH)
+  source = sources.DeviceSource(device_images, jnp.asarray(labels), MESH)
   cache, = prefix.build_prefix_caches(variables, source, model=model, cuts=(phase.cut,),
-                                     config=config, mesh=MESH)
+                                      view=transforms.EvalView.from_config(config),
+                                      batch_size=config.eval_batch_size, mesh=MESH)
   assert set(cache) == {"block_10_project_BN", "block_11_expand_relu"}
   cached = _run_chunk(config, model, variables, cache, labels, indices, phase.cut)
   plain = _run_chunk(config, model, variables, device_images, labels, indices, 0)
@@ -68,9 +70,10 @@ def test_scanned_head_steps_equal_separate_steps():
   phase = phases.build_phase(config, 0, model, variables["params"], len(labels))
   assert model.layers[phase.cut].name == "predictions"
   device_images = {"images": jnp.asarray(images)}
-  source = input_pipeline.DeviceSource(device_images, jnp.asarray(labels), MESH)
+  source = sources.DeviceSource(device_images, jnp.asarray(labels), MESH)
   cache, = prefix.build_prefix_caches(variables, source, model=model, cuts=(phase.cut,),
-                                     config=config, mesh=MESH)
+                                      view=transforms.EvalView.from_config(config),
+                                      batch_size=config.eval_batch_size, mesh=MESH)
   scanned = _run_chunk(config, model, variables, cache, labels, indices, phase.cut, index=0)
   plain = _run_chunk(config, model, variables, device_images, labels, indices, 0, index=0)
   np.testing.assert_allclose(scanned[2], plain[2], rtol=1e-5)

@@ -24,7 +24,8 @@ import pytest
 from configs import default
 from test_reliability import CONFIG_FILE, DRIVER
 from test_train import read_events, tiny_config
-from tljax import distributed, models, train, weights
+from tljax import distributed, models, train
+from tljax.models import weights
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,8 @@ import numpy as np
 
 from test_distributed import REPO, TOLERANCE, _variables, _worst_difference, launcher
 from test_folder import make_folder
-from tljax import data, train
+from tljax import train
+from tljax.data import dataset
 
 # The tiny photo job of tests/test_folder.py, streamed, with SGD and BatchNorm in inference
 # mode: float32 sums in another order across processes stay at rounding level.
@@ -42,13 +43,13 @@ def test_two_processes_stream_a_folder_as_one_process_trains_on_it(tmp_path, mon
   spec = importlib.util.spec_from_file_location("folder_config", config_file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  getitem, read = data.RowView.__getitem__, [0]
+  getitem, read = dataset.RowView.__getitem__, [0]
 
   def counted(self, index):
     read[0] += 0 if isinstance(index, slice) else np.size(self.rows[index])
     return getitem(self, index)
 
-  monkeypatch.setattr(data.RowView, "__getitem__", counted)
+  monkeypatch.setattr(dataset.RowView, "__getitem__", counted)
   train.run(module.get_config(), tmp_path / "one")  # One process, one device, same batches.
   # Each process reads its device's half of every batch; process 0 also its 3x3 sample plot.
   assert rows_read[1] > 0 and rows_read == [rows_read[1] + 9, rows_read[1]]

@@ -39,21 +39,6 @@ def test_confusion_matrix_rejects_bad_input(labels, predictions, num_classes, er
     evaluate.confusion_matrix(labels, predictions, num_classes)
 
 
-def test_accuracy():
-  assert evaluate.accuracy(LABELS, PREDICTIONS) == pytest.approx(4 / 6)
-  with pytest.raises(ValueError, match="zero examples"):
-    evaluate.accuracy([], [])
-  with pytest.raises(ValueError, match="same length"):
-    evaluate.accuracy([0, 1], [0])
-
-
-def test_per_class_accuracy_is_recall_with_nan_for_absent_classes():
-  cm = evaluate.confusion_matrix(LABELS, PREDICTIONS, num_classes=4)
-  np.testing.assert_allclose(evaluate.per_class_accuracy(cm), [0.5, 1.0, 2 / 3, np.nan])
-  with pytest.raises(ValueError, match=r"square confusion matrix, got shape \(2, 3\)"):
-    evaluate.per_class_accuracy(np.zeros((2, 3)))
-
-
 def _predictions_with_errors(n: int, wrong: int, num_classes: int = 10):
   labels = np.arange(n) % num_classes
   predictions = labels.copy()

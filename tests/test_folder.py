@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from configs import default
-from tljax import checks, data, folder, images, input_pipeline, sharding, train
+from tljax import checks, sharding, train
+from tljax.data import dataset, folder, images, load
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -41,6 +42,13 @@ def folder_config(root, **data_overrides):
   config.model.input_size = 32
   config.data.update(data_overrides)
   return config
+
+
+def load_folder(config, splits_dir):
+  """``folder.load_folder`` with what it takes of ``config``, as ``data.load`` calls it."""
+  size = folder.stored_size(config.data.image_size, config.model.input_size)
+  return folder.load_folder(config.data, stored_size=size, seed=config.seed,
+                            splits_dir=splits_dir, progress=False)
 
 
 def tiny_folder_config(root, **data_overrides):
@@ -140,7 +148,7 @@ def test_existing_split_folders_are_kept_and_missing_ones_cut(tmp_path):
 def test_split_lists_are_written_and_reused(tmp_path):
   root = make_folder(tmp_path / "d", {"a": 6, "b": 6})
   splits_dir = tmp_path / "run" / "splits"
-  first = folder.load_folder(folder_config(root), splits_dir, progress=False)
+  first = load_folder(folder_config(root), splits_dir)
   assert not splits_dir.exists()  # The run writes them, once its config has passed.
   folder.write_split_lists(splits_dir, first.split_files)
   train_list = (splits_dir / "train.txt").read_text().split()
@@ -148,12 +156,12 @@ def test_split_lists_are_written_and_reused(tmp_path):
       (splits_dir / f"{s}.txt").read_text() for s in folder.SPLITS)
   config = folder_config(root)
   config.seed = 5  # A resumed run reads the lists back, whatever would be cut now.
-  again = folder.load_folder(config, splits_dir, progress=False)
+  again = load_folder(config, splits_dir)
   assert again.split_files == first.split_files
   assert sorted(map(bytes, again.train.images)) == sorted(map(bytes, first.train.images))
   os.remove(root / train_list[0])
-  with pytest.raises(data.DataError, match=r"1 files listed in .*splits.* missing") as e:
-    folder.load_folder(config, splits_dir, progress=False)
+  with pytest.raises(dataset.DataError, match=r"1 files listed in .*splits.* missing") as e:
+    load_folder(config, splits_dir)
   assert train_list[0] in str(e.value) and "another --workdir" in str(e.value)
 
 
@@ -208,7 +216,7 @@ def test_dataset_images_labels_and_stored_size(tmp_path):
   root = make_folder(tmp_path / "d", {"a": 5, "b": 5}, "train")
   make_folder(root, {"a": 2, "b": 1}, "valid")
   make_folder(root, {"a": 1, "b": 2}, "test")
-  ds = folder.load_folder(folder_config(root), None, progress=False)
+  ds = load_folder(folder_config(root), None)
   assert ds.class_names == ("a", "b") and ds.name == "d"
   assert ds.train.images.shape == (10, 40, 40, 3)  # 32 * 8/7 -> 40.
   assert ds.validation.labels.tolist() == [0, 0, 1] and ds.test.labels.tolist() == [0, 1, 1]
@@ -226,9 +234,9 @@ def test_dataset_images_labels_and_stored_size(tmp_path):
 def test_too_big_for_memory_without_streaming_is_refused_before_decoding(tmp_path):
   root = make_folder(tmp_path / "d", {"a": 3, "b": 3})
   config = folder_config(root, max_memory_gb=1e-5, test_split=0.2, stream="off")
-  with pytest.raises(data.DataError, match=r"6 decoded images at 40x40 need .* "
+  with pytest.raises(dataset.DataError, match=r"6 decoded images at 40x40 need .* "
                      r"data.max_memory_gb=1e-05, and data.stream=off. Set data.stream=auto"):
-    folder.load_folder(config, None, progress=False)
+    load_folder(config, None)
   assert not (tmp_path / "d_cache").exists()
 
 
@@ -265,13 +273,13 @@ def test_bad_image_is_named_or_skipped(tmp_path, kind, cause, monkeypatch):
   else:
     _corrupt(root / "a" / "002.jpg", kind)
   config = folder_config(root, validation_split=0.25, test_split=0.25)
-  with pytest.raises(data.DataError, match=rf"^1 image files that cannot be read: "
+  with pytest.raises(dataset.DataError, match=rf"^1 image files that cannot be read: "
                      rf"a/002.jpg \({cause}.*Replace or remove them, or pass "
                      r"--config.data.skip_bad_images=true") as e:
-    folder.load_folder(config, None, progress=False)
+    load_folder(config, None)
   assert "\n" not in str(e.value)
   config.data.skip_bad_images = True
-  ds = folder.load_folder(config, None, progress=False)
+  ds = load_folder(config, None)
   assert ds.skipped == ("a/002.jpg",)
   assert len(ds.train) + len(ds.validation) + len(ds.test) == 7
 
@@ -280,9 +288,9 @@ def test_many_bad_images_list_ten_and_the_count(tmp_path):
   root = make_folder(tmp_path / "d", {"a": 14, "b": 2})
   for i in range(12):
     (root / "a" / f"{i:03d}.png").write_bytes(b"")
-  with pytest.raises(data.DataError, match=r"^12 image files .*a/009.png \(empty file "
+  with pytest.raises(dataset.DataError, match=r"^12 image files .*a/009.png \(empty file "
                      r"\(0 bytes\)\); \.\.\. and 2 more\. Replace") as e:
-    folder.load_folder(folder_config(root), None, progress=False)
+    load_folder(folder_config(root), None)
   assert "a/010.png" not in str(e.value)
 
 
@@ -304,8 +312,8 @@ def test_many_bad_images_list_ten_and_the_count(tmp_path):
         "stray_folder"])
 def test_bad_folder_layout_is_one_message(tmp_path, build, message):
   build(tmp_path / "d")
-  with pytest.raises(data.DataError, match=message) as e:
-    folder.load_folder(folder_config(tmp_path / "d"), None, progress=False)
+  with pytest.raises(dataset.DataError, match=message) as e:
+    load_folder(folder_config(tmp_path / "d"), None)
   assert "\n" not in str(e.value)
 
 
@@ -323,8 +331,8 @@ def test_an_unreadable_folder_is_one_message(tmp_path, monkeypatch, unreadable):
 
   monkeypatch.setattr(os, "scandir", guarded_scandir)
   config = folder_config(root)
-  with pytest.raises(data.DataError) as e:
-    input_pipeline.load_dataset(config)  # data.source=auto looks into the folder first.
+  with pytest.raises(dataset.DataError) as e:
+    load.load_dataset(config)  # data.source=auto looks into the folder first.
   assert str(e.value) == (f"{refused}: cannot be read (Permission denied); check its "
                           "permissions and that the storage holding it is reachable.")
 
@@ -391,5 +399,5 @@ def test_bad_data_settings_are_refused(key, value, message):
 def test_folder_source_without_a_dir_says_what_to_pass():
   config = default.get_config()
   config.data.source = "folder"
-  with pytest.raises(data.DataError, match=r"data.source=folder needs --config.data.dir="):
-    input_pipeline.load_dataset(config)
+  with pytest.raises(dataset.DataError, match=r"data.source=folder needs --config.data.dir="):
+    load.load_dataset(config)

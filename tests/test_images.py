@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tljax import images
+from tljax.data import images
 
 RGB = (np.arange(12 * 10 * 3) % 251).astype(np.uint8).reshape(12, 10, 3)
 

@@ -19,7 +19,7 @@ import pytest
 from keras.src.initializers import random_initializers
 from keras.src.legacy.saving import legacy_h5_format
 
-from tljax import weights
+from tljax.models import weights
 from tljax.models import layer_stack, mobilenet_v2
 from tljax.models.mobilenet_v2 import MobileNetV2
 

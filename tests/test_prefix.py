@@ -3,7 +3,6 @@ caches fit."""
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import pytest
 
 from tljax import prefix
@@ -40,13 +39,11 @@ def test_bytes_per_example_is_the_frontiers_size():
     (1e-9, 30, (0, 0)),                                           # Nothing fits.
 ])
 def test_plan_caches(cache_max_gb, next_cut, expected):
-  config = ml_collections.ConfigDict({"cache_max_gb": cache_max_gb,
-                                      "model": {"input_size": 32}})
-  assert prefix.plan_caches(MODEL, VARIABLES, config, 60, next_cut, 1000) == expected
+  assert prefix.plan_caches(MODEL, VARIABLES, cut=60, next_cut=next_cut, examples=1000,
+                            input_size=32, max_gb=cache_max_gb) == expected
 
 
 def test_plan_caches_leaves_out_the_next_cache_when_both_do_not_fit():
   per_example = prefix.bytes_per_example(MODEL, 60, VARIABLES, 32)
-  config = ml_collections.ConfigDict({"cache_max_gb": 1.5 * per_example * 1000 / 2**30,
-                                      "model": {"input_size": 32}})
-  assert prefix.plan_caches(MODEL, VARIABLES, config, 60, 30, 1000) == (60, 0)
+  assert prefix.plan_caches(MODEL, VARIABLES, cut=60, next_cut=30, examples=1000, input_size=32,
+                            max_gb=1.5 * per_example * 1000 / 2**30) == (60, 0)

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from conftest import logged_error
-from tljax import checkpoint, dispatch, preemption, train
+from tljax import checkpoint, dispatch, exits, preemption, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,8 @@ DRIVER = textwrap.dedent('''
   import jax.numpy as jnp
   import orbax.checkpoint as ocp
   from orbax.checkpoint._src.path import atomicity
-  from tljax import reporting, steps, train, weights
+  from tljax import reporting, steps, train
+  from tljax.models import weights
 
   def signal_at_step(step, signum):  # Right after the step record of global step ``step``.
     write = reporting.MetricsWriter.write
@@ -114,12 +115,12 @@ DRIVER = textwrap.dedent('''
   def count_rows_read():  # Rows of a decoded cache this process reads, printed at exit.
     import atexit
     import numpy as np
-    from tljax import data
-    getitem, read = data.RowView.__getitem__, [0]
+    from tljax.data import dataset
+    getitem, read = dataset.RowView.__getitem__, [0]
     def counted(self, index):
       read[0] += 0 if isinstance(index, slice) else np.size(self.rows[index])
       return getitem(self, index)
-    data.RowView.__getitem__ = counted
+    dataset.RowView.__getitem__ = counted
     atexit.register(lambda: print(f"ROWS READ: {read[0]}", file=sys.stderr))
 
   for spec in filter(None, sys.argv[1].split(",")):
@@ -217,7 +218,7 @@ def _resumed_from(outcome: Outcome) -> int:
 
 def test_sigterm_during_evaluation_checkpoints_the_phase_and_exits_143(chain):
   outcome = chain[1]["evaluating"]
-  assert outcome.returncode == train.EXIT_PREEMPTED == 128 + 15, outcome.stderr[-3000:]
+  assert outcome.returncode == exits.PREEMPTED == 128 + 15, outcome.stderr[-3000:]
   assert "received SIGTERM" in outcome.stderr
   assert "rerun the same command to resume" in outcome.stderr
   assert outcome.listing == ["8"]

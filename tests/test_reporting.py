@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tljax import reporting
+from tljax import files, reporting
 
 # ---------------------------------------------------------------- MetricsWriter
 
@@ -76,7 +76,7 @@ def test_a_full_disk_while_appending_metrics_names_the_file(tmp_path, monkeypatc
       raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", no_space)
-    with pytest.raises(reporting.OutputWriteError) as e:
+    with pytest.raises(files.OutputWriteError) as e:
       writer.write({"step": 2})
   assert str(e.value) == (f"appending to {path} failed: No space left on device. The last "
                           "checkpoint is kept: fix the cause and rerun the same command.")
@@ -101,7 +101,7 @@ def test_write_json_round_trips_with_indent(tmp_path):
   path = tmp_path / "results" / "summary.json"
   obj = {"test_accuracy": np.float32(0.5), "confusion": np.eye(2, dtype=np.int64),
          "classes": ["a", "b"]}
-  assert reporting.write_json(path, obj) == os.fspath(path)
+  assert files.write_json(path, obj) == os.fspath(path)
   assert path.read_text() == (
       '{\n  "test_accuracy": 0.5,\n  "confusion": [\n    [\n      1,\n      0\n    ],\n'
       '    [\n      0,\n      1\n    ]\n  ],\n  "classes": [\n    "a",\n    "b"\n  ]\n}\n')
@@ -110,11 +110,11 @@ def test_write_json_round_trips_with_indent(tmp_path):
 
 def test_write_json_replaces_atomically_and_keeps_the_old_file_on_failure(tmp_path):
   path = tmp_path / "summary.json"
-  reporting.write_json(path, {"epoch": 1})
-  reporting.write_json(path, {"epoch": 2})
+  files.write_json(path, {"epoch": 1})
+  files.write_json(path, {"epoch": 2})
   assert json.loads(path.read_text()) == {"epoch": 2}
   with pytest.raises(TypeError, match="cannot write set"):
-    reporting.write_json(path, {"epoch": {3}})
+    files.write_json(path, {"epoch": {3}})
   assert json.loads(path.read_text()) == {"epoch": 2}
   assert os.listdir(tmp_path) == ["summary.json"]
 
@@ -122,7 +122,7 @@ def test_write_json_replaces_atomically_and_keeps_the_old_file_on_failure(tmp_pa
 def test_atomic_open_gives_the_umask_mode_not_mkstemp_0600(tmp_path):
   umask = os.umask(0o022)
   try:
-    path = reporting.write_json(tmp_path / "a.json", {})
+    path = files.write_json(tmp_path / "a.json", {})
   finally:
     os.umask(umask)
   assert os.stat(path).st_mode & 0o777 == 0o644
@@ -130,7 +130,7 @@ def test_atomic_open_gives_the_umask_mode_not_mkstemp_0600(tmp_path):
 
 def test_atomic_open_rejects_other_modes(tmp_path):
   with pytest.raises(ValueError, match='mode must be "w" or "wb", got \'a\''):
-    with reporting.atomic_open(tmp_path / "x", "a"):
+    with files.atomic_open(tmp_path / "x", "a"):
       pass
 
 
@@ -210,6 +210,6 @@ def test_progress_rejects_negative_total():
 
 
 def test_non_finite_numbers_are_written_as_null():
-  assert reporting.to_json({"loss": float("nan"), "x": np.array([1.0, np.inf]),
+  assert files.to_json({"loss": float("nan"), "x": np.array([1.0, np.inf]),
                             "y": np.float32("-inf"), "n": np.int64(3)}) == \
       '{"loss": null, "x": [1.0, null], "y": null, "n": 3}'

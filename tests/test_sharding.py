@@ -18,6 +18,7 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from configs import default
     from tljax import dispatch, models, phases, sharding
+    from tljax.data import transforms
     from tljax.models.batch_norm import BatchNorm
     assert jax.device_count() == 8, jax.devices()
     config = default.get_config()
@@ -44,7 +45,7 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
       phase = phases.build_phase(config, 1, model, variables["params"], 64)
       state = jax.device_put(phases.init_state(phase, variables, 0),
                              sharding.replicated(mesh))
-      chunk = dispatch.make_train_chunk(phase, model, config, mesh)
+      chunk = dispatch.make_train_chunk(phase, model, transforms.EvalView.from_config(config))
       inputs = jax.device_put({"images": images}, sharding.replicated(mesh))
       state, metrics = chunk(state, inputs, jax.device_put(labels, sharding.replicated(mesh)),
                              jax.device_put(indices, sharding.batch_sharded(mesh, 1)))

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from tljax import checkpoint, data, dispatch, evaluate, predict, selection, train
+from tljax import checkpoint, dispatch, evaluate, predict, selection, train
+from tljax.data import idx
 
 
 def tiny_config(data_dir, **overrides):
@@ -106,7 +107,7 @@ def test_export_round_trips_in_a_process_without_tljax(uninterrupted, tiny_idx_d
   meta = json.loads((workdir / "export" / "model.json").read_text())
   assert meta["class_names"] == [str(i) for i in range(10)]
   assert meta["input"] == {"shape": [None, 28, 28], "dtype": "uint8"}
-  images = data.load_idx_folder(tiny_idx_dir, "mnist").test.images[:7]  # Not the eval batch.
+  images = idx.load_idx_folder(tiny_idx_dir, "mnist").test.images[:7]  # Not the eval batch.
   np.save(tmp_path / "images.npy", images)
   loaded = subprocess.run(
       [sys.executable, "-c", _LOAD_EXPORTED, str(workdir / "export"),

@@ -1,4 +1,4 @@
-"""Tests of tljax.weights: the .h5 mapping, its errors, and download and cache, all offline."""
+"""Tests of tljax.models.weights: the .h5 mapping, its errors, and download and cache, all offline."""
 
 import functools
 import hashlib
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tljax import weights
+from tljax.models import weights
 from tljax.models import mobilenet_v2
 from tljax.models.mobilenet_v2 import MobileNetV2
 

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tljax import data, freezing, models, optim, selection, sharding
+from tljax import freezing, models, optim, selection, sharding
+from tljax.data import transforms
 from tljax.models.layer_stack import LayerStack
 
 BATCHNORM_MODES = ("inference", "batch_stats")
@@ -56,8 +57,8 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
          f"data.train_examples={config.data.train_examples} must be >= 0 (0 = all).")
   expect(0 <= config.data.validation_split < 1,
          f"data.validation_split={config.data.validation_split} must be in [0, 1).")
-  expect(config.data.scale in data.SCALES,
-         f"data.scale={config.data.scale!r} is not one of {tuple(data.SCALES)}.")
+  expect(config.data.scale in transforms.SCALES,
+         f"data.scale={config.data.scale!r} is not one of {tuple(transforms.SCALES)}.")
   expect(config.data.augment_shift >= 0,
          f"data.augment_shift={config.data.augment_shift} must be >= 0.")
   _check_data_config(config.data, expect)
@@ -141,7 +142,7 @@ def _memory_bytes(device) -> int:
 def config_fingerprint(config: ml_collections.ConfigDict, data_identity: str,
                        weights_identity: str) -> dict[str, Any]:
   """What a checkpoint must agree with to be resumed: the settings that shape the state and
-  the data order, the data itself (``data.Dataset.identity``) and the pretrained weights
+  the data order, the data itself (``dataset.Dataset.identity``) and the pretrained weights
   (``weights.identity``)."""
   return {"data.name": config.data.name, "data.identity": data_identity,
           "model.weights": weights_identity, "model.name": config.model.name,

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tljax import data, input_pipeline, sharding, steps
+from tljax import sharding, steps
+from tljax.data import sources, transforms
 from tljax.models.layer_stack import CONVOLUTIONS, LayerStack
 from tljax.phases import Phase
 
@@ -21,7 +22,7 @@ def scans_steps(phase: Phase, model: LayerStack) -> bool:
   return not any(layer.kind in CONVOLUTIONS for layer in model.layers[phase.cut:])
 
 
-def make_train_chunk(phase: Phase, model: LayerStack, config, mesh):
+def make_train_chunk(phase: Phase, model: LayerStack, view: transforms.EvalView):
   """``(state, inputs, labels, indices[K, B]) -> (state, metrics[K])``: K train steps.
 
   Where the step runs convolutions, each step is one jitted call, dispatched asynchronously;
@@ -30,18 +31,17 @@ def make_train_chunk(phase: Phase, model: LayerStack, config, mesh):
   Where it runs none, as when only the head trains on cached pooled features, a call costs
   more than the step, so the K steps run as one ``lax.scan``.
   """
-  del mesh  # The batch is split over devices by the sharding of ``indices``.
   step = functools.partial(
       steps.train_step, model=model, tx=phase.tx, param_labels=phase.labels,
       train_bn=phase.train_bn, start=phase.cut, frozen_until=phase.frozen_until,
-      image_size=config.model.input_size, label_smoothing=phase.config.label_smoothing)
-  prepare = functools.partial(input_pipeline.model_inputs, cut=phase.cut, size=config.model.input_size,
-                              scale=config.data.scale, crop_fraction=config.data.eval_crop,
+      image_size=view.size, label_smoothing=phase.config.label_smoothing)
+  prepare = functools.partial(transforms.model_inputs, cut=phase.cut, view=view,
                               augmentation=phase.augmentation)
 
   def train_on(state, inputs, labels, batch_indices):
     rng = jax.random.fold_in(state.rng, state.step)
-    return step(state, prepare(input_pipeline.gather(inputs, batch_indices), rng), labels[batch_indices])
+    batch = sources.gather(inputs, batch_indices)
+    return step(state, prepare(batch, rng), labels[batch_indices])
 
   if scans_steps(phase, model):
     @functools.partial(jax.jit, donate_argnums=0)
@@ -64,20 +64,19 @@ def make_train_chunk(phase: Phase, model: LayerStack, config, mesh):
   return chunk
 
 
-def make_eval_batch(model: LayerStack, cut: int, config, mesh):
+def make_eval_batch(model: LayerStack, cut: int, view: transforms.EvalView, mesh):
   """``(variables, inputs, labels, indices, mask) -> summed metrics and predictions``.
 
   The results are replicated, so every process can read them.
   """
-  prepare = functools.partial(input_pipeline.model_inputs, cut=cut, size=config.model.input_size,
-                              scale=config.data.scale, crop_fraction=config.data.eval_crop,
-                              augmentation=data.Augmentation())
+  prepare = functools.partial(transforms.model_inputs, cut=cut, view=view,
+                              augmentation=transforms.Augmentation())
 
   @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def eval_batch(variables, inputs, labels, indices, mask):
-    x = prepare(input_pipeline.gather(inputs, indices), None)
+    x = prepare(sources.gather(inputs, indices), None)
     return steps.eval_step(variables, x, labels[indices], mask, model=model, start=cut,
-                           image_size=config.model.input_size)
+                           image_size=view.size)
 
   return eval_batch
 
@@ -85,7 +84,7 @@ def make_eval_batch(model: LayerStack, cut: int, config, mesh):
 def evaluate_split(eval_batch, variables, source,
                    batch_size: int) -> tuple[float, float, np.ndarray, np.ndarray]:
   """Mean loss, accuracy, every prediction and its class probabilities over the examples of
-  ``source`` (an ``input_pipeline`` source), ``batch_size`` at a time."""
+  ``source`` (a ``data.sources`` source), ``batch_size`` at a time."""
   n = len(source)
   loss_sum, correct, predictions, probabilities = 0.0, 0, [], []
   for inputs, labels, indices, mask in source.eval_batches(batch_size):

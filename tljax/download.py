@@ -1,7 +1,7 @@
 """Downloads into a local cache: a temporary file, a sha256 check, an atomic rename.
 
 One job: get the bytes at a URL into ``cache_dir`` exactly once, or fail with one message that
-names the URL, the cause and the setting to use instead. Weights (``tljax.weights``) and the
+names the URL, the cause and the setting to use instead. Weights (``tljax.models.weights``) and the
 IDX datasets (``tljax.data``) both come through here.
 
 Typical use::

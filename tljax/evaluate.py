@@ -65,30 +65,6 @@ def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
   return counts.reshape(num_classes, num_classes).astype(np.int64)
 
 
-def accuracy(labels, predictions) -> float:
-  """Fraction of predictions equal to the labels."""
-  labels, predictions = _paired(labels, predictions)
-  if not labels.size:
-    raise ValueError("accuracy of zero examples is undefined; got empty "
-                     "labels and predictions.")
-  return float(np.mean(labels == predictions))
-
-
-def per_class_accuracy(cm: np.ndarray) -> np.ndarray:
-  """Recall of each true class: diagonal / row sum, NaN for an empty row.
-
-  >>> per_class_accuracy(np.array([[3, 1], [0, 0]]))
-  array([0.75,  nan])
-  """
-  cm = np.asarray(cm)
-  if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
-    raise ValueError(
-        f"cm must be a square confusion matrix, got shape {cm.shape}.")
-  support = cm.sum(axis=1)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    return np.diagonal(cm) / support.astype(np.float64)
-
-
 def pick_samples(labels, predictions, n: int = 9, seed: int = 0) -> np.ndarray:
   """Chooses ``n`` example indices to show, including some misclassified ones.
 

@@ -23,25 +23,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tljax import data, reporting
+from tljax import files
+from tljax.data import transforms
 
 ARTIFACT = "model.jax_exported"
 METADATA = "model.json"
 
 
-def preprocess(images: jax.Array, config) -> jax.Array:
-  """The evaluation preprocessing of a run: uint8 images -> the model's float input."""
-  return data.evaluation_input(images, size=config.model.input_size, scale=config.data.scale,
-                               crop_fraction=config.data.eval_crop)
-
-
-def inference_function(model, variables: Any, config):
-  """``uint8 images [B, *image_shape] -> float32 probabilities [B, classes]``, with
-  ``variables`` held as constants."""
+def inference_function(model, variables: Any, view: transforms.EvalView):
+  """``uint8 images [B, *image_shape] -> float32 probabilities [B, classes]``: ``view``, the
+  model and a softmax, with ``variables`` held as constants."""
   variables = jax.device_get(variables)
 
   def probabilities(images):
-    logits = model.apply(variables, preprocess(images, config))
+    logits = model.apply(variables, view(images))
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
   return probabilities
@@ -52,30 +47,29 @@ def platforms() -> tuple[str, ...]:
   return tuple(dict.fromkeys(("cpu", jax.export.default_export_platform())))
 
 
-def export_model(model, variables: Any, config,
+def export_model(model, variables: Any, view: transforms.EvalView,
                  image_shape: Sequence[int]) -> jax.export.Exported:
   """Exports :func:`inference_function` for uint8 images of ``image_shape`` ([H, W] grey or
   [H, W, C]) and a symbolic batch size."""
   batch, = jax.export.symbolic_shape("batch")
   spec = jax.ShapeDtypeStruct((batch, *image_shape), jnp.uint8)
-  function = jax.jit(inference_function(model, variables, config))
+  function = jax.jit(inference_function(model, variables, view))
   return jax.export.export(function, platforms=platforms())(spec)
 
 
-def save(directory: str | pathlib.Path, model, variables: Any, config,
+def save(directory: str | pathlib.Path, model, variables: Any, view: transforms.EvalView,
          class_names: Sequence[str], image_shape: Sequence[int]) -> pathlib.Path:
   """Exports the model into ``directory`` (the artifact and its metadata); returns it."""
   directory = pathlib.Path(directory)
-  exported = export_model(model, variables, config, image_shape)
-  with reporting.atomic_open(directory / ARTIFACT, "wb") as f:
+  exported = export_model(model, variables, view, image_shape)
+  with files.atomic_open(directory / ARTIFACT, "wb") as f:
     f.write(exported.serialize())
-  reporting.write_json(directory / METADATA, {
+  files.write_json(directory / METADATA, {
       "class_names": list(class_names),
       "input": {"shape": [None, *map(int, image_shape)], "dtype": "uint8"},
       "output": {"shape": [None, len(class_names)], "dtype": "float32",
                  "meaning": "class probabilities (softmax), in class_names order"},
-      "preprocessing": {"size": config.model.input_size, "scale": config.data.scale,
-                        "centre_crop": config.data.eval_crop},
+      "preprocessing": view.describe(),
       "platforms": list(exported.platforms),
       "jax_version": jax.__version__,
   })

@@ -10,15 +10,15 @@ import flax.serialization
 import jax
 import numpy as np
 
-from tljax import dispatch, distributed, evaluate, export, plots, reporting, steps, tensorboard
+from tljax import dispatch, distributed, evaluate, export, files, plots, reporting, steps, tensorboard
 
 
-def write_outputs(workdir, config, dataset, splits, model, variables, test_source, mesh,
+def write_outputs(workdir, config, dataset, splits, model, variables, view, test_source, mesh,
                   phase_results) -> dict[str, Any]:
   """Test evaluation, then (on process 0) the trained variables, the exported model, confusion
   matrix, sample grid, curves and summary.json."""
   test = splits["test"]
-  eval_batch = dispatch.make_eval_batch(model, 0, config, mesh)
+  eval_batch = dispatch.make_eval_batch(model, 0, view, mesh)
   loss, accuracy, predictions, probabilities = dispatch.evaluate_split(
       eval_batch, variables, test_source, config.eval_batch_size)
   if not math.isfinite(loss):
@@ -42,9 +42,9 @@ def write_outputs(workdir, config, dataset, splits, model, variables, test_sourc
              "config": json.loads(config.to_json_best_effort())}
   if not distributed.is_main_process():
     return summary
-  with reporting.atomic_open(workdir / "trained_variables.msgpack", "wb") as f:
+  with files.atomic_open(workdir / "trained_variables.msgpack", "wb") as f:
     f.write(flax.serialization.msgpack_serialize(jax.device_get(dict(variables))))
-  export.save(workdir / "export", model, variables, config, dataset.class_names,
+  export.save(workdir / "export", model, variables, view, dataset.class_names,
               test.images.shape[1:])
   np.savez(workdir / "test_predictions.npz", labels=test.labels, predictions=predictions,
            probabilities=probabilities)
@@ -58,5 +58,5 @@ def write_outputs(workdir, config, dataset, splits, model, variables, test_sourc
     with tensorboard.EventWriter(workdir) as events:
       events.add_image("test/confusion_matrix", workdir / "confusion_matrix.png",
                        epochs[-1]["step"] if epochs else 0)
-  reporting.write_json(workdir / "summary.json", summary)
+  files.write_json(workdir / "summary.json", summary)
   return summary

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tljax import checks, data, freezing, optim, prefix, steps
+from tljax import checks, freezing, optim, prefix, steps
+from tljax.data import transforms
 from tljax.models.layer_stack import LayerStack
 
 
@@ -25,7 +26,7 @@ class Phase:
   cut: int                       # First layer the train step runs (0: from the images).
   frozen_until: int              # First layer with a trainable parameter (0: the first).
   steps_per_epoch: int
-  augmentation: data.Augmentation  # What this phase changes in its training images.
+  augmentation: transforms.Augmentation  # What this phase changes in its training images.
 
   @property
   def total_steps(self) -> int:
@@ -56,8 +57,8 @@ def build_phase(config: ml_collections.ConfigDict, index: int, model: LayerStack
   bn_layers = {l.name for l in model.layers if l.kind == "bn"}
   train_bn = frozenset(trainable & bn_layers) if phase_config.batchnorm == "batch_stats" \
       else frozenset()
-  augmentation = (data.Augmentation.from_config(config.data)
-                  if phase_config.use_augmentation else data.Augmentation())
+  augmentation = (transforms.Augmentation.from_config(config.data)
+                  if phase_config.use_augmentation else transforms.Augmentation())
   frozen_until = prefix.first_trainable_layer(model.layers, trainable)
   frozen_until = frozen_until if frozen_until > 1 else 0
   cut = frozen_until if phase_config.cache_prefix == "auto" and not augmentation.active else 0

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from tljax import evaluate, reporting
+from tljax import evaluate, files
 
 _RIGHT, _WRONG = "tab:green", "tab:red"
 
@@ -28,7 +28,7 @@ def _new_figure(width: float, height: float) -> Figure:
 
 def save_png(figure: Figure, path: str | os.PathLike) -> str:
   """Writes ``figure`` to ``path`` as a PNG, atomically; returns the path."""
-  with reporting.atomic_open(path, "wb") as f:
+  with files.atomic_open(path, "wb") as f:
     figure.savefig(f, format="png", dpi=100)
   return os.fspath(path)
 

@@ -4,7 +4,7 @@ PATH is an image file (any format the folder source reads), a folder (searched r
 a glob (``'photos/*.jpg'``) or an IDX images file (``t10k-images-idx3-ubyte.gz``, one row per
 image). Each image is brought to the stored form the run trained on (a folder run's square
 RGB size; an IDX run's grey size), then goes through the run's own evaluation function
-(``export.inference_function``: centre crop, resize, scale, model, softmax), in batches. The
+(``export.inference_function``: the evaluation view, the model, softmax), in batches. The
 run's ``summary.json`` (its resolved config and class names) and ``trained_variables.msgpack``
 say everything else, so no setting is repeated here; a model trained on an accelerator
 predicts on the CPU.
@@ -34,11 +34,9 @@ import numpy as np
 import tqdm
 from PIL import Image
 
-from tljax import data, export, images, models, reporting
+from tljax import exits, export, models, reporting
+from tljax.data import dataset, idx, images, transforms
 from tljax.models import microbatch
-
-EXIT_BAD_INPUT = 2
-
 
 class PredictError(ValueError):
   """A workdir, input or output that prediction cannot use; the message says what to do."""
@@ -52,6 +50,7 @@ class Run:
   image_shape: tuple[int, ...]   # The stored form of one image: [H, W] grey or [H, W, 3].
   model: Any
   variables: Any
+  view: transforms.EvalView      # How a stored image becomes model input.
 
 
 def load_run(workdir: str | os.PathLike) -> Run:
@@ -75,7 +74,8 @@ def load_run(workdir: str | os.PathLike) -> Run:
     raise PredictError(f"{workdir}: cannot read the run's outputs ({e!r}); it was written by "
                        "another version of tljax or is damaged. Train it again.") from None
   model = models.create(config.model, len(class_names))
-  return Run(config, class_names, image_shape, model, variables)
+  return Run(config, class_names, image_shape, model, variables,
+             transforms.EvalView.from_config(config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,8 +131,8 @@ def read_inputs(paths: Sequence[pathlib.Path],
         raise PredictError(f"{e} Remove it from the paths, or replace it.") from None
       continue
     try:
-      rows = data.read_idx(path)
-    except data.DataError as e:
+      rows = idx.read_idx(path)
+    except dataset.DataError as e:
       raise PredictError(str(e)) from None
     if tuple(rows.shape[1:]) != tuple(image_shape):
       raise PredictError(f"{path} holds images of shape {list(rows.shape[1:])}; this run "
@@ -161,7 +161,7 @@ def _batches(items: Iterator[tuple[str, np.ndarray]],
 def predict(run: Run, items: Iterator[tuple[str, np.ndarray]], *, batch_size: int = 64,
             top_k: int = 3, progress: bool = True) -> list[dict[str, Any]]:
   """One row per image: path, label, probability and the ``top_k`` (label, probability)."""
-  inference = export.inference_function(run.model, run.variables, run.config)
+  inference = export.inference_function(run.model, run.variables, run.view)
   probabilities_of = jax.jit(lambda images: microbatch.apply(inference, images, shards=1))
   k = min(top_k, len(run.class_names))
   rows = []
@@ -219,12 +219,12 @@ def run(workdir: str, paths: Sequence[str], *, output: str | None, top_k: int,
     trained = load_run(workdir)
     if write_export:
       directory = export.save(pathlib.Path(workdir) / "export", trained.model,
-                              trained.variables, trained.config, trained.class_names,
+                              trained.variables, trained.view, trained.class_names,
                               trained.image_shape)
       logging.info("exported the model to %s", directory)
     if not paths:
       if write_export:
-        return 0
+        return exits.DONE
       raise PredictError("no images given: python -m tljax.predict --workdir W PATH...")
     start = time.perf_counter()
     rows = predict(trained, read_inputs(expand_paths(paths), trained.image_shape),
@@ -237,8 +237,8 @@ def run(workdir: str, paths: Sequence[str], *, output: str | None, top_k: int,
       write_rows(rows, output)
   except PredictError as e:
     logging.error("%s", e)
-    return EXIT_BAD_INPUT
-  return 0
+    return exits.BAD_INPUT
+  return exits.DONE
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,8 @@ import logging
 import signal
 import threading
 
+from tljax import exits
+
 
 class Preempted(Exception):
   """Raised by the run loop after it checkpointed on a stop request."""
@@ -22,7 +24,7 @@ class Preempted(Exception):
   @property
   def exit_code(self) -> int:
     """128 + the signal's number, as a shell reports a process the signal ended."""
-    return 128 + self.signum
+    return exits.of_signal(self.signum)
 
 
 class StopSignal:

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tljax import data, input_pipeline, sharding
+from tljax import sharding
+from tljax.data import sources, transforms
 from tljax.models import microbatch
 from tljax.models.layer_stack import Layer, LayerStack
 
@@ -48,10 +49,10 @@ def bytes_per_example(model, cut: int, variables: Mapping[str, Any], input_size:
   return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
 
 
-def plan_caches(model: LayerStack, variables: Mapping[str, Any], config, cut: int,
-                next_cut: int, examples: int) -> tuple[int, int]:
+def plan_caches(model: LayerStack, variables: Mapping[str, Any], *, cut: int, next_cut: int,
+                examples: int, input_size: int, max_gb: float) -> tuple[int, int]:
   """``(cut, following)``: the cut a phase caches (0 where its cache of ``examples`` would
-  exceed ``config.cache_max_gb``), and the next phase's cut to cache in the same pass (0:
+  exceed ``max_gb``, the config's ``cache_max_gb``), and the next phase's cut to cache in the same pass (0:
   none).
 
   The next phase's cache can come from this phase's pass where ``next_cut <= cut``: those
@@ -60,7 +61,7 @@ def plan_caches(model: LayerStack, variables: Mapping[str, Any], config, cut: in
   """
   if not cut:
     return 0, 0
-  limit, size = config.cache_max_gb * 2**30, config.model.input_size
+  limit, size = max_gb * 2**30, input_size
   needed = examples * bytes_per_example(model, cut, variables, size)
   if needed > limit:
     logging.info("prefix cache of layers[:%d] would need %.1f GB > cache_max_gb; not caching",
@@ -73,32 +74,31 @@ def plan_caches(model: LayerStack, variables: Mapping[str, Any], config, cut: in
 
 
 def build_prefix_caches(variables, source, *, model: LayerStack, cuts: tuple[int, ...],
-                        config, mesh) -> list[dict[str, jax.Array]]:
-  """Runs ``layers[:max(cuts)]`` once over the images of ``source`` (an ``input_pipeline``
-  source); returns each cut's frontier on device."""
+                        view: transforms.EvalView, batch_size: int,
+                        mesh) -> list[dict[str, jax.Array]]:
+  """Runs ``layers[:max(cuts)]`` once over the images of ``source`` (a ``data.sources``
+  source) in ``view``, ``batch_size`` at a time; returns each cut's frontier on device."""
   n = len(source)
   frontiers = [frontier(model.layers, cut) for cut in cuts]
   names = tuple(dict.fromkeys(name for frontier in frontiers for name in frontier))
-  size, scale = config.model.input_size, config.data.scale
 
   @jax.jit
   def extract(variables, inputs, indices):
-    x = data.evaluation_input(inputs["images"][indices], size=size, scale=scale,
-                              crop_fraction=config.data.eval_crop)
-    return microbatch.inference(model, variables, x, pixels=size**2, stop=max(cuts),
+    x = view(inputs["images"][indices])
+    return microbatch.inference(model, variables, x, pixels=view.size**2, stop=max(cuts),
                                 capture=names)
 
   @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def concatenate(chunks):
     return {name: jnp.concatenate([c[name] for c in chunks])[:n] for name in names}
 
-  batches = source.eval_batches(config.eval_batch_size)
+  batches = source.eval_batches(batch_size)
   cache = concatenate([extract(variables, inputs, indices) for inputs, _, indices, _ in batches])
   return [{name: cache[name] for name in names_of} for names_of in frontiers]
 
 
-def phase_inputs(phase, next_cut: int, variables, model: LayerStack, config, mesh,
-                 sources: tuple[Any, Any], handoff: dict):
+def phase_inputs(phase, next_cut: int, variables, model: LayerStack, view: transforms.EvalView,
+                 config, mesh, split_sources: tuple[Any, Any], handoff: dict):
   """``(phase, (train, validation) sources, handed over)``: the phase with the cut it really
   caches, and the sources its steps read: the images, or its frozen prefix's cache on the
   device, built here or taken from ``handoff`` where the previous phase built it. One pass over
@@ -108,22 +108,24 @@ def phase_inputs(phase, next_cut: int, variables, model: LayerStack, config, mes
     logging.info("phase %s: using the cache of layers[:%d] built with the previous phase's",
                  phase.name, phase.cut)
     return phase, handoff.pop((phase.index, phase.cut)), True
-  cut, following = plan_caches(model, variables, config, phase.cut, next_cut,
-                               sum(len(source) for source in sources))
+  cut, following = plan_caches(model, variables, cut=phase.cut, next_cut=next_cut,
+                               examples=sum(len(source) for source in split_sources),
+                               input_size=view.size, max_gb=config.cache_max_gb)
   phase = dataclasses.replace(phase, cut=cut)
   if not cut:
-    return phase, sources, False
+    return phase, split_sources, False
   cuts = (cut, following) if following else (cut,)
   logging.info("phase %s: caching layers[:%d]%s", phase.name, cut,
                f" and, for the next phase, layers[:{following}]" if following else "")
   t0 = time.perf_counter()
-  built = [build_prefix_caches(variables, source, model=model, cuts=cuts, config=config,
-                               mesh=mesh) if len(source) else None for source in sources]
+  built = [build_prefix_caches(variables, source, model=model, cuts=cuts, view=view,
+                               batch_size=config.eval_batch_size, mesh=mesh)
+           if len(source) else None for source in split_sources]
   jax.block_until_ready([b for b in built if b is not None])
   (train, *train_next), (validation, *validation_next) = (
-      [input_pipeline.DeviceSource(cache, source.labels, mesh) for cache in caches]
+      [sources.DeviceSource(cache, source.labels, mesh) for cache in caches]
       if caches is not None else [source] * len(cuts)
-      for source, caches in zip(sources, built))
+      for source, caches in zip(split_sources, built))
   if following:
     handoff[phase.index + 1, following] = (train_next[0], validation_next[0])
   logging.info("phase %s: prefix cache built in %.1f s", phase.name, time.perf_counter() - t0)

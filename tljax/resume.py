@@ -11,7 +11,8 @@ from typing import Any
 
 import jax
 
-from tljax import checkpoint, phases, sharding, steps, weights
+from tljax import checkpoint, phases, sharding, steps
+from tljax.models import weights
 
 
 @dataclasses.dataclass

@@ -1,7 +1,7 @@
 """The run: phases of training with checkpoints between and within them, then evaluation.
 
 ``run(config, workdir)`` is the whole job: check the config (``checks``), load the data
-(``input_pipeline``), build the model (``models``), start from the newest good checkpoint or
+(``data.load``), build the model (``models``), start from the newest good checkpoint or
 the pretrained weights (``resume``), train each phase, write the outputs (``outputs``). A phase
 (``phases``) trains for its epochs, dispatching ``steps_per_dispatch`` compiled steps
 (``dispatch``) between host syncs, from the images or from its frozen prefix's cache
@@ -21,14 +21,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tljax import checkpoint, checks, data, dispatch, distributed, folder, freezing
-from tljax import input_pipeline, models, optim, outputs, phases, preemption, prefix
-from tljax import reporting, resume, selection, sharding, steps, tensorboard, weights
+from tljax import checkpoint, checks, dispatch, distributed, files, freezing, models, optim
+from tljax import outputs, phases, preemption, prefix, reporting, resume, selection, sharding
+from tljax import steps, tensorboard
+from tljax.data import dataset, folder, load, sources, transforms
+from tljax.models import weights
 from tljax.models.layer_stack import LayerStack
 from tljax.phases import Phase
-
-EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect from a process they stopped.
-
 
 @dataclasses.dataclass
 class RunContext:
@@ -36,8 +35,9 @@ class RunContext:
   config: ml_collections.ConfigDict
   mesh: Any
   model: LayerStack
-  splits: Mapping[str, data.Split]
-  sources: Mapping[str, Any]                          # split -> input_pipeline source
+  view: transforms.EvalView                           # The evaluation view, built once.
+  splits: Mapping[str, dataset.Split]
+  sources: Mapping[str, Any]                          # split -> data.sources source
   checkpointer: checkpoint.Checkpointer
   metrics: reporting.MetricsWriter
   stop: Any                                            # preemption.StopSignal
@@ -135,7 +135,7 @@ class _InFlight:
 
 
 def train_epoch(ctx: RunContext, phase: Phase, fns: _Compiled, state: steps.TrainState,
-                step: int, global_step: int, sources, tally: _Tally):
+                step: int, global_step: int, phase_sources, tally: _Tally):
   """Trains the epoch that ``step`` is in, to its end; returns the state, step, global step
   and the epoch's record (validated).
 
@@ -144,8 +144,8 @@ def train_epoch(ctx: RunContext, phase: Phase, fns: _Compiled, state: steps.Trai
   """
   config, batch = ctx.config, ctx.config.batch_size
   epoch, position = divmod(step, phase.steps_per_epoch)
-  order = data.epoch_permutation(config.seed, phase.index, epoch, ctx.size("train"))
-  order = np.asarray(order)[:phase.steps_per_epoch * batch].reshape(-1, batch)
+  order = sources.epoch_order(config.seed, phase.index, epoch, ctx.size("train"),
+                              phase.steps_per_epoch, batch)
   totals = _Tally()
   desc = f"{phase.name} epoch {epoch + 1}/{phase.config.epochs}"
   with reporting.Progress(phase.steps_per_epoch, desc, batch_size=batch,
@@ -177,10 +177,10 @@ def train_epoch(ctx: RunContext, phase: Phase, fns: _Compiled, state: steps.Trai
     while position < phase.steps_per_epoch:
       k = min(fns.chunk_size, phase.steps_per_epoch - position)
       dispatched = time.perf_counter()
-      state, metrics = fns.train_chunk(state, *sources[0].train_batches(
+      state, metrics = fns.train_chunk(state, *phase_sources[0].train_batches(
           order[position:position + k]))
       if position + k < phase.steps_per_epoch:  # Read ahead while the device computes.
-        sources[0].prefetch(order[position + k:position + k + fns.chunk_size])
+        phase_sources[0].prefetch(order[position + k:position + k + fns.chunk_size])
       position, step, global_step = position + k, step + k, global_step + k
       if in_flight:
         read_metrics(in_flight)
@@ -198,7 +198,7 @@ def train_epoch(ctx: RunContext, phase: Phase, fns: _Compiled, state: steps.Trai
         _save(ctx, phase, state, global_step)
     if in_flight:
       read_metrics(in_flight)
-  record = _epoch_record(ctx, phase, fns, state, sources[1], totals, tally)
+  record = _epoch_record(ctx, phase, fns, state, phase_sources[1], totals, tally)
   record.update(epoch=epoch + 1, step=global_step)
   ctx.metrics.write(record)
   logging.info("%s: loss %.4f accuracy %.4f%s", desc, record["loss"], record["accuracy"],
@@ -246,19 +246,19 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
   if phase.index + 1 < len(ctx.config.phases):
     next_cut = phases.build_phase(ctx.config, phase.index + 1, ctx.model, state.params,
                                   ctx.size("train")).cut
-  phase, sources, handed_over = prefix.phase_inputs(
+  phase, phase_sources, handed_over = prefix.phase_inputs(
       phase, next_cut, {"params": state.params, "batch_stats": state.batch_stats}, ctx.model,
-      ctx.config, ctx.mesh, (ctx.sources["train"], ctx.sources["validation"]), ctx.handoff)
+      ctx.view, ctx.config, ctx.mesh, (ctx.sources["train"], ctx.sources["validation"]), ctx.handoff)
   if phase.cut and not handed_over:
     _stop_if_requested(ctx, phase, state, global_step)
-  fns = _Compiled(dispatch.make_train_chunk(phase, ctx.model, ctx.config, ctx.mesh),
-                  dispatch.make_eval_batch(ctx.model, phase.cut, ctx.config, ctx.mesh),
+  fns = _Compiled(dispatch.make_train_chunk(phase, ctx.model, ctx.view),
+                  dispatch.make_eval_batch(ctx.model, phase.cut, ctx.view, ctx.mesh),
                   optim.learning_rate_schedule(phase.config, phase.steps_per_epoch),
                   _chunk_size(phase.steps_per_epoch, ctx.config.steps_per_dispatch))
   tally, step, stopped = _Tally(), int(state.step), False
   while step < phase.total_steps:
     state, step, global_step, record = train_epoch(ctx, phase, fns, state, step, global_step,
-                                                   sources, tally)
+                                                   phase_sources, tally)
     stop = selection.track_epoch(ctx.meta, ctx.checkpointer, phase, state, record)
     if stop and step < phase.total_steps:
       stopped = True
@@ -293,8 +293,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     logging.getLogger().setLevel(logging.WARNING)
   mesh = sharding.data_mesh()
   checks.check_config(config, mesh)
-  dataset, splits = input_pipeline.load_splits(config, pathlib.Path(workdir))
+  dataset, splits = load.load_splits(config, pathlib.Path(workdir))
   model = models.create(config.model, dataset.num_classes, mesh.shape[sharding.DATA_AXIS])
+  view = transforms.EvalView.from_config(config)
   size = config.model.input_size
   abstract_variables = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                                       jnp.zeros((1, size, size, 3), jnp.float32))
@@ -302,27 +303,27 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   checks.check_memory(config, model, abstract_variables, mesh)
   fingerprint = checks.config_fingerprint(config, dataset.identity, weights.identity(
       config.model.weights, model, input_size=size, cache_dir=config.model.cache_dir or None))
-  workdir = reporting.make_workdir(workdir)
+  workdir = files.make_workdir(workdir)
   if dataset.split_files and distributed.is_main_process():
-    with reporting.write_errors_reported("writing the split lists to", workdir / "splits"):
+    with files.write_errors_reported("writing the split lists to", workdir / "splits"):
       folder.write_split_lists(workdir / "splits", dataset.split_files)
   checkpointer = checkpoint.Checkpointer(workdir, max_to_keep=config.max_to_keep)
   start = resume.start(checkpointer, fingerprint, config, model, abstract_variables,
                        len(splits["train"]), mesh)
-  sources = input_pipeline.sources(splits, mesh)
+  split_sources = sources.sources(splits, mesh)
   stop = preemption.StopSignal()
   main_process = distributed.is_main_process()
   try:
     events = tensorboard.EventWriter(workdir, enabled=main_process and config.tensorboard)
     with (reporting.MetricsWriter(workdir / "metrics.jsonl", enabled=main_process,
                                   mirrors=[events]) as metrics, stop.installed()):
-      ctx = RunContext(config, mesh, model, splits, sources, checkpointer, metrics, stop,
-                       start.meta)
+      ctx = RunContext(config, mesh, model, view, splits, split_sources, checkpointer, metrics,
+                       stop, start.meta)
       variables = _train_phases(ctx, start)
     checkpointer.wait()  # A failed last checkpoint fails the run before its outputs are written.
-    with reporting.write_errors_reported("writing the outputs to", workdir):
-      return outputs.write_outputs(workdir, config, dataset, splits, model, variables,
-                                   sources["test"], mesh, start.meta["results"])
+    with files.write_errors_reported("writing the outputs to", workdir):
+      return outputs.write_outputs(workdir, config, dataset, splits, model, variables, view,
+                                   split_sources["test"], mesh, start.meta["results"])
   finally:
     checkpointer.close()  # Whatever happened, a checkpoint being written is finished.
 

@@ -1,4 +1,4 @@
-"""tljax.input_pipeline: a split streamed from its decoded cache feeds the same batches as the
+"""tljax.data.sources: a split streamed from its decoded cache feeds the same batches as the
 split held on the device, and a streamed run trains, resumes and ends bit for bit as one in
 memory."""
 
@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 
 from test_folder import tiny_folder_config
-from tljax import data, input_pipeline, preemption, reporting, sharding, train
+from tljax import preemption, reporting, sharding, train
+from tljax.data import dataset, sources
 
 MESH = sharding.data_mesh(jax.devices()[:1])
 
 
 def _split(n=10):
   images = np.random.default_rng(0).integers(0, 255, (n, 4, 4, 3), np.uint8)
-  return data.Split(images, np.arange(n, dtype=np.int32) % 3)
+  return dataset.Split(images, np.arange(n, dtype=np.int32) % 3)
 
 
 @jax.jit
@@ -28,9 +29,9 @@ def _gathered(inputs, labels, indices):
 
 def test_streamed_batches_are_the_device_batches():
   split = _split()
-  streamed = data.Split(data.RowView(split.images, np.arange(10)), split.labels)
-  device, stream = (input_pipeline.DeviceSource.of(split, MESH),
-                    input_pipeline.StreamSource(streamed, MESH))
+  streamed = dataset.Split(dataset.RowView(split.images, np.arange(10)), split.labels)
+  device, stream = (sources.DeviceSource.of(split, MESH),
+                    sources.StreamSource(streamed, MESH))
   order = np.array([[3, 1, 4], [1, 5, 9]], np.int32)
   stream.prefetch(order)
   for source in (device, stream):
@@ -47,9 +48,9 @@ def test_streamed_batches_are_the_device_batches():
 
 def test_row_view_reads_only_when_indexed():
   split = _split()
-  view = data.RowView(split.images, np.array([7, 2, 5]))
+  view = dataset.RowView(split.images, np.array([7, 2, 5]))
   assert view.shape == (3, 4, 4, 3) and view.dtype == np.uint8 and len(view) == 3
-  assert isinstance(view[1:], data.RowView) and len(view[1:]) == 2
+  assert isinstance(view[1:], dataset.RowView) and len(view[1:]) == 2
   np.testing.assert_array_equal(view[np.array([2, 0])], split.images[[5, 7]])
 
 

@@ -33,7 +33,9 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from tljax import data, download, images, reporting
+from tljax import download, files
+from tljax.data import images
+from tljax.data.dataset import Dataset, DataError, RowView, Split, unreadable
 
 SPLITS = ("train", "validation", "test")
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "val", "valid"),
@@ -45,10 +47,10 @@ _PARALLEL_FROM = 64         # Fewer files decode in this process: a pool costs m
 _SKIP_FIX = "or pass --config.data.skip_bad_images=true to train without them"
 
 
-def _problem(what: str, paths: list[str], fix: str) -> data.DataError:
+def _problem(what: str, paths: list[str], fix: str) -> DataError:
   """One message (one line) naming the first offending paths and their count, then the fix."""
   more = f"; ... and {len(paths) - _LISTED} more" if len(paths) > _LISTED else ""
-  return data.DataError(f"{len(paths)} {what}: {'; '.join(paths[:_LISTED])}{more}. {fix}")
+  return DataError(f"{len(paths)} {what}: {'; '.join(paths[:_LISTED])}{more}. {fix}")
 
 
 def _entries(folder: str | os.PathLike) -> list[os.DirEntry]:
@@ -57,21 +59,21 @@ def _entries(folder: str | os.PathLike) -> list[os.DirEntry]:
     with os.scandir(folder) as entries:
       return sorted(entries, key=lambda e: e.name)
   except OSError as e:
-    raise data.unreadable(e.filename, e) from None
+    raise unreadable(e.filename, e) from None
 
 
 def _is_dir(path: pathlib.Path) -> bool:
   try:
     return path.is_dir()
   except OSError as e:  # Not "missing": e.g. a parent folder that cannot be entered.
-    raise data.unreadable(e.filename, e) from None
+    raise unreadable(e.filename, e) from None
 
 
 def _walk(folder: str | os.PathLike):
   """``os.walk(folder)``, following links, where an unreadable folder is a DataError (not
   skipped)."""
   def refuse(error: OSError):
-    raise data.unreadable(error.filename, error) from None
+    raise unreadable(error.filename, error) from None
   return os.walk(folder, onerror=refuse, followlinks=True)
 
 
@@ -130,7 +132,7 @@ def _split_folders(root: pathlib.Path, top: list[str]) -> dict[str, str]:
   found = {split: [n for n in names if n in top] for split, names in SPLIT_FOLDERS.items()}
   for split, names in found.items():
     if len(names) > 1:
-      raise data.DataError(f"{root} has {len(names)} {split} folders ({', '.join(names)}); "
+      raise DataError(f"{root} has {len(names)} {split} folders ({', '.join(names)}); "
                            "keep one of them.")
   others = sorted(set(top) - {n for names in found.values() for n in names})
   if others:
@@ -145,7 +147,7 @@ def scan(root: str | os.PathLike) -> Listing:
   images, a single class, an empty class folder or classes missing from train."""
   root = pathlib.Path(root)
   if not _is_dir(root):
-    raise data.DataError(f"data.dir {str(root)!r} is not a folder. Give a folder with one "
+    raise DataError(f"data.dir {str(root)!r} is not a folder. Give a folder with one "
                          "sub-folder of images per class (or train/ holding those).")
   ignored = {"hidden": [], "not an image file": [], "not in a class folder": []}
   top = [e.name for e in _entries(root) if e.is_dir() and not e.name.startswith(".")]
@@ -157,7 +159,7 @@ def scan(root: str | os.PathLike) -> Listing:
     layout, by_split = "classes", {"train": _scan_classes(root, root, ignored)}
   if not any(paths for classes in by_split.values() for paths in classes.values()):
     example = "train/<class>/" if layout == "splits" else "<class>/"
-    raise data.DataError(f"{root} holds no images ({', '.join(images.IMAGE_EXTENSIONS)}). "
+    raise DataError(f"{root} holds no images ({', '.join(images.IMAGE_EXTENSIONS)}). "
                          f"Put each class's images in {root}/{example}.")
   empty = [str(pathlib.Path(root.name) / ("" if layout == "classes" else SPLIT_FOLDERS[s][0])
                / name) for s, classes in by_split.items()
@@ -167,7 +169,7 @@ def scan(root: str | os.PathLike) -> Listing:
                    "Put images in them or remove them.")
   class_names = tuple(sorted(by_split["train"]))
   if len(class_names) < 2:
-    raise data.DataError(f"{root}: found {len(class_names)} class folder "
+    raise DataError(f"{root}: found {len(class_names)} class folder "
                          f"({', '.join(class_names)}); a classifier needs at least two. Put "
                          "each class's images in its own folder.")
   unknown = [f"{split}/{name}" for split, classes in by_split.items()
@@ -235,9 +237,9 @@ def write_split_lists(directory: pathlib.Path, split_files: Mapping[str, Sequenc
   ``train.txt`` comes last: :func:`read_split_lists` takes the lists once it exists, so
   another process loading the folder meanwhile reads all of them or none.
   """
-  reporting.make_workdir(directory)
+  files.make_workdir(directory)
   for split in sorted(split_files, key=lambda split: split == "train"):
-    with reporting.atomic_open(directory / f"{split}.txt") as f:
+    with files.atomic_open(directory / f"{split}.txt") as f:
       f.writelines(f"{path}\n" for path in split_files[split])
 
 
@@ -271,12 +273,12 @@ def read_split_lists(directory: pathlib.Path,
 # ---------------------------------------------------------------------------------------------
 
 
-def stored_size(config: ml_collections.ConfigDict) -> int:
-  """The side of the square images in the cache: ``data.image_size``, or (0) the model's
-  input size times 8/7 rounded up to a multiple of 8 (160 -> 184)."""
-  if config.data.image_size:
-    return config.data.image_size
-  return 8 * math.ceil(config.model.input_size * STORED_MARGIN / 8)
+def stored_size(image_size: int, input_size: int) -> int:
+  """The side of the square images in the cache: ``image_size`` (``data.image_size``), or
+  (0) the model's ``input_size`` times 8/7 rounded up to a multiple of 8 (160 -> 184)."""
+  if image_size:
+    return image_size
+  return 8 * math.ceil(input_size * STORED_MARGIN / 8)
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -346,7 +348,7 @@ def decoded_images(root: pathlib.Path, paths: list[str], size: int,
     os.replace(tmp_path, array_path)
   finally:
     tmp_path.unlink(missing_ok=True)
-  reporting.write_json(meta_path, {"root": str(root), "size": size, "files": len(paths),
+  files.write_json(meta_path, {"root": str(root), "size": size, "files": len(paths),
                                    "failed": failed})  # Written last: marks the cache done.
   seconds = time.perf_counter() - started
   logging.info("%s: decoded %d images in %.1f s (%.0f images/s) to %s", root, len(paths),
@@ -375,7 +377,7 @@ def _streams(n: int, size: int, data_config) -> bool:
   needed = n * size * size * 3
   too_big = needed > data_config.max_memory_gb * 2**30
   if too_big and data_config.stream == "off":
-    raise data.DataError(
+    raise DataError(
         f"the {n} decoded images at {size}x{size} need {needed / 2**30:.1f} GB, more than "
         f"data.max_memory_gb={data_config.max_memory_gb}, and data.stream=off. Set "
         "data.stream=auto to stream them from the disk cache, lower model.input_size (or "
@@ -388,31 +390,33 @@ def _streams(n: int, size: int, data_config) -> bool:
   return data_config.stream == "on" or too_big
 
 
-def load_folder(config: ml_collections.ConfigDict, splits_dir: pathlib.Path | None,
-                *, progress: bool = True) -> data.Dataset:
-  """The folder ``config.data.dir`` as a Dataset with its own validation split.
+def load_folder(data_config: ml_collections.ConfigDict, *, stored_size: int, seed: int,
+                splits_dir: pathlib.Path | None, progress: bool = True) -> Dataset:
+  """The folder ``data_config.dir`` (a config's ``data`` section) as a Dataset with its own
+  validation split, its images decoded at ``stored_size`` (:func:`stored_size`).
 
   Split lists are read from ``splits_dir`` if an earlier run wrote them there
-  (:func:`write_split_lists` of ``Dataset.split_files``), else cut. Bad image files raise
-  one DataError listing them, unless ``data.skip_bad_images``: then they are left out with a
-  warning and named in ``Dataset.skipped``.
+  (:func:`write_split_lists` of ``Dataset.split_files``), else cut (seeded by ``seed``). Bad
+  image files raise one DataError listing them, unless ``data.skip_bad_images``: then they are
+  left out with a warning and named in ``Dataset.skipped``.
   """
-  listing = scan(config.data.dir)
+  config = data_config
+  listing = scan(config.dir)
   splits = read_split_lists(splits_dir, listing) if splits_dir else None
   if splits is None:
-    splits = split_listing(listing, validation_split=config.data.validation_split,
-                           test_split=config.data.test_split, seed=config.seed)
+    splits = split_listing(listing, validation_split=config.validation_split,
+                           test_split=config.test_split, seed=seed)
   _log_listing(listing, splits)
   if not splits["test"]:
-    raise data.DataError(f"{listing.root} has no test images: add a test/ folder beside "
+    raise DataError(f"{listing.root} has no test images: add a test/ folder beside "
                          "train/, or set data.test_split > 0 to hold some out.")
-  size = stored_size(config)
+  size = stored_size
   paths = sorted(path for files in splits.values() for path, _ in files)
-  stream = _streams(len(paths), size, config.data)
-  cache_dir = (pathlib.Path(config.data.cache_dir).expanduser() if config.data.cache_dir
+  stream = _streams(len(paths), size, config)
+  cache_dir = (pathlib.Path(config.cache_dir).expanduser() if config.cache_dir
                else default_cache_dir())
   pixels, failed = decoded_images(listing.root, paths, size, cache_dir, progress)
-  if failed and not config.data.skip_bad_images:
+  if failed and not config.skip_bad_images:
     raise _problem("image files that cannot be read", [f"{p} ({why})" for p, why in failed.items()],
                    f"Replace or remove them, {_SKIP_FIX}.")
   if failed:
@@ -425,20 +429,20 @@ def load_folder(config: ml_collections.ConfigDict, splits_dir: pathlib.Path | No
     rows = np.array([row[path] for path, _ in kept], np.int64)
     labels = np.array([label for _, label in kept], np.int32)
     if stream:
-      return data.Split(data.RowView(pixels, rows), labels)
-    return data.Split(np.asarray(pixels[rows]) if kept else np.zeros((0, size, size, 3),
+      return Split(RowView(pixels, rows), labels)
+    return Split(np.asarray(pixels[rows]) if kept else np.zeros((0, size, size, 3),
                                                                      np.uint8), labels)
 
   # Training examples in a seeded random order, not by class, so that data.train_examples's
   # first N are a sample of every class.
-  shuffled = np.random.default_rng(config.seed).permutation(len(splits["train"]))
+  shuffled = np.random.default_rng(seed).permutation(len(splits["train"]))
   train = to_split([splits["train"][i] for i in shuffled])
   validation, test = to_split(splits["validation"]), to_split(splits["test"])
   names = listing.class_names
   # The files (each path's size and modification time) and which split each is in.
   identity = hashlib.sha256(json.dumps([cache_key(listing.root, paths, size), splits,
                                         sorted(failed)]).encode()).hexdigest()
-  return data.Dataset(train, test, len(names), names, listing.root.name,
+  return Dataset(train, test, len(names), names, listing.root.name,
                       identity=f"folder sha256:{identity}", validation=validation,
                       skipped=tuple(sorted(failed)),
                       split_files={split: tuple(path for path, _ in files)

@@ -1,69 +1,39 @@
-"""Data for a run: the dataset and its splits, and what the model reads of one batch.
+"""Where a phase's batches come from, and in which order.
 
-Splits live on the device (``sharding.put``); a step gathers its batch by index inside the jitted
-step (``gather``) and turns the stored uint8 images into model input (``model_inputs``):
-augmented where the phase augments, else the evaluation view; or, past a cached frozen prefix,
-the cached tensors themselves.
+The same compiled step reads both kinds of source: batch ``i`` of a dispatch is
+``inputs[indices[i]]``, rows gathered on the device (:class:`DeviceSource`, a split held in
+device memory) or the batch itself (:class:`StreamSource`, a split read from its decoded
+cache, whose ``indices`` are the step numbers). An epoch's order is made on the host
+(:func:`epoch_order`), where the sources cut it into dispatches.
 """
 
 import concurrent.futures
-import pathlib
 from collections.abc import Mapping
 
 import jax
 import numpy as np
 
-from tljax import data, distributed, folder, sharding
+from tljax import sharding
+from tljax.data.dataset import RowView, Split
 
 
-def load_dataset(config, workdir: pathlib.Path | None = None) -> data.Dataset:
-  """The dataset ``config.data`` names, from the source it names or detects (``auto``: a
-  folder of class folders, else IDX files or a tfds data_dir). A folder's split lists are
-  read from ``<workdir>/splits`` where an earlier run wrote them."""
-  source, data_dir = config.data.source, config.data.dir
-  if source == "auto" and data_dir and folder.is_image_folder(data_dir):
-    source = "folder"
-  if source == "folder":
-    if not data_dir:
-      raise data.DataError("data.source=folder needs --config.data.dir=<folder of class "
-                           "folders>.")
-    return folder.load_folder(config, workdir / "splits" if workdir else None,
-                              progress=distributed.is_main_process())
-  if source == "idx":
-    return data.load_idx_folder(data_dir, config.data.name)
-  if source == "tfds":
-    return data.load_tfds(config.data.name, data_dir or None)
-  return data.load_dataset(config.data.name, data_dir or None)
+def _host_device():
+  """The CPU device, where the batch order is made (None where JAX has no CPU backend)."""
+  try:
+    return jax.local_devices(backend="cpu")[0]
+  except RuntimeError:
+    return None
 
 
-def load_splits(config, workdir: pathlib.Path | None = None
-                ) -> tuple[data.Dataset, dict[str, data.Split]]:
-  """The dataset, and its train / validation / test splits as this config cuts them: a
-  folder's own validation split, else Keras's holdout of the last fraction of train.
-
-  Every process loads the whole (in-memory) dataset; process 0 first, so that a download
-  or a decoded cache in shared storage is made once.
-  """
-  with distributed.main_process_first("dataset"):
-    dataset = load_dataset(config, workdir)
-  train = data.take(dataset.train, config.data.train_examples)
-  if dataset.validation is None:
-    train, validation = data.holdout_split(train, config.data.validation_split)
-  else:
-    validation = dataset.validation
-  return dataset, {"train": train, "validation": validation, "test": dataset.test}
-
-
-def model_inputs(batch: Mapping[str, jax.Array], rng: jax.Array, *, cut: int, size: int,
-                 scale: str, crop_fraction: float, augmentation: data.Augmentation):
-  """What the model reads at layer ``cut`` for one gathered batch."""
-  if cut:
-    return dict(batch)
-  if augmentation.active:
-    return data.training_input(rng, batch["images"], size=size, scale=scale,
-                               crop_fraction=crop_fraction, augmentation=augmentation)
-  return data.evaluation_input(batch["images"], size=size, scale=scale,
-                               crop_fraction=crop_fraction)
+def epoch_order(seed: int, phase: int, epoch: int, n: int, steps: int,
+                batch_size: int) -> np.ndarray:
+  """The example indices of the ``steps`` batches of ``epoch`` in ``phase``: int32
+  [steps, batch_size], the first ``steps * batch_size`` of a permutation of ``range(n)``.
+  A function of its arguments only, so a resumed run recomputes it."""
+  with jax.default_device(_host_device()):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), phase), epoch)
+    order = np.asarray(jax.random.permutation(key, n), np.int32)
+  return order[:steps * batch_size].reshape(steps, batch_size)
 
 
 def index_batches(n: int, batch: int, mesh):
@@ -80,13 +50,6 @@ def gather(tree, indices):
   return jax.tree.map(lambda a: a[indices], tree)
 
 
-# ---------------------------------------------------------------------------------------------
-# Sources: where a phase's batches come from. The same compiled step reads both: batch ``i``
-# of a dispatch is ``inputs[indices[i]]``, rows gathered on the device (DeviceSource) or the
-# batch itself (StreamSource, whose ``indices`` are the step numbers).
-# ---------------------------------------------------------------------------------------------
-
-
 class DeviceSource:
   """A split held in device memory (replicated): a batch is its rows ``indices``, gathered on
   the device inside the step."""
@@ -95,7 +58,7 @@ class DeviceSource:
     self.inputs, self.labels, self.mesh = inputs, labels, mesh
 
   @classmethod
-  def of(cls, split: data.Split, mesh) -> "DeviceSource":
+  def of(cls, split: Split, mesh) -> "DeviceSource":
     replicated = sharding.replicated(mesh)
     return cls(sharding.put({"images": np.asarray(split.images)}, replicated),
                sharding.put(split.labels, replicated), mesh)
@@ -124,7 +87,7 @@ class StreamSource:
   next dispatch's in a background thread while the devices run this one). The step takes
   batch ``i`` as ``inputs[i]``: its ``indices`` are the step numbers."""
 
-  def __init__(self, split: data.Split, mesh):
+  def __init__(self, split: Split, mesh):
     self.split, self.mesh = split, mesh
     self.labels = sharding.put(split.labels, sharding.replicated(mesh))  # Small: on device.
     self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stream")
@@ -189,8 +152,8 @@ def _index_key(index: tuple[slice, ...]) -> tuple:
   return tuple((s.start, s.stop, s.step) for s in index)
 
 
-def sources(splits: Mapping[str, data.Split], mesh) -> dict[str, "DeviceSource | StreamSource"]:
+def sources(splits: Mapping[str, Split], mesh) -> dict[str, DeviceSource | StreamSource]:
   """Each split as a source: on the device, or streamed where its images are a ``RowView`` of
   a decoded cache too large for memory (``data.stream``)."""
-  return {name: (StreamSource(split, mesh) if isinstance(split.images, data.RowView)
+  return {name: (StreamSource(split, mesh) if isinstance(split.images, RowView)
                  else DeviceSource.of(split, mesh)) for name, split in splits.items()}
