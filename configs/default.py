@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   # auto: a folder of class folders, else a folder of IDX files, else tensorflow-datasets |
-  # folder | idx | tfds. See README, "Your own images".
+  # folder | idx | tfds. See docs/data.md.
   config.data.source = "auto"
   # mnist | fashion_mnist (IDX files, downloaded by tljax) | another tensorflow-datasets name.
   config.data.name = "mnist"
@@ -105,7 +105,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Moving-average momentum of BatchNorm layers in batch-statistics mode (Keras: 0.999).
   config.model.bn_momentum = 0.999
 
-  # Multi-process runs (one process per host). See README, "Cloud TPU and multi-host".
+  # Multi-process runs (one process per host). See docs/multihost.md.
   config.distributed = ml_collections.ConfigDict()
   # auto: start jax.distributed when a coordinator address is given (here or in
   # JAX_COORDINATOR_ADDRESS) or on a Cloud TPU VM | yes: always (JAX detects the cluster:

@@ -61,7 +61,7 @@ def needs_tensorflow_to_prepare(builder) -> bool:
 
   tensorflow-datasets reads a prepared dataset without TensorFlow but prepares none of its own
   image-classification datasets without it (all 75 in 4.9.10, tried with fake downloads; see
-  the README): it opens downloaded archives with ``tf.io.gfile``, most builders read their
+  docs/data.md): it opens downloaded archives with ``tf.io.gfile``, most builders read their
   files with it, and it encodes NumPy images with ``tf.image``. Any other builder is tried; a
   failed TensorFlow import while preparing it gives the same message.
   """

@@ -116,8 +116,8 @@ def _sum_over_batch_groups(products_NHWC: jax.Array, group: int = 8) -> jax.Arra
   N up to ``group``), an elementwise sum of slices.
 
   The kernel's gradient sums ``window * dy`` over batch and space for each channel; as one
-  reduction to ``[C]`` XLA:CPU reads each tap's window through a copy and reduces it slowly
-  (4-7x the time of this two-step form at 10x10 to 80x80 maps, benchmarks/README.md).
+  reduction to ``[C]`` XLA:CPU reads each tap's window through a copy and reduces it several
+  times slower than this two-step form (measured in benchmarks/README.md).
   """
   n = products_NHWC.shape[0]
   g = next(d for d in range(min(group, n), 0, -1) if n % d == 0)

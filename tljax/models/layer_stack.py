@@ -59,8 +59,8 @@ def keras_conv(x_NHWC: jax.Array, kernel_HWIO: jax.Array, stride: int) -> jax.Ar
   The 1x1 ones are matrix products over the channels (``pointwise_conv``): their gradients
   need no transposed copy of the kernel, which XLA:CPU makes for a convolution's. On the CPU
   in float32, so are those reading an image's few channels (the stem), over the stacked
-  ``kh * kw`` shifted copies of the image: XLA:CPU's convolution of 3 channels ran at a
-  twentieth of its matrix product's rate, 33 of the 163 ms of the 160 px forward pass
+  ``kh * kw`` shifted copies of the image: XLA:CPU's convolution of 3 channels runs far below
+  its matrix product's rate, a large share of the forward pass at photo resolution
   (benchmarks/README.md). Elsewhere the backend's convolution is the better one, and in
   bfloat16 XLA:CPU's is the closer to float32.
   """
@@ -89,8 +89,8 @@ def pointwise_conv(x_NHWC: jax.Array, kernel_IO: jax.Array) -> jax.Array:
   Its kernel gradient, ``x^T @ dy`` over every example and position, needs one operand with
   the positions as its minor axis. Left to itself XLA:CPU transposes the output gradient,
   often the wider, inside the fusion that computes it; here the narrower of the two is
-  transposed, pinned by an optimization barrier (1.26x the whole-network step at 160 px,
-  benchmarks/README.md).
+  transposed, pinned by an optimization barrier (faster whole-network steps at photo
+  resolution: benchmarks/README.md).
   """
   return jax.lax.dot_general(x_NHWC, kernel_IO, (((3,), (0,)), ((), ())))
 

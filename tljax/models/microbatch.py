@@ -1,13 +1,13 @@
 """Per-example work a few images at a time: on the CPU, it runs faster in micro-batches.
 
 Over a whole batch each layer writes its output to memory and the next layer reads it back
-(block_1's expanded map alone is 79 MB at batch 32, 160x160). A few images at a time, a
-layer's output is still in the cache when the next layer reads it: the base's forward pass at
-batch 32 took 139 ms whole and 91 ms four images at a time at 160 px, 282 and 174 ms two at a
-time at 224 px (benchmarks/README.md). Work that treats each example alone can run this way:
-frozen layers (BatchNorm on its moving statistics, no gradient taken), evaluation, and the
-gradient of a phase whose BatchNorm layers all keep their moving statistics, summed over the
-micro-batches. Batch statistics need every example at once.
+(block_1's expanded map alone is tens of megabytes at batch 32, 160x160). A few images at a
+time, a layer's output is still in the cache when the next layer reads it, and the base's
+forward pass runs markedly faster (measured in benchmarks/README.md). Work that treats each
+example alone can run this way: frozen layers (BatchNorm on its moving statistics, no
+gradient taken), evaluation, and the gradient of a phase whose BatchNorm layers all keep
+their moving statistics, summed over the micro-batches. Batch statistics need every example
+at once.
 """
 
 from collections.abc import Callable
