@@ -1,5 +1,5 @@
 """The Keras baseline of ``step_throughput.py``: one process per framework, phase kind, batch
-and input size, started by that script through :class:`Worker`.
+and input size, started by that script through :func:`start_workers`.
 
     python benchmarks/keras_worker.py keras_tf fine_tune 32 32
 
@@ -103,6 +103,37 @@ class Worker:
         self.proc.kill()
         self.proc.wait()
     self.log.close()
+
+
+def start_workers(kinds: list[str], phases: list[str], batch: int, size: int, tf_python: str,
+                  seed: int) -> dict[tuple[str, str], Worker]:
+  """One worker per baseline kind and phase kind, started and left compiling; ``keras_tf``
+  runs with ``tf_python``."""
+  workers = {}
+  for kind in kinds:
+    for phase in phases:
+      print(f"starting {kind} {phase}, batch {batch}, {size}x{size} ...", flush=True)
+      python = tf_python if kind == "keras_tf" else sys.executable
+      workers[kind, phase] = Worker(kind, phase, batch, size, python, seed)
+  return workers
+
+
+def ready_workers(workers: dict[tuple[str, str], Worker],
+                  failed: dict[str, str]) -> dict[tuple[str, str], Worker]:
+  """The workers that got ready; a kind that fails once is recorded in ``failed`` (kind ->
+  message) and its other workers are closed unread."""
+  ready = {}
+  for (kind, phase), worker in workers.items():
+    try:
+      if kind in failed:
+        raise WorkerError(failed[kind])
+      worker.wait_ready()
+      ready[kind, phase] = worker
+    except WorkerError as e:
+      failed[kind] = str(e)
+      print(f"  {kind} {phase} skipped: {e}", flush=True)
+      worker.close()
+  return ready
 
 
 def main():

@@ -24,6 +24,19 @@ def time_calls(fn: Callable[[], Any], seconds: float, min_calls: int = 2) -> lis
   return times
 
 
+def time_rounds(timers: dict[Any, Callable[[], list[float]]],
+                rounds: int) -> dict[Any, list[float]]:
+  """Each timer's times over ``rounds`` rounds, the timers taking turns within a round, so that
+  their ratios are measured side by side on a possibly busy machine. A timer runs once a round
+  and returns its times, e.g. ``functools.partial(time_calls, fn, seconds)``."""
+  times = {key: [] for key in timers}
+  for r in range(rounds):
+    print(f"timing round {r + 1}/{rounds} ...", flush=True)
+    for key, timer in timers.items():
+      times[key] += timer()
+  return times
+
+
 def summarize(step_times: list[float], batch: int) -> dict[str, float]:
   """Median and p90 in ms, images/s at the median, and the number of samples."""
   median = statistics.median(step_times)

@@ -116,6 +116,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.distributed.process_id = -1           # -1 = detected.
   config.distributed.timeout_s = 300           # How long processes wait for each other.
 
+  # What a run writes to <workdir>/export (docs/deploying.md).
+  config.export = ml_collections.ConfigDict()
+  config.export.formats = ("jax", "onnx", "tflite")  # Any of jax | onnx | tflite.
+  config.export.int8 = True          # Also int8 ONNX and LiteRT files (static, calibrated).
+  # An int8 file more than this many test-accuracy points below its float32 file is kept
+  # as *.FAILED_GATE.* and reported, not handed over.
+  config.export.max_int8_drop = 1.0
+
   config.phases = (
       phase(name="frozen_base", epochs=10, rules=("train:predictions/.*", "freeze:.*")),
       phase(name="fine_tune", epochs=5, learning_rate=1e-5,

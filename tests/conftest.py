@@ -1,12 +1,19 @@
-"""Shared fixtures: the real data and weights in ../shared, and the Keras reference backend."""
+"""Shared fixtures: the real data and weights in ../shared, the Keras reference backend, tiny
+datasets and finished runs on them, and the order in which ``pytest -n 2 --dist loadfile``
+hands out the files. Plain helpers live in helpers.py."""
 
+import contextlib
+import fcntl
 import http.server
-import logging
+import json
 import os
 import pathlib
+import shutil
 import threading
 
 import pytest
+
+from helpers import make_folder, tiny_config, tiny_folder_config, write_idx
 
 # Keras is the numerical reference; it must run on the JAX backend, set before its import.
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -24,38 +31,67 @@ def _shared_path(relative: str) -> pathlib.Path:
   return path
 
 
-# The longest files (each a chain of multi-process runs) first: under ``pytest -n 2 --dist
-# loadfile`` they then start at once and the short files fill in around them, instead of one
-# starting last and running alone.
-LONGEST_FILES = ("test_distributed.py", "test_distributed_folder.py", "test_reliability.py",
-                 "test_sharding.py")
+# The longest files, longest first (chains of runs in subprocesses; the first users of the
+# session's tiny runs): under ``pytest -n 2 --dist loadfile`` the two workers start on the two
+# longest and the short files fill in around them, instead of a long one starting last and
+# running alone. Measured with ``--durations``; keep the order when a file grows.
+LONGEST_FILES = ("test_distributed.py", "test_reliability.py", "test_reliability_resume.py",
+                 "test_distributed_folder.py", "test_quick_start.py", "test_predict.py",
+                 "test_sharding.py", "test_deploy.py", "test_resume.py", "test_cli.py",
+                 "test_sources.py")
+
+
+def pytest_configure(config):
+  # pytest-xdist hands out files with the most tests first unless told not to
+  # (--no-loadscope-reorder); the order below is by duration instead.
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items):
-  items.sort(key=lambda item: item.path.name not in LONGEST_FILES)  # Stable: order kept.
+  rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: order kept.
 
 
-def logged_error(caplog) -> logging.LogRecord:
-  """The one error tljax logged (``main`` and ``predict`` log to the root logger).
+def _session_root(tmp_path_factory) -> pathlib.Path:
+  """A directory of this test session that every pytest-xdist worker sees: their base
+  temporary directories are siblings."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
-  Libraries log under their own names (Orbax as ``absl``, JAX as ``jax._src...``) and may do
-  so from background threads at any time; those are not the run's message.
-  """
-  errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-  ours = [r for r in errors if r.name == "root"]
-  assert len(ours) == 1, [f"{r.name}: {r.getMessage()}" for r in errors]
-  return ours[0]
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path):
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def made_once(tmp_path_factory, name: str, make) -> pathlib.Path:
+  """``<session root>/<name>``, filled by ``make(directory)`` once per test session: by the
+  first worker that asks, while the other waits for it. A directory whose ``make`` failed is
+  made again from scratch."""
+  root = _session_root(tmp_path_factory)
+  directory, done = root / name, root / f"{name}.done"
+  with _locked(root / f"{name}.lock"):
+    if not done.exists():
+      shutil.rmtree(directory, ignore_errors=True)
+      directory.mkdir()
+      make(directory)
+      done.touch()
+  return directory
 
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
   """One persistent XLA cache for the session: a program compiled by one test (or one of
   their subprocesses, which inherit the environment) is loaded, not compiled, by the next.
-  Under pytest-xdist both workers share it (their base temporary directories are siblings)."""
+  Under pytest-xdist both workers share it."""
   import jax
-  base = tmp_path_factory.getbasetemp()
-  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-  directory = str(root / "xla_cache")
+  directory = str(_session_root(tmp_path_factory) / "xla_cache")
   os.makedirs(directory, exist_ok=True)
   os.environ.update(JAX_COMPILATION_CACHE_DIR=directory,
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
@@ -83,16 +119,6 @@ def fashion_mnist_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def imagenet_weights_path() -> pathlib.Path:
   return _shared_path("weights/mobilenet_v2_1.0_imagenet_no_top.h5")
-
-
-def write_idx(path: pathlib.Path, array) -> None:
-  """Writes ``array`` (uint8, 1-D labels or 3-D images) as a gzipped IDX file."""
-  import gzip
-  import numpy as np
-  magic = {1: 0x801, 3: 0x803}[array.ndim]
-  header = np.array([magic, *array.shape], ">u4").tobytes()
-  with gzip.open(path, "wb") as f:
-    f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
 
 
 @pytest.fixture(scope="session")
@@ -150,22 +176,38 @@ def server():
   httpd.server_close()
 
 
+def _run_once(tmp_path_factory, name: str, config_of):
+  """``(directory, workdir, summary)``: ``train.run(config_of(directory), directory / "run")``
+  made once per session (``made_once``), and the summary it returned (as JSON, which is how
+  summary.json holds it)."""
+  from tljax import files, train
+
+  def make(directory):
+    summary = train.run(config_of(directory), directory / "run")
+    (directory / "returned_summary.json").write_text(files.to_json(summary))
+
+  directory = made_once(tmp_path_factory, name, make)
+  return (directory, directory / "run",
+          json.loads((directory / "returned_summary.json").read_text()))
+
+
 @pytest.fixture(scope="session")
 def tiny_idx_run(tiny_idx_dir, tmp_path_factory):
-  """A finished run of ``test_train.tiny_config`` on tiny_idx_dir: ``(workdir, summary)``."""
-  from test_train import tiny_config
-  from tljax import train
-  workdir = tmp_path_factory.mktemp("tiny_idx_run")
-  return workdir, train.run(tiny_config(tiny_idx_dir), workdir)
+  """A finished run of ``helpers.tiny_config`` on tiny_idx_dir: ``(workdir, summary)``; one
+  run for the session, read by both pytest-xdist workers (tests must not change it)."""
+  _, workdir, summary = _run_once(tmp_path_factory, "tiny_idx_run",
+                                  lambda directory: tiny_config(tiny_idx_dir))
+  return workdir, summary
 
 
 @pytest.fixture(scope="session")
 def tiny_folder_run(tmp_path_factory):
   """A finished run on a folder of 36 small JPEGs in 3 classes, with photo augmentation and a
-  centre crop: ``(root, workdir, summary)``."""
-  from test_folder import make_folder, tiny_folder_config
-  from tljax import train
-  root = make_folder(tmp_path_factory.mktemp("tiny_folder") / "photos",
-                     {"red": 12, "green": 12, "blue": 12}, ext="jpg")
-  workdir = root.parent / "run"
-  return root, workdir, train.run(tiny_folder_config(root), workdir)
+  centre crop: ``(root, workdir, summary)``; one run for the session, read by both
+  pytest-xdist workers (tests must not change it)."""
+  def config_of(directory):
+    root = make_folder(directory / "photos", {"red": 12, "green": 12, "blue": 12}, ext="jpg")
+    return tiny_folder_config(root)
+
+  directory, workdir, summary = _run_once(tmp_path_factory, "tiny_folder_run", config_of)
+  return directory / "photos", workdir, summary

@@ -1,4 +1,6 @@
-"""Checkpoint digests: a checkpoint whose arrays are damaged or unreadable is never restored."""
+"""tljax.checkpoint: a checkpoint whose arrays are damaged or unreadable is never restored
+(digests), one that does not fit the model names the path and both shapes, and a directory
+that cannot hold checkpoints fails before any work."""
 
 import shutil
 
@@ -7,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import saved_checkpoint
 from tljax import checkpoint
 
 
@@ -84,3 +87,39 @@ def test_digest_covers_paths_dtypes_and_values():
                                  "step": jnp.float32(3)})}
   assert len(digests) == 3
   assert checkpoint.state_digest(_state(1.0)) == checkpoint.state_digest(_state(1.0))
+
+
+def test_saved_arrays_read_back_without_a_target(two_checkpoints):
+  """helpers.saved_checkpoint, which tests use to compare checkpoints, reads what was saved."""
+  workdir = two_checkpoints.directory.parent
+  step, meta, state = saved_checkpoint(workdir)
+  assert step == 2 and meta == two_checkpoints.restore_meta(2) and meta["phase"] == 0
+  assert state["step"] == 3
+  np.testing.assert_array_equal(state["params"]["dense"]["kernel"], np.full((64, 32), 2.0))
+  assert saved_checkpoint(workdir, 1)[2]["params"]["dense"]["kernel"][0, 0] == 1.0
+  assert saved_checkpoint(workdir / "elsewhere") == (None, None, None)
+
+
+def test_unwritable_checkpoint_directory_fails_before_any_work(tmp_path):
+  (tmp_path / "checkpoints").write_text("not a directory")
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=f"cannot write checkpoints to {tmp_path}/checkpoints: .*File exists"):
+    checkpoint.Checkpointer(tmp_path)
+
+
+def test_max_to_keep_below_one_is_refused(tmp_path):
+  with pytest.raises(ValueError, match="max_to_keep=0 must be at least 1"):
+    checkpoint.Checkpointer(tmp_path, max_to_keep=0)
+
+
+def test_restore_into_another_model_names_the_path_and_both_shapes(tmp_path):
+  state = {"params": {"predictions": {"kernel": jnp.zeros((8, 10))}}, "step": jnp.zeros(())}
+  ckpt = checkpoint.Checkpointer(tmp_path)
+  ckpt.save(3, state, {})
+  ckpt.wait()
+  other = {"params": {"predictions": {"kernel": jax.ShapeDtypeStruct((8, 5), jnp.float32)}},
+           "step": jax.ShapeDtypeStruct((), jnp.float32)}
+  with pytest.raises(checkpoint.CheckpointError, match=r"params/predictions/kernel has shape "
+                     r"\(8, 10\) there but \(8, 5\) here"):
+    ckpt.restore_state(3, other)
+  ckpt.close()

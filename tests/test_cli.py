@@ -3,7 +3,6 @@ the other exit codes (143 preempted, 1 failed) come from what train.run raised."
 
 import errno
 import gzip
-import hashlib
 import logging
 import os
 import pathlib
@@ -11,20 +10,15 @@ import re
 import shutil
 import subprocess
 import sys
-import types
 
 import h5py
 import numpy as np
 import pytest
 
 import main
-from conftest import logged_error
-from test_train import tiny_config
-from tljax import checkpoint, checks, exits, preemption, steps, train
-from tljax.data import idx, load
-from tljax.models import mobilenet_v2
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from helpers import REPO, logged_error, tiny_config
+from tljax import checkpoint, exits, preemption, steps, train
+from tljax.data import idx
 
 
 def _cli(*flags: str) -> subprocess.CompletedProcess:
@@ -36,8 +30,8 @@ def _cli(*flags: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("flag, message", [
     ("--config.batchsize=16", "--config.batchsize: config has no key 'batchsize'. Did you mean "
      "--config.batch_size? Its keys are: batch_size, cache_max_gb, checkpoint_every_steps, "
-     "data, distributed, eval_batch_size, max_bad_steps, max_to_keep, model, phases, seed, "
-     "steps_per_dispatch, tensorboard."),
+     "data, distributed, eval_batch_size, export, max_bad_steps, max_to_keep, model, phases, "
+     "seed, steps_per_dispatch, tensorboard."),
     ("--config.phases[1].epoch=2", "--config.phases[1].epoch: config.phases[1] has no key "
      "'epoch'. Did you mean --config.phases[1].epochs? Its keys are: batchnorm, cache_prefix, "
      "early_stopping_patience, ema_decay, epochs,"),
@@ -168,7 +162,7 @@ def _unreadable(module, path, monkeypatch):
 def test_unreadable_data_file_is_one_message_and_exit_2(tiny_idx_dir, tmp_path, caplog,
                                                         monkeypatch):
   labels = tiny_idx_dir / "train-labels-idx1-ubyte.gz"
-  _unreadable(train.data, labels, monkeypatch)
+  _unreadable(idx, labels, monkeypatch)
   assert _main_run(tiny_config(tiny_idx_dir), tmp_path / "run", caplog) == (
       2, f"{labels}: cannot be read (Permission denied); check its permissions and that the "
       "storage holding it is reachable.")
@@ -183,13 +177,6 @@ def test_unreadable_weights_file_is_not_called_damaged(tiny_idx_dir, tmp_path, c
   assert _main_run(tiny_config(tiny_idx_dir, **{"model.weights": str(path)}), tmp_path / "run",
                    caplog) == (2, f"weights file {path} cannot be read (Permission denied); "
                                "check its permissions.")
-
-
-def test_batch_size_must_divide_over_the_devices(tiny_idx_dir):
-  three_devices = types.SimpleNamespace(shape={"data": 3})
-  with pytest.raises(ValueError, match=r"batch_size=16 must be a positive multiple of the 3 "
-                     r"devices in the data mesh; use e.g. --config.batch_size=15 or 18."):
-    checks.check_config(tiny_config(tiny_idx_dir), three_devices)
 
 
 @pytest.mark.parametrize("error, code", [
@@ -216,80 +203,3 @@ def test_a_bug_is_exit_1_with_the_hint_for_its_traceback(bug, monkeypatch, caplo
   assert _main_run(None, "/w", caplog) == (
       1, f"unexpected {type(bug).__name__} (a bug in tljax): {bug} Rerun with --verbosity=1 "
       "for the traceback, and report it.")
-
-
-# ---------------------------------------------------------------------------------------------
-# The quick start on a fresh machine: MNIST and the ImageNet weights downloaded on first use.
-
-
-@pytest.fixture
-def fresh_machine(server, mnist_dir, imagenet_weights_path, tmp_path, monkeypatch):
-  """A fresh HOME and no caches; ``server`` on 127.0.0.1 mirrors the MNIST files and the
-  Keras weights from ../shared through $TLJAX_DATA_MIRROR and $TLJAX_WEIGHTS_URL."""
-  for name in idx.IDX_FILES:
-    server.files[f"/mnist/{name}.gz"] = (mnist_dir / f"{name}.gz").read_bytes()
-  weights_name = mobilenet_v2.weights_file_name(1.0, 224, include_top=False)
-  server.files[f"/keras/{weights_name}"] = imagenet_weights_path.read_bytes()
-  # ../shared's train images are a rebuild of the original file (its README says so); every
-  # other checksum is the published one.
-  url, shas = idx.IDX_SOURCES["mnist"]
-  rebuilt = hashlib.sha256(server.files["/mnist/train-images-idx3-ubyte.gz"]).hexdigest()
-  monkeypatch.setitem(idx.IDX_SOURCES, "mnist", (url, (rebuilt, *shas[1:])))
-  for variable in ("TLJAX_CACHE", "KERAS_HOME", "TFDS_DATA_DIR"):
-    monkeypatch.delenv(variable, raising=False)
-  monkeypatch.setenv("HOME", str(tmp_path / "home"))
-  monkeypatch.setenv("TLJAX_DATA_MIRROR", server.url)
-  monkeypatch.setenv("TLJAX_WEIGHTS_URL", f"{server.url}/keras")
-  return server
-
-
-def _quick_start_config():
-  """configs/mnist_mnv2.py as the README's quick start runs it (no data.dir, no
-  model.weights), with short epochs."""
-  from configs import mnist_mnv2
-  config = mnist_mnv2.get_config()
-  config.data.train_examples = 80
-  for phase in config.phases:
-    phase.epochs = 1
-  return config
-
-
-def test_quick_start_downloads_once_then_runs_from_the_cache(fresh_machine, tmp_path):
-  assert main.run(_quick_start_config(), str(tmp_path / "run1")) == 0
-  for output in ("summary.json", "confusion_matrix.png", "trained_variables.msgpack"):
-    assert (tmp_path / "run1" / output).is_file()
-  cache = tmp_path / "home" / ".cache" / "tljax"
-  assert sorted(p.name for p in (cache / "datasets" / "mnist").iterdir()) == sorted(
-      f"{name}.gz" for name in idx.IDX_FILES)
-  weights_name = mobilenet_v2.weights_file_name(1.0, 224, include_top=False)
-  assert (cache / weights_name).is_file()
-  assert sorted(fresh_machine.requests) == sorted(
-      [f"/keras/{weights_name}", *(f"/mnist/{name}.gz" for name in idx.IDX_FILES)])
-  fresh_machine.requests.clear()
-  assert main.run(_quick_start_config(), str(tmp_path / "run2")) == 0
-  assert fresh_machine.requests == []
-  # A cached file that no longer has its sha256 (here cut short) is fetched again, alone.
-  labels = cache / "datasets" / "mnist" / "t10k-labels-idx1-ubyte.gz"
-  labels.write_bytes(labels.read_bytes()[:100])
-  assert load.idx_or_tfds("mnist", None).test.labels.shape == (10_000,)
-  assert fresh_machine.requests == ["/mnist/t10k-labels-idx1-ubyte.gz"]
-  assert labels.read_bytes() == fresh_machine.files["/mnist/t10k-labels-idx1-ubyte.gz"]
-
-
-@pytest.mark.parametrize("fault", ["404", "dropped"])
-@pytest.mark.parametrize("what", ["dataset", "weights"])
-def test_quick_start_download_failure_is_one_message_and_exit_2(fault, what, fresh_machine,
-                                                                 tmp_path, caplog):
-  path = next(p for p in fresh_machine.files if p.startswith(
-      "/mnist/" if what == "dataset" else "/keras/"))
-  if fault == "404":
-    del fresh_machine.files[path]
-  else:
-    fresh_machine.dropped.add(path)
-  with caplog.at_level(logging.ERROR):
-    assert main.run(_quick_start_config(), str(tmp_path / "run")) == 2
-  record = logged_error(caplog)
-  expected = "answered HTTP 404" if fault == "404" else "closed the connection before sending"
-  local = "--config.data.dir=" if what == "dataset" else "--config.model.weights="
-  assert expected in record.getMessage() and local in record.getMessage()
-  assert not record.exc_info

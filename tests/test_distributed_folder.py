@@ -1,8 +1,9 @@
 """Two processes stream a folder of photos and train as one process does.
 
 Process 0 decodes the photos into the shared cache and writes the split lists; each process
-then reads from the cache the rows of its own device, half of what one process reads. A separate module from tests/test_distributed.py,
-so that the two run side by side under ``pytest -n 2``.
+then reads from the cache the rows of its own device, half of what one process reads. A
+separate module from tests/test_distributed.py, so that the two run side by side under
+``pytest -n 2``.
 """
 
 import importlib.util
@@ -10,17 +11,17 @@ import re
 
 import numpy as np
 
-from test_distributed import REPO, TOLERANCE, _variables, _worst_difference, launcher
-from test_folder import make_folder
+from helpers import MULTIPROCESS_TOLERANCE as TOLERANCE
+from helpers import TESTS, launcher, make_folder, read_variables, worst_difference
 from tljax import train
 from tljax.data import dataset
 
-# The tiny photo job of tests/test_folder.py, streamed, with SGD and BatchNorm in inference
-# mode: float32 sums in another order across processes stay at rounding level.
+# The tiny photo job of helpers.tiny_folder_config, streamed, with SGD and BatchNorm in
+# inference mode: float32 sums in another order across processes stay at rounding level.
 CONFIG_FILE = """
 import sys
 sys.path.insert(0, {tests!r})
-from test_folder import tiny_folder_config
+from helpers import tiny_folder_config
 
 def get_config():
   config = tiny_folder_config({root!r}, stream="on")
@@ -34,7 +35,7 @@ def get_config():
 def test_two_processes_stream_a_folder_as_one_process_trains_on_it(tmp_path, monkeypatch):
   root = make_folder(tmp_path / "photos", {"red": 12, "green": 12, "blue": 12}, ext="jpg")
   config_file = tmp_path / "folder_config.py"
-  config_file.write_text(CONFIG_FILE.format(tests=str(REPO / "tests"), root=str(root)))
+  config_file.write_text(CONFIG_FILE.format(tests=str(TESTS), root=str(root)))
   launch = launcher(tmp_path, config_file)
   two = launch(tmp_path / "two", processes=2, devices_each=1, hooks="count_rows_read")
   assert [code for code, _ in two] == [0, 0], two[0][1][-3000:] + two[1][1][-3000:]
@@ -57,7 +58,8 @@ def test_two_processes_stream_a_folder_as_one_process_trains_on_it(tmp_path, mon
   for split in ("train", "validation", "test"):
     assert ((tmp_path / "two" / "splits" / f"{split}.txt").read_text()
             == (tmp_path / "one" / "splits" / f"{split}.txt").read_text())
-  assert _worst_difference(_variables(tmp_path / "one"), _variables(tmp_path / "two")) < TOLERANCE
+  assert worst_difference(read_variables(tmp_path / "one"),
+                          read_variables(tmp_path / "two")) < TOLERANCE
   np.testing.assert_array_equal(
       np.load(tmp_path / "one" / "test_predictions.npz")["predictions"],
       np.load(tmp_path / "two" / "test_predictions.npz")["predictions"])

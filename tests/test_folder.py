@@ -10,38 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import default
-from tljax import checks, sharding, train
+from helpers import REPO, folder_config, make_folder, tiny_folder_config, write_image
+from tljax import checks, train
 from tljax.data import dataset, folder, images, load
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def write_image(path: pathlib.Path, label: int = 0, size=(12, 10)) -> pathlib.Path:
-  """A small image whose colour encodes ``label`` (and whose format is the suffix's)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  pixels = np.zeros((*size, 3), np.uint8)
-  pixels[..., label % 3] = 200
-  pixels[: size[0] // 2, :, (label + 1) % 3] = 100 + 40 * (label // 3)
-  Image.fromarray(pixels).save(path)
-  return path
-
-
-def make_folder(root: pathlib.Path, counts: dict[str, int], prefix: str = "",
-                ext: str = "png") -> pathlib.Path:
-  for label, (name, n) in enumerate(sorted(counts.items())):
-    for i in range(n):
-      write_image(root / prefix / name / f"{i:03d}.{ext}", label)
-  return root
-
-
-def folder_config(root, **data_overrides):
-  config = default.get_config()
-  config.data.dir = str(root)
-  config.data.cache_dir = str(pathlib.Path(root).parent / f"{pathlib.Path(root).name}_cache")
-  config.model.input_size = 32
-  config.data.update(data_overrides)
-  return config
 
 
 def load_folder(config, splits_dir):
@@ -49,23 +20,6 @@ def load_folder(config, splits_dir):
   size = folder.stored_size(config.data.image_size, config.model.input_size)
   return folder.load_folder(config.data, stored_size=size, seed=config.seed,
                             splits_dir=splits_dir, progress=False)
-
-
-def tiny_folder_config(root, **data_overrides):
-  """Two short phases on a folder of small images: a cached head phase, then a fine-tune with
-  random crops and flips (tests/conftest.py's tiny_folder_run)."""
-  config = folder_config(root, validation_split=0.25, test_split=0.25, random_crop=True,
-                         flip=True, eval_crop=0.875, scale="symmetric", **data_overrides)
-  config.model.alpha = 0.35
-  config.model.weights = "none"
-  config.batch_size = 6
-  config.eval_batch_size = 12
-  config.steps_per_dispatch = 1  # So that a run can stop mid-epoch (3 steps an epoch).
-  config.phases[0].epochs = 1
-  config.phases[0].use_augmentation = False
-  config.phases[1].epochs = 1
-  config.phases[1].learning_rate = 1e-3
-  return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,13 +121,13 @@ def test_split_lists_are_written_and_reused(tmp_path):
 
 def test_train_list_is_written_last(tmp_path, monkeypatch):
   """Another process takes the lists once train.txt exists: the others must be there."""
-  written, atomic_open = [], folder.reporting.atomic_open
+  written, atomic_open = [], folder.files.atomic_open
 
   def recording(path, *args):
     written.append(pathlib.Path(path).name)
     return atomic_open(path, *args)
 
-  monkeypatch.setattr(folder.reporting, "atomic_open", recording)
+  monkeypatch.setattr(folder.files, "atomic_open", recording)
   folder.write_split_lists(tmp_path, {"train": ["a/0.png"], "validation": ["a/1.png"],
                                       "test": ["b/0.png"]})
   assert written == ["validation.txt", "test.txt", "train.txt"]
@@ -379,25 +333,3 @@ def test_run_on_a_tiny_folder(tiny_folder_run):
   head, fine_tune = summary["phases"]
   assert head["cached_prefix"] and fine_tune["cached_prefix"] is None  # It augments.
   assert (workdir / "confusion_matrix.png").stat().st_size > 0
-
-
-@pytest.mark.parametrize("key, value, message", [
-    ("source", "images", r"data.source='images' is not one of \('auto', 'idx', 'tfds', "
-     r"'folder'\)"),
-    ("test_split", 0.85, r"data.test_split=0.85 must be in \[0, 1\) and leave training images"),
-    ("crop_scale", (0.5, 0.2), r"data.crop_scale=\(0.5, 0.2\) must be \(low, high\)"),
-    ("eval_crop", 0.0, r"data.eval_crop=0.0 must be in \(0, 1\]"),
-    ("max_memory_gb", 0.0, "data.max_memory_gb=0.0 must be positive"),
-])
-def test_bad_data_settings_are_refused(key, value, message):
-  config = default.get_config()
-  config.data[key] = value
-  with pytest.raises(ValueError, match=message):
-    checks.check_config(config, sharding.data_mesh())
-
-
-def test_folder_source_without_a_dir_says_what_to_pass():
-  config = default.get_config()
-  config.data.source = "folder"
-  with pytest.raises(dataset.DataError, match=r"data.source=folder needs --config.data.dir="):
-    load.load_dataset(config)

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from helpers import BASE, MODEL
 from tljax import freezing
 from tljax.models.mobilenet_v2 import MobileNetV2
 
-MODEL = MobileNetV2(alpha=0.35, include_top=True, num_classes=10)
-BASE = MODEL.base_layers
 VARIABLES = jax.eval_shape(MODEL.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
 PARAMS = VARIABLES["params"]
 PATHS = list(traverse_util.flatten_dict(PARAMS, sep="/"))

@@ -1,15 +1,18 @@
-"""tljax.prefix: which layers a phase computes once, what it keeps of them, and whether the
-caches fit."""
+"""tljax.prefix: which layers a phase computes once, what it keeps of them, whether the caches
+fit, and the cut a phase's steps then start at."""
+
+import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from tljax import prefix
+from helpers import MODEL
+from tljax import prefix, sharding
+from tljax.data import sources, transforms
 from tljax.models.layer_stack import Layer
-from tljax.models.mobilenet_v2 import MobileNetV2
 
-MODEL = MobileNetV2(alpha=0.35, include_top=True, num_classes=10)
 VARIABLES = jax.eval_shape(MODEL.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
 # A residual block: c's input is b, and d adds a (the block's input) to c.
 CHAIN = (Layer("a", "input"), Layer("b", "conv", ("a",)), Layer("c", "bn", ("b",)),
@@ -47,3 +50,49 @@ def test_plan_caches_leaves_out_the_next_cache_when_both_do_not_fit():
   per_example = prefix.bytes_per_example(MODEL, 60, VARIABLES, 32)
   assert prefix.plan_caches(MODEL, VARIABLES, cut=60, next_cut=30, examples=1000, input_size=32,
                             max_gb=1.5 * per_example * 1000 / 2**30) == (60, 0)
+
+
+# phase_inputs, on a prefix cheap to compile: the first layers of the network.
+MESH = sharding.data_mesh(jax.devices()[:1])
+VIEW = transforms.EvalView(size=32, scale="unit")
+
+
+def _phase(index, cacheable_cut):
+  return types.SimpleNamespace(index=index, name=f"phase{index}", cacheable_cut=cacheable_cut)
+
+
+@pytest.fixture(scope="module")
+def images():
+  """``(variables, PhaseSources)``: 6 training and 4 validation images on the device."""
+  rng = np.random.default_rng(0)
+  variables = jax.jit(MODEL.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  split = [sources.DeviceSource({"images": jnp.asarray(rng.integers(0, 255, (n, 28, 28),
+                                                                    dtype=np.uint8))},
+                                jnp.arange(n, dtype=jnp.int32), MESH) for n in (6, 4)]
+  return variables, prefix.PhaseSources(*split)
+
+
+def _inputs(phase, next_cut, images, handoff, cache_max_gb=1.0):
+  variables, split_sources = images
+  return prefix.phase_inputs(phase, next_cut, variables, MODEL, VIEW, MESH, split_sources,
+                             handoff, cache_max_gb=cache_max_gb, batch_size=4)
+
+
+def test_phase_inputs_caches_the_cut_and_hands_the_next_phase_its_own(images):
+  handoff = {}
+  first = _inputs(_phase(0, 6), 3, images, handoff)
+  assert (first.cut, first.handed_over) == (6, False)
+  assert set(first.sources.train.inputs) == set(prefix.frontier(MODEL.layers, 6))
+  assert len(first.sources.train) == 6 and len(first.sources.validation) == 4
+  assert list(handoff) == [(1, 3)]  # Built in the same pass.
+  handed = handoff[1, 3]
+  second = _inputs(_phase(1, 3), 0, images, handoff)
+  assert second == (3, handed, True) and not handoff
+  assert set(second.sources.validation.inputs) == set(prefix.frontier(MODEL.layers, 3))
+
+
+@pytest.mark.parametrize("cacheable_cut, cache_max_gb", [(0, 1.0), (6, 1e-9)])
+def test_phase_inputs_without_a_cache_run_from_the_images(images, cacheable_cut, cache_max_gb):
+  handoff = {}
+  inputs = _inputs(_phase(0, cacheable_cut), 3, images, handoff, cache_max_gb)
+  assert inputs == (0, images[1], False) and not handoff

@@ -1,4 +1,4 @@
-"""Tests of tljax.reporting: metrics.jsonl, atomic JSON, progress reporting."""
+"""Tests of tljax.reporting: metrics.jsonl and progress reporting."""
 
 import io
 import json
@@ -94,46 +94,6 @@ def test_metrics_writer_rejects_bad_records(tmp_path):
     writer.write({"epoch": 1})
 
 
-# ---------------------------------------------------------------- write_json
-
-
-def test_write_json_round_trips_with_indent(tmp_path):
-  path = tmp_path / "results" / "summary.json"
-  obj = {"test_accuracy": np.float32(0.5), "confusion": np.eye(2, dtype=np.int64),
-         "classes": ["a", "b"]}
-  assert files.write_json(path, obj) == os.fspath(path)
-  assert path.read_text() == (
-      '{\n  "test_accuracy": 0.5,\n  "confusion": [\n    [\n      1,\n      0\n    ],\n'
-      '    [\n      0,\n      1\n    ]\n  ],\n  "classes": [\n    "a",\n    "b"\n  ]\n}\n')
-  assert os.listdir(path.parent) == ["summary.json"]
-
-
-def test_write_json_replaces_atomically_and_keeps_the_old_file_on_failure(tmp_path):
-  path = tmp_path / "summary.json"
-  files.write_json(path, {"epoch": 1})
-  files.write_json(path, {"epoch": 2})
-  assert json.loads(path.read_text()) == {"epoch": 2}
-  with pytest.raises(TypeError, match="cannot write set"):
-    files.write_json(path, {"epoch": {3}})
-  assert json.loads(path.read_text()) == {"epoch": 2}
-  assert os.listdir(tmp_path) == ["summary.json"]
-
-
-def test_atomic_open_gives_the_umask_mode_not_mkstemp_0600(tmp_path):
-  umask = os.umask(0o022)
-  try:
-    path = files.write_json(tmp_path / "a.json", {})
-  finally:
-    os.umask(umask)
-  assert os.stat(path).st_mode & 0o777 == 0o644
-
-
-def test_atomic_open_rejects_other_modes(tmp_path):
-  with pytest.raises(ValueError, match='mode must be "w" or "wb", got \'a\''):
-    with files.atomic_open(tmp_path / "x", "a"):
-      pass
-
-
 # ---------------------------------------------------------------- Progress
 
 
@@ -207,9 +167,3 @@ def test_progress_disabled_reports_nothing(caplog, tty):
 def test_progress_rejects_negative_total():
   with pytest.raises(ValueError, match="total must be >= 0 steps, got -1"):
     reporting.Progress(-1, "epoch")
-
-
-def test_non_finite_numbers_are_written_as_null():
-  assert files.to_json({"loss": float("nan"), "x": np.array([1.0, np.inf]),
-                            "y": np.float32("-inf"), "n": np.int64(3)}) == \
-      '{"loss": null, "x": [1.0, null], "y": null, "n": 3}'

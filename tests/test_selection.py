@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from configs import default
+from helpers import tiny_config
 from tljax import dispatch, selection, train
-from test_train import tiny_config
 
 VALIDATION_EXAMPLES = 32  # 20% of tiny_idx_dir's 160 training images; the test split has 40.
 

@@ -31,7 +31,8 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     config.phases[1].optimizer = "sgd"
     config.phases[1].learning_rate = 0.01
     model = models.create(config.model, 10)
-    variables = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+    init = jax.jit(model.init)  # One program, not hundreds of eager initialisers.
+    variables = jax.device_get(init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (64, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, 64).astype(np.int32)
@@ -43,9 +44,9 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
       mesh = sharding.data_mesh(devices)
       model = models.create(config.model, 10, batch_shards=len(devices))
       phase = phases.build_phase(config, 1, model, variables["params"], 64)
-      state = jax.device_put(phases.init_state(phase, variables, 0),
-                             sharding.replicated(mesh))
-      chunk = dispatch.make_train_chunk(phase, model, transforms.EvalView.from_config(config))
+      state = jax.jit(lambda v: phases.init_state(phase, v, 0),
+                      out_shardings=sharding.replicated(mesh))(variables)
+      chunk = dispatch.make_train_chunk(phase, model, 0, transforms.EvalView.from_config(config))
       inputs = jax.device_put({"images": images}, sharding.replicated(mesh))
       state, metrics = chunk(state, inputs, jax.device_put(labels, sharding.replicated(mesh)),
                              jax.device_put(indices, sharding.batch_sharded(mesh, 1)))

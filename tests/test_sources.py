@@ -1,6 +1,6 @@
 """tljax.data.sources: a split streamed from its decoded cache feeds the same batches as the
 split held on the device, and a streamed run trains, resumes and ends bit for bit as one in
-memory."""
+memory; an epoch's order is a reproducible permutation."""
 
 import os
 import signal
@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from test_folder import tiny_folder_config
+from helpers import tiny_folder_config
 from tljax import preemption, reporting, sharding, train
 from tljax.data import dataset, sources
 
@@ -46,12 +46,20 @@ def test_streamed_batches_are_the_device_batches():
     np.testing.assert_array_equal(labels_a[mask_a], labels_b[mask_b])
 
 
-def test_row_view_reads_only_when_indexed():
-  split = _split()
-  view = dataset.RowView(split.images, np.array([7, 2, 5]))
-  assert view.shape == (3, 4, 4, 3) and view.dtype == np.uint8 and len(view) == 3
-  assert isinstance(view[1:], dataset.RowView) and len(view[1:]) == 2
-  np.testing.assert_array_equal(view[np.array([2, 0])], split.images[[5, 7]])
+def test_epoch_order_is_a_reproducible_permutation_cut_into_batches():
+  order = sources.epoch_order(0, 1, 2, 1000, 33, 30)
+  assert order.dtype == np.int32 and order.shape == (33, 30)
+  assert len(np.unique(order)) == 990 and order.min() >= 0 and order.max() < 1000
+  np.testing.assert_array_equal(order, sources.epoch_order(0, 1, 2, 1000, 33, 30))
+  for other in [(1, 1, 2), (0, 0, 2), (0, 1, 3)]:
+    assert not np.array_equal(order, sources.epoch_order(*other, 1000, 33, 30))
+
+
+def test_epoch_order_is_jax_random_permutation_of_the_phase_and_epoch_key():
+  """The order of earlier builds (a device permutation), so runs and resumes keep theirs."""
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(7), 1), 4)
+  expected = np.asarray(jax.random.permutation(key, 100))[:96].reshape(8, 12)
+  np.testing.assert_array_equal(sources.epoch_order(7, 1, 4, 100, 8, 12), expected)
 
 
 def test_streamed_run_stopped_mid_epoch_ends_as_the_run_in_memory(tiny_folder_run, tmp_path,

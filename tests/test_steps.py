@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from test_freezing import BASE, MODEL
+from helpers import BASE, MODEL
 from tljax import freezing, prefix, steps
 from tljax.models import microbatch
 
@@ -110,6 +110,9 @@ def test_optimizer_state_has_no_moments_for_frozen_params(trained):
   assert sum(int(np.prod(m.shape)) for m in moments) == 2 * train_size
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="micro-batches are the CPU's path: "
+                    "elsewhere microbatch.size is the whole batch, so both runs would take "
+                    "the same whole-batch step and the comparison could not fail")
 def test_frozen_layers_in_micro_batches_train_as_the_whole_batch():
   # SGD: its update is linear in the gradient (Adam's turns rounding noise in near-zero
   # gradients into steps as large as its learning rate).
@@ -150,3 +153,10 @@ def test_non_finite_step_is_skipped():
   for a, b in zip(jax.tree.leaves((state.params, state.batch_stats, state.opt_state)),
                   jax.tree.leaves((new.params, new.batch_stats, new.opt_state))):
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bad_steps_stop_the_run_when_they_reach_max_bad_steps():
+  steps.check_bad_steps(9, 10, "p", 20)
+  with pytest.raises(steps.NonFiniteError, match=r"phase p: steps 11\.\.20 of the phase all had "
+                     r"a non-finite loss or gradient \(max_bad_steps=10\)"):
+    steps.check_bad_steps(10, 10, "p", 20)

@@ -93,11 +93,6 @@ class Checkpointer:
     if step in self._manager.all_steps():
       self._manager.delete(step)
 
-  def restore_arrays(self, step: int) -> dict[str, Any]:
-    """Checkpoint ``step`` as saved (``{"state": ..., "meta": ...}``), NumPy arrays with no
-    shardings: for inspecting and comparing checkpoints, not for resuming."""
-    return self._manager.restore(step)
-
   def restore_meta(self, step: int) -> dict[str, Any]:
     """The meta of checkpoint ``step``; CheckpointDamagedError if it cannot be read."""
     with self._damage_reported(step):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tljax import freezing, models, optim, selection, sharding
+from tljax import export, freezing, models, optim, selection, sharding
 from tljax.data import transforms
 from tljax.models.layer_stack import LayerStack
 
@@ -68,6 +68,11 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
          f"model.dtype={config.model.dtype!r} is not one of {tuple(models.DTYPES)}.")
   expect(0 <= config.model.bn_momentum < 1,
          f"model.bn_momentum={config.model.bn_momentum} must be in [0, 1).")
+  unknown = sorted(set(config.export.formats) - set(export.FORMATS))
+  expect(not unknown, f"export.formats={tuple(config.export.formats)}: {unknown} not among "
+         f"{export.FORMATS}.")
+  expect(config.export.max_int8_drop >= 0,
+         f"export.max_int8_drop={config.export.max_int8_drop} must be >= 0 (accuracy points).")
   expect(len(config.phases) >= 1, "config.phases is empty: give at least one phase.")
   for i, phase in enumerate(config.phases):
     where = f"phases[{i}] ({phase.name!r})"

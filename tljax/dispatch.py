@@ -16,14 +16,16 @@ from tljax.models.layer_stack import CONVOLUTIONS, LayerStack
 from tljax.phases import Phase
 
 
-def scans_steps(phase: Phase, model: LayerStack) -> bool:
+def scans_steps(model: LayerStack, cut: int) -> bool:
   """Whether ``make_train_chunk`` runs a dispatch's steps as one ``lax.scan``: where the
-  step runs no convolution."""
-  return not any(layer.kind in CONVOLUTIONS for layer in model.layers[phase.cut:])
+  step, from layer ``cut`` on, runs no convolution."""
+  return not any(layer.kind in CONVOLUTIONS for layer in model.layers[cut:])
 
 
-def make_train_chunk(phase: Phase, model: LayerStack, view: transforms.EvalView):
-  """``(state, inputs, labels, indices[K, B]) -> (state, metrics[K])``: K train steps.
+def make_train_chunk(phase: Phase, model: LayerStack, cut: int, view: transforms.EvalView):
+  """``(state, inputs, labels, indices[K, B]) -> (state, metrics[K])``: K train steps of
+  ``phase`` from layer ``cut`` on (0: from the images; else ``inputs`` are the cache of
+  ``layers[:cut]``, as ``prefix.phase_inputs`` returns it).
 
   Where the step runs convolutions, each step is one jitted call, dispatched asynchronously;
   the host waits only when the caller fetches the metrics (on XLA:CPU a ``lax.scan`` over such
@@ -33,9 +35,9 @@ def make_train_chunk(phase: Phase, model: LayerStack, view: transforms.EvalView)
   """
   step = functools.partial(
       steps.train_step, model=model, tx=phase.tx, param_labels=phase.labels,
-      train_bn=phase.train_bn, start=phase.cut, frozen_until=phase.frozen_until,
+      train_bn=phase.train_bn, start=cut, frozen_until=phase.frozen_until,
       image_size=view.size, label_smoothing=phase.config.label_smoothing)
-  prepare = functools.partial(transforms.model_inputs, cut=phase.cut, view=view,
+  prepare = functools.partial(transforms.model_inputs, cut=cut, view=view,
                               augmentation=phase.augmentation)
 
   def train_on(state, inputs, labels, batch_indices):
@@ -43,7 +45,7 @@ def make_train_chunk(phase: Phase, model: LayerStack, view: transforms.EvalView)
     batch = sources.gather(inputs, batch_indices)
     return step(state, prepare(batch, rng), labels[batch_indices])
 
-  if scans_steps(phase, model):
+  if scans_steps(model, cut):
     @functools.partial(jax.jit, donate_argnums=0)
     def scanned_chunk(state, inputs, labels, indices):
       return jax.lax.scan(lambda s, i: train_on(s, inputs, labels, i), state, indices)
@@ -65,7 +67,8 @@ def make_train_chunk(phase: Phase, model: LayerStack, view: transforms.EvalView)
 
 
 def make_eval_batch(model: LayerStack, cut: int, view: transforms.EvalView, mesh):
-  """``(variables, inputs, labels, indices, mask) -> summed metrics and predictions``.
+  """``(variables, inputs, labels, indices, mask) -> summed metrics and predictions``, from
+  layer ``cut`` on (as ``make_train_chunk``).
 
   The results are replicated, so every process can read them.
   """

@@ -1,5 +1,6 @@
 """What a finished run writes to its workdir: the test evaluation and classification report,
-the trained variables, the exported model, plots and ``summary.json``."""
+the trained variables, the exported model files (each checked in its own runtime), plots and
+``summary.json``."""
 
 import json
 import logging
@@ -10,7 +11,8 @@ import flax.serialization
 import jax
 import numpy as np
 
-from tljax import dispatch, distributed, evaluate, export, files, plots, reporting, steps, tensorboard
+from tljax import dispatch, distributed, evaluate, export, files, freezing, plots, prefix
+from tljax import reporting, steps, tensorboard
 
 
 def write_outputs(workdir, config, dataset, splits, model, variables, view, test_source, mesh,
@@ -23,8 +25,8 @@ def write_outputs(workdir, config, dataset, splits, model, variables, view, test
       eval_batch, variables, test_source, config.eval_batch_size)
   if not math.isfinite(loss):
     raise steps.NonFiniteError(f"the test loss is {loss}: the trained model computes non-finite "
-                         "values, so no outputs were written. Train again in a new --workdir "
-                         "with a lower learning rate, or check the inputs.")
+                               "values, so no outputs were written. Train again in a new "
+                               "--workdir with a lower learning rate, or check the inputs.")
   cm = evaluate.confusion_matrix(test.labels, predictions, dataset.num_classes)
   report = evaluate.classification_report(cm, dataset.class_names, labels=test.labels,
                                           probabilities=probabilities)
@@ -44,8 +46,12 @@ def write_outputs(workdir, config, dataset, splits, model, variables, view, test
     return summary
   with files.atomic_open(workdir / "trained_variables.msgpack", "wb") as f:
     f.write(flax.serialization.msgpack_serialize(jax.device_get(dict(variables))))
-  export.save(workdir / "export", model, variables, view, dataset.class_names,
-              test.images.shape[1:])
+  summary["export"] = export.write(
+      workdir / "export", model, variables, view, dataset.class_names, test.images.shape[1:],
+      formats=config.export.formats, int8=config.export.int8,
+      calibration_images=splits["train"].images, test_images=test.images,
+      test_labels=test.labels, max_int8_drop=config.export.max_int8_drop,
+      test_probabilities=probabilities if config.model.dtype == "float32" else None)
   np.savez(workdir / "test_predictions.npz", labels=test.labels, predictions=predictions,
            probabilities=probabilities)
   plots.plot_confusion_matrix(cm, dataset.class_names, workdir / "confusion_matrix.png")
@@ -60,3 +66,19 @@ def write_outputs(workdir, config, dataset, splits, model, variables, view, test
                        epochs[-1]["step"] if epochs else 0)
   files.write_json(workdir / "summary.json", summary)
   return summary
+
+
+def phase_results(phase, model, cut: int, handed_over: bool, *, wall_s: float,
+                  images_per_s: float | None, weights_from: dict[str, Any],
+                  stopped_after: int | None) -> dict[str, Any]:
+  """A trained phase's entry in the summary: its parameters, the prefix it cached (``cut``;
+  ``handed_over`` where the previous phase cached it), its time, throughput, the weights it
+  hands on and the epoch it stopped early after (None: it did not)."""
+  return {
+      "name": phase.name, "epochs": phase.config.epochs, "wall_s": wall_s,
+      "train_images_per_s": images_per_s,
+      "trainable_params": sum(r.size for r in phase.reports if r.rule.action == freezing.TRAIN),
+      "frozen_params": sum(r.size for r in phase.reports if r.rule.action == freezing.FREEZE),
+      "cached_prefix": list(prefix.frontier(model.layers, cut)) if cut else None,
+      "prefix_cached_by_previous_phase": handed_over, "batchnorm": phase.config.batchnorm,
+      "weights_from": weights_from, "stopped_early_after_epoch": stopped_after}

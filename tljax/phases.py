@@ -1,5 +1,5 @@
 """A phase: its config turned into what the train step compiles in (freeze labels, masked
-optimizer, BatchNorm mode, frozen-prefix cut, augmentation), and its first state."""
+optimizer, BatchNorm mode, frozen prefix, augmentation), and its first state."""
 
 import dataclasses
 from collections.abc import Mapping
@@ -22,8 +22,8 @@ class Phase:
   labels: Any                    # "train"/"freeze" per parameter.
   reports: tuple                 # freezing.RuleReport per rule.
   tx: Any                        # The masked optimizer.
+  learning_rate: Any             # Its schedule, step -> rate (for the records).
   train_bn: frozenset[str]       # BatchNorm layers in batch-statistics mode.
-  cut: int                       # First layer the train step runs (0: from the images).
   frozen_until: int              # First layer with a trainable parameter (0: the first).
   steps_per_epoch: int
   augmentation: transforms.Augmentation  # What this phase changes in its training images.
@@ -36,10 +36,18 @@ class Phase:
   def name(self) -> str:
     return self.config.name
 
+  @property
+  def cacheable_cut(self) -> int:
+    """The first layer the train step could start at, the layers before it computed once
+    and cached (0: none): its first trainable layer, where ``cache_prefix`` is "auto" and the
+    phase augments nothing. Whether the cache fits is ``prefix.phase_inputs``' call."""
+    cacheable = self.config.cache_prefix == "auto" and not self.augmentation.active
+    return self.frozen_until if cacheable else 0
+
 
 def build_phase(config: ml_collections.ConfigDict, index: int, model: LayerStack,
                 params: Any, num_train: int) -> Phase:
-  """Labels, optimizer, BatchNorm mode and prefix cut of phase ``index``."""
+  """Labels, optimizer, BatchNorm mode and frozen prefix of phase ``index``."""
   phase_config = config.phases[index]
   steps_per_epoch = num_train // config.batch_size
   if steps_per_epoch == 0:
@@ -61,10 +69,10 @@ def build_phase(config: ml_collections.ConfigDict, index: int, model: LayerStack
                   if phase_config.use_augmentation else transforms.Augmentation())
   frozen_until = prefix.first_trainable_layer(model.layers, trainable)
   frozen_until = frozen_until if frozen_until > 1 else 0
-  cut = frozen_until if phase_config.cache_prefix == "auto" and not augmentation.active else 0
   tx = freezing.masked_optimizer(optim.make_optimizer(phase_config, steps_per_epoch), labels)
-  return Phase(index, phase_config, labels, reports, tx, train_bn, cut, frozen_until,
-               steps_per_epoch, augmentation)
+  return Phase(index, phase_config, labels, reports, tx,
+               optim.learning_rate_schedule(phase_config, steps_per_epoch), train_bn,
+               frozen_until, steps_per_epoch, augmentation)
 
 
 def init_state(phase: Phase, variables: Mapping[str, Any], seed: int) -> steps.TrainState:
@@ -77,8 +85,9 @@ def init_state(phase: Phase, variables: Mapping[str, Any], seed: int) -> steps.T
 
 
 @checks.as_config_error()
-def check_phases(config: ml_collections.ConfigDict, model: LayerStack, abstract_params: Any,
-                 num_train: int) -> None:
-  """Builds every phase once, so that bad freeze rules fail before any work."""
-  for index in range(len(config.phases)):
-    build_phase(config, index, model, abstract_params, num_train)
+def build_phases(config: ml_collections.ConfigDict, model: LayerStack, abstract_params: Any,
+                 num_train: int) -> tuple[Phase, ...]:
+  """Every phase of ``config``, built once before any work, so that bad freeze rules fail
+  first; the parameters' shapes (``abstract_params``) are all a phase depends on."""
+  return tuple(build_phase(config, index, model, abstract_params, num_train)
+               for index in range(len(config.phases)))

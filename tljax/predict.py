@@ -11,7 +11,8 @@ predicts on the CPU.
 
 Prints a table of the top-k classes with their probabilities; ``--output`` writes the same
 as CSV or JSON (one row per image: ``path``, ``label``, ``probability``, ``top_k``).
-``--export`` (re)writes ``<workdir>/export/``.
+``--export`` (re)writes ``<workdir>/export/``, every format checked, as ``python -m tljax.export``
+does.
 """
 
 import argparse
@@ -36,6 +37,7 @@ from PIL import Image
 
 from tljax import exits, export, models, reporting
 from tljax.data import dataset, idx, images, transforms
+from tljax.export import rerun
 from tljax.models import microbatch
 
 class PredictError(ValueError):
@@ -217,11 +219,10 @@ def run(workdir: str, paths: Sequence[str], *, output: str | None, top_k: int,
     if top_k < 1 or batch_size < 1:
       raise PredictError(f"--top_k={top_k} and --batch_size={batch_size} must be at least 1.")
     trained = load_run(workdir)
-    if write_export:
-      directory = export.save(pathlib.Path(workdir) / "export", trained.model,
-                              trained.variables, trained.view, trained.class_names,
-                              trained.image_shape)
-      logging.info("exported the model to %s", directory)
+    if write_export:  # What python -m tljax.export does, with the run's own settings.
+      results = rerun.export_run(workdir, trained)
+      logging.info("exported the model to %s%s", results["directory"],
+                   f" (failed: {', '.join(results['failed'])})" if results["failed"] else "")
     if not paths:
       if write_export:
         return exits.DONE
@@ -251,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--top_k", type=int, default=3, help="classes listed per image")
   parser.add_argument("--batch_size", type=int, default=64, help="images per batch")
   parser.add_argument("--export", action="store_true",
-                      help="(re)write <workdir>/export/ from the run")
+                      help="(re)write <workdir>/export/ from the run (python -m tljax.export)")
   args = parser.parse_args(argv)
   reporting.setup_logging()
   return run(args.workdir, args.paths, output=args.output, top_k=args.top_k,

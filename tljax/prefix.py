@@ -6,12 +6,11 @@ Its outputs that ``layers[cut:]`` read (the "frontier", residual inputs included
 computed once per phase; the train step then starts at layer ``cut``.
 """
 
-import dataclasses
 import functools
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +51,8 @@ def bytes_per_example(model, cut: int, variables: Mapping[str, Any], input_size:
 def plan_caches(model: LayerStack, variables: Mapping[str, Any], *, cut: int, next_cut: int,
                 examples: int, input_size: int, max_gb: float) -> tuple[int, int]:
   """``(cut, following)``: the cut a phase caches (0 where its cache of ``examples`` would
-  exceed ``max_gb``, the config's ``cache_max_gb``), and the next phase's cut to cache in the same pass (0:
-  none).
+  exceed ``max_gb``, the config's ``cache_max_gb``), and the next phase's cut to cache in the
+  same pass (0: none).
 
   The next phase's cache can come from this phase's pass where ``next_cut <= cut``: those
   layers are frozen (their BatchNorm on moving statistics) throughout this phase, so they
@@ -97,36 +96,52 @@ def build_prefix_caches(variables, source, *, model: LayerStack, cuts: tuple[int
   return [{name: cache[name] for name in names_of} for names_of in frontiers]
 
 
+class PhaseSources(NamedTuple):
+  """The sources a phase reads (``data.sources`` sources): the images of its splits, or the
+  caches of its frozen prefix."""
+  train: Any
+  validation: Any
+
+
+class PhaseInputs(NamedTuple):
+  """What a phase's steps read, as ``phase_inputs`` decided it."""
+  cut: int                # The first layer they run: layers[:cut] are cached (0: none).
+  sources: PhaseSources
+  handed_over: bool       # The cache was built in the previous phase's pass.
+
+
 def phase_inputs(phase, next_cut: int, variables, model: LayerStack, view: transforms.EvalView,
-                 config, mesh, split_sources: tuple[Any, Any], handoff: dict):
-  """``(phase, (train, validation) sources, handed over)``: the phase with the cut it really
-  caches, and the sources its steps read: the images, or its frozen prefix's cache on the
-  device, built here or taken from ``handoff`` where the previous phase built it. One pass over
-  the images also caches the next phase's prefix (``next_cut``) where it can, into
-  ``handoff``."""
-  if (phase.index, phase.cut) in handoff:
+                 mesh, split_sources: PhaseSources, handoff: dict, *, cache_max_gb: float,
+                 batch_size: int) -> PhaseInputs:
+  """The cut ``phase`` caches and the sources its steps read: the images (cut 0, where its
+  ``cacheable_cut`` is 0 or its cache would exceed ``cache_max_gb``), or its frozen prefix's
+  cache on the device, built here ``batch_size`` images at a time or taken from ``handoff``
+  where the previous phase built it. One pass over the images also caches the next phase's
+  prefix (``next_cut``) where both fit, into ``handoff``."""
+  cacheable = phase.cacheable_cut
+  if (phase.index, cacheable) in handoff:
     logging.info("phase %s: using the cache of layers[:%d] built with the previous phase's",
-                 phase.name, phase.cut)
-    return phase, handoff.pop((phase.index, phase.cut)), True
-  cut, following = plan_caches(model, variables, cut=phase.cut, next_cut=next_cut,
+                 phase.name, cacheable)
+    return PhaseInputs(cacheable, handoff.pop((phase.index, cacheable)), True)
+  cut, following = plan_caches(model, variables, cut=cacheable, next_cut=next_cut,
                                examples=sum(len(source) for source in split_sources),
-                               input_size=view.size, max_gb=config.cache_max_gb)
-  phase = dataclasses.replace(phase, cut=cut)
+                               input_size=view.size, max_gb=cache_max_gb)
   if not cut:
-    return phase, split_sources, False
+    return PhaseInputs(0, split_sources, False)
   cuts = (cut, following) if following else (cut,)
   logging.info("phase %s: caching layers[:%d]%s", phase.name, cut,
                f" and, for the next phase, layers[:{following}]" if following else "")
   t0 = time.perf_counter()
   built = [build_prefix_caches(variables, source, model=model, cuts=cuts, view=view,
-                               batch_size=config.eval_batch_size, mesh=mesh)
+                               batch_size=batch_size, mesh=mesh)
            if len(source) else None for source in split_sources]
   jax.block_until_ready([b for b in built if b is not None])
-  (train, *train_next), (validation, *validation_next) = (
-      [sources.DeviceSource(cache, source.labels, mesh) for cache in caches]
-      if caches is not None else [source] * len(cuts)
-      for source, caches in zip(split_sources, built))
+  # Per split, a source per cut: its cache on the device, or the split itself where empty.
+  per_split = [[sources.DeviceSource(cache, source.labels, mesh) for cache in caches]
+               if caches is not None else [source] * len(cuts)
+               for source, caches in zip(split_sources, built)]
+  per_cut = [PhaseSources(*of_cut) for of_cut in zip(*per_split)]
   if following:
-    handoff[phase.index + 1, following] = (train_next[0], validation_next[0])
+    handoff[phase.index + 1, following] = per_cut[1]
   logging.info("phase %s: prefix cache built in %.1f s", phase.name, time.perf_counter() - t0)
-  return phase, (train, validation), False
+  return PhaseInputs(cut, per_cut[0], False)

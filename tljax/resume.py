@@ -25,11 +25,12 @@ class Start:
 
 
 def start(checkpointer: checkpoint.Checkpointer, fingerprint: dict, config, model,
-          abstract_variables, num_train: int, mesh) -> Start:
-  """The newest good checkpoint's point in the run, or the beginning with the pretrained
-  weights (``config.model.weights``)."""
-  restored = _newest_good(checkpointer, fingerprint, config, model, abstract_variables,
-                          num_train, mesh)
+          all_phases: tuple[phases.Phase, ...], abstract_variables, mesh) -> Start:
+  """The newest good checkpoint's point in the run (one of ``all_phases``, as
+  ``phases.build_phases`` built them), or the beginning with the pretrained weights
+  (``config.model.weights``)."""
+  restored = _newest_good(checkpointer, fingerprint, all_phases, abstract_variables,
+                          config.seed, mesh)
   if restored is None:
     size = config.model.input_size
     variables = sharding.put(weights.load_pretrained(
@@ -48,15 +49,14 @@ def start(checkpointer: checkpoint.Checkpointer, fingerprint: dict, config, mode
   return Start(meta, meta["phase"], state, None)
 
 
-def _newest_good(checkpointer, fingerprint, config, model, abstract_variables,
-                         num_train, mesh):
+def _newest_good(checkpointer, fingerprint, all_phases, abstract_variables, seed: int, mesh):
   """``(step, meta, phase, state)`` of the newest checkpoint that reads and verifies, or None
   where there is none. A damaged one is reported in one line and moved aside."""
   tried = []
   for step in checkpointer.all_steps():
     try:
-      return step, *_restore(checkpointer, step, fingerprint, config, model,
-                             abstract_variables, num_train, mesh)
+      return step, *_restore(checkpointer, step, fingerprint, all_phases, abstract_variables,
+                             seed, mesh)
     except checkpoint.CheckpointDamagedError as e:
       moved = checkpointer.set_aside(step)
       logging.warning("%s; moved it to %s, trying the checkpoint before it", e, moved)
@@ -68,8 +68,7 @@ def _newest_good(checkpointer, fingerprint, config, model, abstract_variables,
   return None
 
 
-def _restore(checkpointer, step, fingerprint, config, model, abstract_variables, num_train,
-             mesh):
+def _restore(checkpointer, step, fingerprint, all_phases, abstract_variables, seed: int, mesh):
   """The saved meta, phase and state of checkpoint ``step``, checked against the config."""
   meta = checkpointer.restore_meta(step)
   if meta.get("fingerprint") != fingerprint:
@@ -79,10 +78,9 @@ def _restore(checkpointer, step, fingerprint, config, model, abstract_variables,
         f"{checkpointer.directory} holds checkpoints of another config (differs in "
         f"{differs}); they are left untouched. Use another --workdir, or rerun with the "
         "config that wrote them.")
-  phase = phases.build_phase(config, meta["phase"], model, abstract_variables["params"],
-                             num_train)
-  abstract_state = jax.eval_shape(
-      lambda v: phases.init_state(phase, v, config.seed), abstract_variables)
+  phase = all_phases[meta["phase"]]
+  abstract_state = jax.eval_shape(lambda v: phases.init_state(phase, v, seed),
+                                  abstract_variables)
   abstract_state = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.replicated(mesh)),
       abstract_state)

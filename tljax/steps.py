@@ -8,6 +8,7 @@ images at a time (``tljax.models.microbatch``), before the differentiated rest; 
 gradient where no BatchNorm layer uses batch statistics, summed over the micro-batches.
 """
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +37,16 @@ class TrainState:
   opt_state: Any
   rng: jax.Array             # Base key; step keys are fold_in(rng, step).
   bad_steps: jax.Array       # Consecutive non-finite steps (skipped) so far.
+
+
+def check_bad_steps(bad: int, max_bad_steps: int, phase_name: str, step: int) -> None:
+  """Raises NonFiniteError where the ``bad`` steps up to ``step`` (consecutive, non-finite,
+  skipped) of phase ``phase_name`` reach ``max_bad_steps``."""
+  if bad >= max_bad_steps:
+    raise NonFiniteError(
+        f"phase {phase_name}: steps {step - bad + 1}..{step} of the phase all had a "
+        f"non-finite loss or gradient (max_bad_steps={max_bad_steps}); they were "
+        "skipped. Lower the learning rate or check the inputs.")
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
@@ -71,36 +82,74 @@ def train_step(state: TrainState, inputs: Any, labels: jax.Array, *, model: Laye
   """
   pixels = image_size**2 or None
   if frozen_until > max(start, 1):
-    inputs = microbatch.inference(
-        model, {"params": state.params, "batch_stats": state.batch_stats}, inputs,
-        pixels=pixels, start=start, stop=frozen_until,
-        capture=prefix.frontier(model.layers, frozen_until))
+    inputs = _frozen_prefix(state, inputs, model, start, frozen_until, pixels)
     start = frozen_until
   trainable, frozen = freezing.split(state.params, param_labels)
-  batch_size = labels.shape[0]
-
-  def loss_fn(trainable_params, inputs, labels):
-    """The loss of these examples' share of the batch's mean, their correct count and the
-    updated statistics."""
-    variables = {"params": freezing.merge(trainable_params, frozen),
-                 "batch_stats": state.batch_stats}
-    if train_bn:
-      logits, updated = model.apply(variables, inputs, train_bn=train_bn, start=start,
-                                    mutable=["batch_stats"])
-      stats = {name: updated["batch_stats"][name] for name in train_bn}
-    else:
-      logits, stats = model.apply(variables, inputs, start=start), {}
-    loss = jnp.sum(cross_entropy(logits, labels, label_smoothing)) / batch_size
-    return loss, (jnp.sum(jnp.argmax(logits, -1) == labels), stats)
-
-  loss_and_grads = jax.value_and_grad(loss_fn, has_aux=True)
-  if train_bn:  # Batch statistics: every example's activations before any is normalised.
-    (loss, (correct, stats)), grads = loss_and_grads(trainable, inputs, labels)
-  else:  # Each example alone: the batch's gradient is the sum of its micro-batches'.
-    (loss, (correct, stats)), grads = microbatch.accumulate(
-        lambda part: loss_and_grads(trainable, *part), (inputs, labels),
-        shards=model.batch_shards, pixels=pixels)
+  loss_fn = functools.partial(
+      _loss, frozen=frozen, batch_stats=state.batch_stats, model=model, train_bn=train_bn,
+      start=start, label_smoothing=label_smoothing, batch_size=labels.shape[0])
+  (loss, (correct, stats)), grads = _loss_and_grads(
+      loss_fn, trainable, inputs, labels, model=model, whole_batch=bool(train_bn),
+      pixels=pixels)
   finite = jnp.isfinite(loss) & _all_finite(grads)
+  new_trainable, new_opt_state, new_stats = _masked_update(
+      state, finite, grads, trainable, frozen, stats, tx=tx, param_labels=param_labels,
+      train_bn=train_bn)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=freezing.merge(new_trainable, frozen),
+      batch_stats={**state.batch_stats, **new_stats},
+      opt_state=new_opt_state,
+      bad_steps=jnp.where(finite, 0, state.bad_steps + 1))
+  # The bad-step count rides along: the host reads a dispatch's metrics after the next
+  # dispatch has taken over (donated) the state.
+  metrics = {"loss": loss, "correct": correct,
+             "finite": finite, "bad_steps": new_state.bad_steps}
+  return new_state, metrics
+
+
+def _frozen_prefix(state: TrainState, inputs: Any, model: LayerStack, start: int, stop: int,
+                   pixels: int | None) -> dict[str, jax.Array]:
+  """What ``layers[stop:]`` read of ``layers[start:stop]``, frozen, run on ``inputs`` in
+  inference mode and in micro-batches."""
+  return microbatch.inference(
+      model, {"params": state.params, "batch_stats": state.batch_stats}, inputs,
+      pixels=pixels, start=start, stop=stop, capture=prefix.frontier(model.layers, stop))
+
+
+def _loss(trainable: Any, inputs: Any, labels: jax.Array, *, frozen: Any, batch_stats: Any,
+          model: LayerStack, train_bn: frozenset[str], start: int, label_smoothing: float,
+          batch_size: int) -> tuple[jax.Array, tuple[jax.Array, dict[str, Any]]]:
+  """The loss of these examples' share of the batch's mean (of ``batch_size``), their correct
+  count and the updated statistics of the ``train_bn`` layers."""
+  variables = {"params": freezing.merge(trainable, frozen), "batch_stats": batch_stats}
+  if train_bn:
+    logits, updated = model.apply(variables, inputs, train_bn=train_bn, start=start,
+                                  mutable=["batch_stats"])
+    stats = {name: updated["batch_stats"][name] for name in train_bn}
+  else:
+    logits, stats = model.apply(variables, inputs, start=start), {}
+  loss = jnp.sum(cross_entropy(logits, labels, label_smoothing)) / batch_size
+  return loss, (jnp.sum(jnp.argmax(logits, -1) == labels), stats)
+
+
+def _loss_and_grads(loss_fn, trainable: Any, inputs: Any, labels: jax.Array, *,
+                    model: LayerStack, whole_batch: bool, pixels: int | None):
+  """``((loss, aux), grads)`` of ``loss_fn`` over the batch, with respect to ``trainable``:
+  at once where ``whole_batch`` (batch statistics: every example's activations before any is
+  normalised), else summed over micro-batches (each example alone)."""
+  loss_and_grads = jax.value_and_grad(loss_fn, has_aux=True)
+  if whole_batch:
+    return loss_and_grads(trainable, inputs, labels)
+  return microbatch.accumulate(lambda part: loss_and_grads(trainable, *part), (inputs, labels),
+                               shards=model.batch_shards, pixels=pixels)
+
+
+def _masked_update(state: TrainState, finite: jax.Array, grads: Any, trainable: Any,
+                   frozen: Any, stats: dict[str, Any], *, tx: optax.GradientTransformation,
+                   param_labels: Any, train_bn: frozenset[str]):
+  """``(trainable, opt_state, train_bn statistics)`` after the update with ``grads`` and the
+  step's ``stats`` where ``finite``, else as they were in ``state``."""
 
   def update(_):
     # multi_transform wants a full-structure tree; the frozen zeros are discarded by
@@ -114,20 +163,9 @@ def train_step(state: TrainState, inputs: Any, labels: jax.Array, *, model: Laye
     return trainable, state.opt_state, {name: state.batch_stats[name] for name in train_bn}
 
   # A conditional, not a select over the whole state: a skipped step costs nothing, and a
-  # taken one reads no old buffers (10% of a fine-tune step on CPU). Frozen leaves stay
+  # taken one reads no old buffers (measured in benchmarks/README.md). Frozen leaves stay
   # outside it, untouched.
-  new_trainable, new_opt_state, new_stats = jax.lax.cond(finite, update, skip, None)
-  new_state = state.replace(
-      step=state.step + 1,
-      params=freezing.merge(new_trainable, frozen),
-      batch_stats={**state.batch_stats, **new_stats},
-      opt_state=new_opt_state,
-      bad_steps=jnp.where(finite, 0, state.bad_steps + 1))
-  # The bad-step count rides along: the host reads a dispatch's metrics after the next
-  # dispatch has taken over (donated) the state.
-  metrics = {"loss": loss, "correct": correct,
-             "finite": finite, "bad_steps": new_state.bad_steps}
-  return new_state, metrics
+  return jax.lax.cond(finite, update, skip, None)
 
 
 def eval_step(variables: Any, inputs: Any, labels: jax.Array, mask: jax.Array, *,

@@ -88,7 +88,8 @@ class Dataset:
   identity: str
   validation: Split | None = None
   skipped: tuple[str, ...] = ()  # Files left out because they could not be read.
-  # A folder dataset's files of each split (relative to its root), for <workdir>/splits.
+  # A folder dataset's files of each split (relative to its root), and under "skipped" those
+  # left out as unreadable, for <workdir>/splits.
   split_files: Mapping[str, tuple[str, ...]] | None = None
 
   def __post_init__(self):

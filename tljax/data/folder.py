@@ -8,15 +8,27 @@ folder):
 * ``root/train/<class>/...`` with optional ``validation/`` (or ``val/``, ``valid/``) and
   ``test/``; a missing split is cut from ``train/`` the same way.
 
-The file lists of the three splits are written to ``<workdir>/splits/<split>.txt`` and read
-back by a resumed run. Images are decoded in parallel on every core to square uint8 pixels
-of a stored size and kept in a memory-mapped ``.npy`` cache under ``data.cache_dir``, keyed
-by the files (paths, sizes, modification times) and the stored size: a later run with the
-same files starts at once, and one changed file rebuilds it.
+The scan follows links to folders outside the root, each folder once, but not a link back into
+the root or to a folder already walked (a loop), and leaves out tljax's own folders inside it
+(the work directory and any other holding a run's outputs, the decoded cache); each is logged
+with the other ignored files. File names must fit the split lists: no line breaks, UTF-8.
+
+The file lists of the three splits (and of the files a run skipped as unreadable) are written to
+``<workdir>/splits/<split>.txt`` and read back by a resumed run. Images are decoded in parallel
+on every core to square uint8 pixels of a stored size and kept in a memory-mapped ``.npy`` cache
+under ``data.cache_dir``, keyed by the files (paths, sizes, modification times) and the stored
+size: a later run with the same files starts at once, and one changed file rebuilds it (and
+removes the cache it supersedes). The cache's ``.json``, written last, holds a CRC-32 of the
+``.npy``, checked whenever it is opened: a damaged cache is rebuilt, with a warning.
+``python -m tljax.data.folder --clean-cache [--older-than DAYS]`` removes caches.
 """
 
+import argparse
+import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import itertools
 import json
@@ -25,9 +37,14 @@ import math
 import multiprocessing
 import os
 import pathlib
+import re
+import signal
+import socket
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -45,6 +62,13 @@ DECODE_VERSION = 1          # Part of the cache key: bump when decoding changes 
 _LISTED = 10                # Offending paths named in one message.
 _PARALLEL_FROM = 64         # Fewer files decode in this process: a pool costs more to start.
 _SKIP_FIX = "or pass --config.data.skip_bad_images=true to train without them"
+# Why the scan did not read something (Listing.ignored's keys).
+_HIDDEN, _NOT_IMAGE, _NO_CLASS = "hidden", "not an image file", "not in a class folder"
+_LINK_BACK = "link back into the data folder, not followed"
+_LINK_AGAIN = "folder reached again through a link, not followed"
+_TLJAX_OWN = "work directory or decoded cache, left out"
+_ONLY_TLJAX = "folder holding only left-out folders, not a class"
+_RUN_MARKS = ("metrics.jsonl", os.path.join("splits", "train.txt"))  # A work directory's files.
 
 
 def _problem(what: str, paths: list[str], fix: str) -> DataError:
@@ -69,12 +93,15 @@ def _is_dir(path: pathlib.Path) -> bool:
     raise unreadable(e.filename, e) from None
 
 
-def _walk(folder: str | os.PathLike):
-  """``os.walk(folder)``, following links, where an unreadable folder is a DataError (not
-  skipped)."""
-  def refuse(error: OSError):
-    raise unreadable(error.filename, error) from None
-  return os.walk(folder, onerror=refuse, followlinks=True)
+def _entry_is_dir(entry: os.DirEntry) -> bool:
+  try:
+    return entry.is_dir()
+  except OSError:  # A link to itself (ELOOP): a file that cannot be read, as os.walk has it.
+    return False
+
+
+def _inside(path: str, folder: str) -> bool:
+  return os.path.commonpath([path, folder]) == folder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,45 +123,101 @@ class Listing:
     return {path: label for files in self.files.values() for path, label in files}
 
 
-def _walk_class(folder: pathlib.Path, root: pathlib.Path,
-                ignored: dict[str, list[str]]) -> list[str]:
-  """Image files anywhere under one class folder; hidden and other files go to ``ignored``."""
-  found = []
-  for directory, subdirs, names in _walk(folder):
-    rel = pathlib.Path(directory).relative_to(root)
-    for name in sorted(d for d in subdirs if d.startswith(".")):
-      ignored["hidden"].append(str(rel / name))
-    subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-    for name in sorted(names):
-      reason = ("hidden" if name.startswith(".") else
-                None if images.is_image_name(name) else "not an image file")
-      (ignored[reason] if reason else found).append(str(rel / name))
-  return sorted(found)
+class _Walker:
+  """One scan's walk of the folders under ``root``; what it does not read goes to ``ignored``
+  (reason -> paths relative to the root).
 
+  A link to a folder outside the root is followed, but a link back into the root is not (its
+  folders are listed where they are; a loop would list them again and again, under another
+  class), nor is a folder already walked (a loop outside the root, or a second link to one
+  folder, whose images would count twice, perhaps in two classes). The ``leave_out`` folders
+  (the work directory, the decoded cache) and any folder holding a run's outputs
+  (``metrics.jsonl`` or ``splits/train.txt``) are not entered.
+  """
 
-def _scan_classes(folder: pathlib.Path, root: pathlib.Path,
-                  ignored: dict[str, list[str]]) -> dict[str, list[str]]:
-  """Class folder name -> its image files, for the class folders directly in ``folder``."""
-  classes = {}
-  for entry in _entries(folder):
-    rel = str(pathlib.Path(entry.path).relative_to(root))
-    if entry.name.startswith("."):
-      ignored["hidden"].append(rel)
-    elif entry.is_dir():
-      classes[entry.name] = _walk_class(pathlib.Path(entry.path), root, ignored)
+  def __init__(self, root: pathlib.Path, leave_out: Sequence[str | os.PathLike] = ()):
+    self.root, self.real_root = root, os.path.realpath(root)
+    self.leave_out = {os.path.realpath(path) for path in leave_out}
+    self.visited: set[str] = set()
+    self.ignored: dict[str, list[str]] = collections.defaultdict(list)
+
+  def ignore(self, reason: str, path: str) -> None:
+    self.ignored[reason].append(os.path.relpath(path, self.root))
+
+  def enter(self, entry: os.DirEntry, parent_real: str) -> str | None:
+    """The real path of the folder ``entry`` if the walk goes into it; else None, recorded."""
+    link = entry.is_symlink()
+    real = os.path.realpath(entry.path) if link else os.path.join(parent_real, entry.name)
+    if real in self.leave_out or any(os.path.isfile(os.path.join(entry.path, mark))
+                                     for mark in _RUN_MARKS):
+      reason = _TLJAX_OWN
+    elif link and _inside(real, self.real_root):
+      reason = _LINK_BACK
+    elif real in self.visited:
+      reason = _LINK_AGAIN
     else:
-      ignored["not in a class folder"].append(rel)
-  return classes
+      self.visited.add(real)
+      return real
+    self.ignore(reason, entry.path)
+    return None
+
+  def images(self, folder: str, real: str) -> Iterator[str]:
+    """Yields the image files anywhere under ``folder`` (real path ``real``), relative to the
+    root; records hidden and other files."""
+    stack = [(folder, real)]
+    while stack:
+      directory, directory_real = stack.pop()
+      for entry in _entries(directory):
+        if entry.name.startswith("."):
+          self.ignore(_HIDDEN, entry.path)
+        elif _entry_is_dir(entry):
+          if (entry_real := self.enter(entry, directory_real)) is not None:
+            stack.append((entry.path, entry_real))
+        elif images.is_image_name(entry.name):
+          yield os.path.relpath(entry.path, self.root)
+        else:
+          self.ignore(_NOT_IMAGE, entry.path)
+
+  def only_left_out(self, folder: str, real: str) -> bool:
+    """Whether ``folder`` holds no images, only left-out folders (say ``runs/`` of work
+    directories); if so, records it."""
+    before = len(self.ignored[_TLJAX_OWN])
+    if any(True for _ in self.images(folder, real)) or len(self.ignored[_TLJAX_OWN]) == before:
+      return False
+    self.ignore(_ONLY_TLJAX, folder)
+    return True
+
+  def classes(self, folder: str, real: str) -> dict[str, list[str]]:
+    """Class folder name -> its image files, sorted, for the class folders in ``folder``."""
+    classes = {}
+    for entry in _entries(folder):
+      if entry.name.startswith("."):
+        self.ignore(_HIDDEN, entry.path)
+      elif not _entry_is_dir(entry):
+        self.ignore(_NO_CLASS, entry.path)
+      elif (entry_real := self.enter(entry, real)) is not None:
+        before = len(self.ignored[_TLJAX_OWN])
+        found = sorted(self.images(entry.path, entry_real))
+        if found or len(self.ignored[_TLJAX_OWN]) == before:
+          classes[entry.name] = found
+        else:
+          self.ignore(_ONLY_TLJAX, entry.path)
+    return classes
 
 
-def _split_folders(root: pathlib.Path, top: list[str]) -> dict[str, str]:
-  """split -> its folder name in a ``root/train/`` layout; checks nothing else is there."""
+def _split_folders(root: pathlib.Path, top: dict[str, os.DirEntry],
+                   walker: _Walker) -> dict[str, str]:
+  """split -> its folder name in a ``root/train/`` layout; checks nothing else is there (but
+  tljax's own folders)."""
   found = {split: [n for n in names if n in top] for split, names in SPLIT_FOLDERS.items()}
   for split, names in found.items():
     if len(names) > 1:
       raise DataError(f"{root} has {len(names)} {split} folders ({', '.join(names)}); "
                            "keep one of them.")
   others = sorted(set(top) - {n for names in found.values() for n in names})
+  others = [name for name in others
+            if (real := walker.enter(top[name], walker.real_root)) is not None
+            and not walker.only_left_out(top[name].path, real)]
   if others:
     raise _problem(f"folders in {root} beside train/ that are no split", others,
                    "With a train/ folder the root holds only train/, validation/ (or val/, "
@@ -142,21 +225,51 @@ def _split_folders(root: pathlib.Path, top: list[str]) -> dict[str, str]:
   return {split: names[0] for split, names in found.items() if names}
 
 
-def scan(root: str | os.PathLike) -> Listing:
-  """The image files under ``root`` in either layout; raises DataError for a root with no
-  images, a single class, an empty class folder or classes missing from train."""
+def _listable(name: str) -> bool:
+  """Whether a split list (one path a line, UTF-8) can hold ``name``."""
+  try:
+    name.encode("utf-8")
+  except UnicodeEncodeError:  # Bytes that are not UTF-8, as Python's file names keep them.
+    return False
+  return "\n" not in name and "\r" not in name
+
+
+def _check_names(by_split: dict[str, dict[str, list[str]]]) -> None:
+  """Refuses class folders and files whose names a split list cannot hold."""
+  bad = sorted({repr(path) for classes in by_split.values()
+                for name, paths in classes.items()
+                for path in ([name] if not _listable(name) else paths) if not _listable(path)})
+  if bad:
+    raise _problem("file or folder names with a line break or bytes that are not UTF-8", bad,
+                   "Rename them: a run lists its files in <workdir>/splits/*.txt, one UTF-8 "
+                   "path a line, to resume on the same splits.")
+
+
+def _scan_splits(root: pathlib.Path, walker: _Walker) -> tuple[str, dict]:
+  """The layout and split -> class -> image files, as found under ``root``."""
+  top = {e.name: e for e in _entries(root) if _entry_is_dir(e) and not e.name.startswith(".")}
+  if "train" not in top:
+    return "classes", {"train": walker.classes(str(root), walker.real_root)}
+  by_split = {}
+  for split, name in _split_folders(root, top, walker).items():
+    if (real := walker.enter(top[name], walker.real_root)) is not None:
+      by_split[split] = walker.classes(top[name].path, real)
+  return "splits", by_split
+
+
+def scan(root: str | os.PathLike, leave_out: Sequence[str | os.PathLike] = ()) -> Listing:
+  """The image files under ``root`` in either layout, not looking into the ``leave_out``
+  folders (the work directory, the decoded cache); raises DataError for a root with no
+  images, a single class, an empty class folder, classes missing from train or names the split
+  lists cannot hold."""
   root = pathlib.Path(root)
   if not _is_dir(root):
     raise DataError(f"data.dir {str(root)!r} is not a folder. Give a folder with one "
                          "sub-folder of images per class (or train/ holding those).")
-  ignored = {"hidden": [], "not an image file": [], "not in a class folder": []}
-  top = [e.name for e in _entries(root) if e.is_dir() and not e.name.startswith(".")]
-  if "train" in top:
-    layout = "splits"
-    by_split = {split: _scan_classes(root / name, root, ignored)
-                for split, name in _split_folders(root, top).items()}
-  else:
-    layout, by_split = "classes", {"train": _scan_classes(root, root, ignored)}
+  walker = _Walker(root, leave_out)
+  layout, by_split = _scan_splits(root, walker)
+  by_split.setdefault("train", {})
+  _check_names(by_split)
   if not any(paths for classes in by_split.values() for paths in classes.values()):
     example = "train/<class>/" if layout == "splits" else "<class>/"
     raise DataError(f"{root} holds no images ({', '.join(images.IMAGE_EXTENSIONS)}). "
@@ -181,7 +294,8 @@ def scan(root: str | os.PathLike) -> Listing:
   files = {split: sorted((path, class_names.index(name))
                          for name, paths in classes.items() for path in paths)
            for split, classes in by_split.items()}
-  return Listing(root, layout, class_names, files, {k: v for k, v in ignored.items() if v})
+  return Listing(root, layout, class_names, files,
+                 {k: sorted(v) for k, v in walker.ignored.items() if v})
 
 
 def is_image_folder(path: str | os.PathLike) -> bool:
@@ -191,17 +305,36 @@ def is_image_folder(path: str | os.PathLike) -> bool:
   if not _is_dir(root):
     return False
   base = root / "train" if _is_dir(root / "train") else root
+  walker = _Walker(root)
+  base_real = os.path.realpath(base)
   for entry in _entries(base):
-    if entry.is_dir() and not entry.name.startswith("."):
-      for _, _, names in _walk(entry.path):
-        if any(images.is_image_name(n) for n in names):
-          return True
+    if _entry_is_dir(entry) and not entry.name.startswith("."):
+      real = walker.enter(entry, base_real)
+      if real is not None and any(True for _ in walker.images(entry.path, real)):
+        return True
   return False
 
 
 # ---------------------------------------------------------------------------------------------
 # Splitting.
 # ---------------------------------------------------------------------------------------------
+
+
+def _cut_fractions(listing: Listing, *, validation_split: float,
+                   test_split: float) -> dict[str, float]:
+  """The fraction of each class that each split without its own folder takes from train."""
+  return {split: fraction for split, fraction in
+          (("validation", validation_split), ("test", test_split)) if split not in listing.files}
+
+
+def _cut_counts(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
+  """How many of a class's ``n`` images each cut split takes: ``n * fraction`` rounded half up,
+  with at least one image left in train."""
+  counts, start = {}, 0
+  for split, fraction in fractions.items():
+    counts[split] = min(int(n * fraction + 0.5), n - 1 - start)
+    start += counts[split]
+  return counts
 
 
 def split_listing(listing: Listing, *, validation_split: float, test_split: float,
@@ -212,9 +345,7 @@ def split_listing(listing: Listing, *, validation_split: float, test_split: floa
   rounded half up, to each cut split (at least one image stays in train), chosen by a
   permutation seeded by ``seed`` and the class.
   """
-  fractions = {split: fraction for split, fraction in
-               (("validation", validation_split), ("test", test_split))
-               if split not in listing.files}
+  fractions = _cut_fractions(listing, validation_split=validation_split, test_split=test_split)
   splits = {split: list(listing.files.get(split, [])) for split in SPLITS}
   if not fractions:
     return splits
@@ -223,16 +354,53 @@ def split_listing(listing: Listing, *, validation_split: float, test_split: floa
     paths = [p for p, l in listing.files["train"] if l == label]
     order = np.random.default_rng([seed, label]).permutation(len(paths))
     start = 0
-    for split, fraction in fractions.items():
-      count = min(int(len(paths) * fraction + 0.5), len(paths) - 1 - start)
+    for split, count in _cut_counts(len(paths), fractions).items():
       splits[split] += [(paths[i], label) for i in order[start:start + count]]
       start += count
     splits["train"] += [(paths[i], label) for i in order[start:]]
   return {split: sorted(files) for split, files in splits.items()}
 
 
+def _class_counts(listing: Listing, splits: Mapping[str, list[tuple[str, int]]]
+                  ) -> list[tuple[str, dict[str, int]]]:
+  """``(class name, split -> its images of the class)`` for each class."""
+  counts = {split: np.bincount([label for _, label in files],
+                               minlength=len(listing.class_names))
+            for split, files in splits.items()}
+  return [(name, {split: int(counts[split][label]) for split in SPLITS})
+          for label, name in enumerate(listing.class_names)]
+
+
+def _check_classes(listing: Listing, splits: Mapping[str, list[tuple[str, int]]],
+                   fractions: Mapping[str, float]) -> None:
+  """Refuses a class without an image in train or in test: it could not be learnt, or its test
+  accuracy would be missing and the macro average wrong. Warns of a class without a validation
+  image (only the validation metrics are off)."""
+  def described(name, counts):
+    return (f"{name} ({sum(counts.values())} images: "
+            + ", ".join(f"{split} {counts[split]}" for split in SPLITS) + ")")
+  classes = _class_counts(listing, splits)
+  bad = [described(name, c) for name, c in classes if not (c["train"] and c["test"])]
+  if bad:
+    at_least = "test" in fractions and next(
+        (n for n in range(1, 10**6) if _cut_counts(n, fractions)["test"]), 0)
+    need = (f" (with data.validation_split={fractions.get('validation', 0.0)} and "
+            f"data.test_split={fractions['test']}, a class needs at least {at_least})"
+            if at_least else "")
+    raise _problem("classes without an image in train or in test", bad,
+                   f"Each class needs images to train on and to test on: add images to these "
+                   f"classes{need}, or remove their folders.")
+  no_validation = [described(name, c) for name, c in classes
+                   if splits["validation"] and not c["validation"]]
+  if no_validation:
+    logging.warning("%s: %d classes have no validation image, so their validation accuracy is "
+                    "not measured: %s", listing.root, len(no_validation),
+                    "; ".join(no_validation[:_LISTED]))
+
+
 def write_split_lists(directory: pathlib.Path, split_files: Mapping[str, Sequence[str]]):
-  """``<directory>/<split>.txt``: the split's paths relative to the root, one a line.
+  """``<directory>/<split>.txt``: the split's paths relative to the root, one a line (and
+  ``skipped.txt``: the unreadable files a run left out, where ``split_files`` has them).
 
   ``train.txt`` comes last: :func:`read_split_lists` takes the lists once it exists, so
   another process loading the folder meanwhile reads all of them or none.
@@ -243,29 +411,31 @@ def write_split_lists(directory: pathlib.Path, split_files: Mapping[str, Sequenc
       f.writelines(f"{path}\n" for path in split_files[split])
 
 
-def read_split_lists(directory: pathlib.Path,
-                     listing: Listing) -> dict[str, list[tuple[str, int]]] | None:
-  """The splits written by an earlier run in this workdir, None if there are none; raises
-  DataError if they name files the root no longer has."""
+def read_split_lists(directory: pathlib.Path, listing: Listing
+                     ) -> tuple[dict[str, list[tuple[str, int]]], list[str]] | None:
+  """The splits written by an earlier run in this workdir and the files it skipped as
+  unreadable, None if there are none; raises DataError if the splits name files the root no
+  longer has."""
   if not (directory / "train.txt").is_file():
     return None
   labels = listing.labels_by_path()
-  splits, missing = {}, []
-  for split in SPLITS:
-    text = (directory / f"{split}.txt").read_text(encoding="utf-8")
-    paths = [line for line in text.split("\n") if line]
-    missing += [p for p in paths if p not in labels]
-    splits[split] = paths
+  lists = {}
+  for name in (*SPLITS, "skipped"):
+    path = directory / f"{name}.txt"
+    if name != "skipped" or path.is_file():  # No skipped.txt: none skipped, or an older run.
+      lists[name] = [line for line in path.read_text(encoding="utf-8").split("\n") if line]
+  skipped = lists.pop("skipped", [])
+  missing = [p for paths in lists.values() for p in paths if p not in labels]
   if missing:
     raise _problem(f"files listed in {directory} (this run's splits) missing from "
                    f"{listing.root}", missing,
                    "Restore them, or start a new run in another --workdir.")
-  added = len(labels) - sum(len(paths) for paths in splits.values())
+  added = len(set(labels) - set(skipped)) - sum(len(paths) for paths in lists.values())
   if added:
     logging.warning("%s: %d image files are not in this run's split lists in %s (added since "
                     "it began); they are not used. Start a new run in another --workdir to "
                     "use them.", listing.root, added, directory)
-  return {split: [(p, labels[p]) for p in paths] for split, paths in splits.items()}
+  return {split: [(p, labels[p]) for p in paths] for split, paths in lists.items()}, skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,60 +470,304 @@ def cache_key(root: pathlib.Path, paths: list[str], size: int) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _decoded(root: pathlib.Path, paths: list[str], size: int):
-  """Yields ``(pixels or None, error or None)`` per path, in order: in a pool of one process
-  per core (spawned, as the caller runs threads), or here for a few files."""
-  jobs = [str(root / path) for path in paths]
-  if len(jobs) < _PARALLEL_FROM:
-    yield from (images.try_load_stored(job, size) for job in jobs)
-    return
-  context = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(os.cpu_count(), mp_context=context) as pool:
-    yield from pool.map(images.try_load_stored, jobs, itertools.repeat(size), chunksize=16)
+class CacheWriteError(files.OutputWriteError):
+  """The decoded cache cannot be written (a full disk, storage gone): a run failure, exit 1."""
+
+
+class _Unusable(Exception):
+  """A decoded cache that cannot be used; the message says why."""
+
+
+class _Terminated(BaseException):
+  """SIGTERM during a decode, raised in the main thread so that the decode cleans up."""
+
+
+_CACHE_FILE = re.compile(r"^[0-9a-f]{32}\.(npy|json)$")
+_TEMP_FILE = re.compile(r"^\.([0-9a-f]{32})\.(\d+)(?:@(.*))?\.npy\.tmp$")  # key, pid, host.
+
+
+def _amount(nbytes: int) -> str:
+  """``nbytes`` in GB, MB or KB, whichever shows it best with one decimal."""
+  unit = next((u for u in (3, 2, 1) if nbytes >= 2**(10 * u) // 10), 0)
+  return f"{nbytes / 2**(10 * unit):.1f} {('KB', 'MB', 'GB')[unit - 1]}" if unit else (
+      f"{nbytes} bytes")
+
+
+def _digest(path: pathlib.Path) -> str:
+  """``crc32:<hex>`` of the file: catches a damaged cache (zeroed, truncated, flipped bits),
+  faster than a cryptographic hash; not meant to resist someone who edits it on purpose."""
+  crc, buffer = 0, bytearray(8 << 20)
+  view = memoryview(buffer)
+  with open(path, "rb", buffering=0) as f:
+    while n := f.readinto(buffer):
+      crc = zlib.crc32(view[:n], crc)
+  return f"crc32:{crc:08x}"
+
+
+@contextlib.contextmanager
+def _write_errors(path: pathlib.Path, nbytes: int) -> Iterator[None]:
+  """An OSError inside the block becomes a CacheWriteError naming ``path`` and the fix."""
+  try:
+    yield
+  except OSError as e:
+    full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    fix = ("Free space there, or set --config.data.cache_dir to a folder with room" if full
+           else "Check that it can be written, or set --config.data.cache_dir to another folder")
+    raise CacheWriteError(f"writing the decoded cache {path} ({_amount(nbytes)}) failed: "
+                          f"{e.strerror or e}. {fix}.") from e
+
+
+def _allocate(f, size: int) -> None:
+  """Allocates the first ``size`` bytes of the open file ``f`` on disk: a full disk is an
+  OSError now, not a SIGBUS when a page of its memory map is first written."""
+  if hasattr(os, "posix_fallocate"):
+    try:
+      os.posix_fallocate(f.fileno(), 0, size)
+      return
+    except OSError as e:
+      if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+        raise
+  f.seek(0, os.SEEK_END)  # No fallocate here (macOS, some file systems): write zeros.
+  zeros = bytes(1 << 20)
+  for _ in range(f.tell(), size, len(zeros)):
+    f.write(zeros[:size - f.tell()])
+  f.flush()
+  os.fsync(f.fileno())
+
+
+def _new_npy(path: pathlib.Path, shape: tuple[int, ...]) -> np.memmap:
+  """A new uint8 ``.npy`` of ``shape``, its space allocated, memory-mapped for writing."""
+  header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+            "fortran_order": False, "shape": shape}
+  with open(path, "wb") as f:
+    np.lib.format.write_array_header_1_0(f, header)
+    _allocate(f, f.tell() + math.prod(shape))
+  return np.lib.format.open_memmap(path, "r+")
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Another user's.
+    return True
+  return True
+
+
+def _remove_dead_temps(cache_dir: pathlib.Path) -> None:
+  """Removes the temporary files of decodes on this host whose process is gone (killed)."""
+  host, removed = socket.gethostname(), 0
+  for path in cache_dir.glob(".*.npy.tmp"):
+    match = _TEMP_FILE.match(path.name)
+    if match and match[3] in (None, host) and not _alive(int(match[2])):
+      with contextlib.suppress(OSError):
+        removed += path.stat().st_size
+        path.unlink()
+  if removed:
+    logging.info("%s: removed %s of unfinished caches of decodes that were killed", cache_dir,
+                 _amount(removed))
+
+
+def _remove_cache(meta_path: pathlib.Path) -> int:
+  """Removes a cache, its meta first (so that it is never taken as finished); returns the
+  bytes freed."""
+  freed = 0
+  for path in (meta_path, meta_path.with_suffix(".npy")):
+    with contextlib.suppress(OSError):
+      freed += path.stat().st_size
+      path.unlink()
+  return freed
+
+
+def _open_cache(array_path: pathlib.Path, meta_path: pathlib.Path,
+                shape: tuple[int, ...]) -> tuple[np.ndarray, dict[str, str]]:
+  """A finished cache's images (memory-mapped) and failed files; raises _Unusable saying why
+  it cannot be used: its files cannot be read, it has another shape, or not its digest."""
+  try:
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    digest, failed = meta.get("digest"), dict(meta["failed"])
+  except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+    raise _Unusable(f"cannot be used: its {meta_path.name} cannot be read ({e})") from None
+  if digest is None:
+    raise _Unusable("has no checksum (written by an older tljax)")
+  try:
+    pixels = np.load(array_path, mmap_mode="r")
+  except (OSError, ValueError, EOFError) as e:
+    raise _Unusable(f"cannot be opened ({e})") from None
+  if pixels.dtype != np.uint8 or pixels.shape != shape:
+    raise _Unusable(f"holds {pixels.dtype} {pixels.shape}, not uint8 {shape}")
+  if _digest(array_path) != digest:
+    raise _Unusable(f"is damaged: it does not match its checksum ({digest})")
+  with contextlib.suppress(OSError):
+    os.utime(meta_path)  # Marks it used, for clean_cache(older_than_days=...).
+  return pixels, failed
+
+
+@contextlib.contextmanager
+def _decode_pool() -> Iterator[concurrent.futures.ProcessPoolExecutor]:
+  """One decode process per core, spawned (the caller runs threads), each exiting if this
+  process dies; on any exception (KeyboardInterrupt, SIGTERM) they are terminated at once."""
+  pool = concurrent.futures.ProcessPoolExecutor(
+      os.cpu_count(), mp_context=multiprocessing.get_context("spawn"),
+      initializer=images.exit_with_parent, initargs=(os.getpid(),))
+  try:
+    yield pool
+  except BaseException:
+    workers = list((pool._processes or {}).values())  # noqa: SLF001 - no public way before 3.14.
+    pool.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:  # A worker blocked writing to the pool's pipe would never exit.
+      worker.terminate()
+    for worker in workers:
+      worker.join(timeout=5)
+    raise
+  pool.shutdown()
 
 
 def _decode_into(out: np.ndarray, root: pathlib.Path, paths: list[str], size: int,
                  progress: bool) -> dict[str, str]:
-  """Decodes ``paths`` into the rows of ``out``; returns path -> why, for those that failed."""
-  failed = {}
-  results = tqdm.tqdm(_decoded(root, paths, size), total=len(paths), unit="image",
-                      desc=f"decoding {root.name}", disable=not (progress and sys.stderr.isatty()))
-  for i, (pixels, error) in enumerate(results):
-    if error is None:
-      out[i] = pixels
+  """Decodes ``paths`` into the rows of ``out``, in a pool for many files; returns path -> why,
+  for those that failed."""
+  jobs, failed = [str(root / path) for path in paths], {}
+  with contextlib.ExitStack() as stack:
+    if len(jobs) < _PARALLEL_FROM:
+      results = map(images.try_load_stored, jobs, itertools.repeat(size))
     else:
-      failed[paths[i]] = error
+      pool = stack.enter_context(_decode_pool())
+      results = pool.map(images.try_load_stored, jobs, itertools.repeat(size), chunksize=16)
+    for i, (pixels, error) in enumerate(tqdm.tqdm(
+        results, total=len(paths), unit="image", desc=f"decoding {root.name}",
+        disable=not (progress and sys.stderr.isatty()))):
+      if error is None:
+        out[i] = pixels
+      else:
+        failed[paths[i]] = error
   return failed
+
+
+@contextlib.contextmanager
+def _sigterm_stops_decode() -> Iterator[None]:
+  """Where SIGTERM would end the process at once (its default action), makes it raise in the
+  main thread inside the block, so that the decode stops its workers and removes its temporary
+  file; then raises the signal again, to end the process as it would have (143)."""
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+    yield
+    return
+
+  def stop(signum, frame):
+    raise _Terminated
+
+  signal.signal(signal.SIGTERM, stop)
+  try:
+    yield
+  except _Terminated:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    logging.warning("SIGTERM while decoding images: stopped the decode workers and removed the "
+                    "unfinished cache; rerun the same command to start again.")
+    signal.raise_signal(signal.SIGTERM)
+    raise SystemExit(128 + signal.SIGTERM) from None  # Only if the signal is blocked.
+  finally:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _write_cache(array_path: pathlib.Path, root: pathlib.Path, paths: list[str],
+                 size: int, progress: bool) -> dict[str, str]:
+  """Decodes ``paths`` into the cache ``array_path`` through a temporary file (removed
+  whatever happens), then writes its meta with the digest, last; returns the failed files."""
+  shape = (len(paths), size, size, 3)
+  nbytes = math.prod(shape)
+  tmp_path = array_path.with_name(
+      f".{array_path.stem}.{os.getpid()}@{socket.gethostname()}.npy.tmp")
+  try:
+    with _write_errors(array_path, nbytes):
+      out = _new_npy(tmp_path, shape)
+    failed = _decode_into(out, root, paths, size, progress)
+    with _write_errors(array_path, nbytes):
+      out.flush()
+      del out
+      digest = _digest(tmp_path)
+      os.replace(tmp_path, array_path)
+      files.write_json(array_path.with_suffix(".json"), {
+          "root": str(root.resolve()), "size": size, "files": len(paths), "failed": failed,
+          "digest": digest})  # Written last: marks the cache done.
+  finally:
+    tmp_path.unlink(missing_ok=True)
+  return failed
+
+
+def _remove_superseded(cache_dir: pathlib.Path, root: pathlib.Path, size: int, key: str):
+  """Removes the caches of ``root`` at ``size`` but ``key`` (their files have changed since),
+  then logs what the cache folder holds."""
+  real_root, removed, freed = os.path.realpath(root), 0, 0
+  for meta_path in cache_dir.glob("*.json"):
+    if meta_path.stem == key or not _CACHE_FILE.match(meta_path.name):
+      continue
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, KeyError):
+      meta = json.loads(meta_path.read_text(encoding="utf-8"))
+      if meta["size"] == size and os.path.realpath(meta["root"]) == real_root:
+        freed += _remove_cache(meta_path)
+        removed += 1
+  caches = [p for p in cache_dir.iterdir() if _CACHE_FILE.match(p.name)]
+  logging.info("%s: %d decoded caches, %s%s; `python -m tljax.data.folder --clean-cache "
+               "--older-than DAYS` removes those unused for DAYS days", cache_dir,
+               sum(p.suffix == ".json" for p in caches),
+               _amount(sum(p.stat().st_size for p in caches)),
+               f" (removed {removed} older caches of {root}, {_amount(freed)})" if removed else "")
 
 
 def decoded_images(root: pathlib.Path, paths: list[str], size: int,
                    cache_dir: pathlib.Path, progress: bool = True
                    ) -> tuple[np.ndarray, dict[str, str]]:
   """uint8 [len(paths), size, size, 3] (memory-mapped, read-only) and the files that could
-  not be decoded (path -> why; their rows are zeros), from the cache or decoded into it."""
+  not be decoded (path -> why; their rows are zeros), from the cache or decoded into it.
+
+  A cache that cannot be opened or does not match its digest is decoded again, with a warning.
+  """
   key = cache_key(root, paths, size)
   array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
-  if array_path.is_file() and meta_path.is_file():
-    logging.info("%s: %d decoded images from the cache %s", root, len(paths), array_path)
-    failed = json.loads(meta_path.read_text(encoding="utf-8"))["failed"]
-    return np.load(array_path, mmap_mode="r"), failed
-  cache_dir.mkdir(parents=True, exist_ok=True)
-  tmp_path = cache_dir / f".{key}.{os.getpid()}.npy.tmp"
+  shape = (len(paths), size, size, 3)
+  if meta_path.is_file():  # Written last: the cache is finished.
+    try:
+      pixels, failed = _open_cache(array_path, meta_path, shape)
+    except _Unusable as e:
+      logging.warning("the decoded cache %s %s: decoding the images again", array_path, e)
+      _remove_cache(meta_path)
+    else:
+      logging.info("%s: %d decoded images from the cache %s", root, len(paths), array_path)
+      return pixels, failed
+  with _write_errors(cache_dir, math.prod(shape)):
+    cache_dir.mkdir(parents=True, exist_ok=True)
+  _remove_dead_temps(cache_dir)
   started = time.perf_counter()
-  try:
-    out = np.lib.format.open_memmap(tmp_path, "w+", np.uint8, (len(paths), size, size, 3))
-    failed = _decode_into(out, root, paths, size, progress)
-    out.flush()
-    del out
-    os.replace(tmp_path, array_path)
-  finally:
-    tmp_path.unlink(missing_ok=True)
-  files.write_json(meta_path, {"root": str(root), "size": size, "files": len(paths),
-                                   "failed": failed})  # Written last: marks the cache done.
+  with _sigterm_stops_decode():
+    failed = _write_cache(array_path, root, paths, size, progress)
   seconds = time.perf_counter() - started
   logging.info("%s: decoded %d images in %.1f s (%.0f images/s) to %s", root, len(paths),
                seconds, len(paths) / seconds, array_path)
+  _remove_superseded(cache_dir, root, size, key)
   return np.load(array_path, mmap_mode="r"), failed
+
+
+def clean_cache(cache_dir: str | os.PathLike | None = None,
+                older_than_days: float = 0.0) -> tuple[int, int]:
+  """Removes the decoded caches in ``cache_dir`` (default :func:`default_cache_dir`) that no
+  run opened for ``older_than_days`` days (0: all), and the temporary files of killed decodes;
+  returns the caches removed and the bytes freed."""
+  cache_dir = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+  if not cache_dir.is_dir():
+    return 0, 0
+  _remove_dead_temps(cache_dir)
+  cutoff, removed, freed = time.time() - older_than_days * 86400, 0, 0
+  for path in sorted(cache_dir.iterdir()):
+    meta_path = path.with_suffix(".json")
+    if not _CACHE_FILE.match(path.name) or (path.suffix == ".npy" and meta_path.exists()):
+      continue  # Not a cache; an array goes with its meta (alone, it is unfinished).
+    with contextlib.suppress(OSError):
+      if path.stat().st_mtime <= cutoff:
+        freed += _remove_cache(meta_path)
+        removed += path.suffix == ".json"
+  return removed, freed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,48 +804,65 @@ def _streams(n: int, size: int, data_config) -> bool:
   return data_config.stream == "on" or too_big
 
 
+def _without_failed(root: pathlib.Path, splits: dict[str, list[tuple[str, int]]],
+                    failed: Mapping[str, str], skip: bool) -> dict[str, list[tuple[str, int]]]:
+  """``splits`` without the files that failed to decode: one DataError naming them, unless
+  ``skip`` (``data.skip_bad_images``): then a warning."""
+  if failed and not skip:
+    raise _problem("image files that cannot be read",
+                   [f"{p} ({why})" for p, why in failed.items()],
+                   f"Replace or remove them, {_SKIP_FIX}.")
+  if failed:
+    logging.warning("%s: skipping %d image files that cannot be read: %s", root, len(failed),
+                    ", ".join(list(failed)[:_LISTED]))
+  return {split: [(path, label) for path, label in files if path not in failed]
+          for split, files in splits.items()}
+
+
 def load_folder(data_config: ml_collections.ConfigDict, *, stored_size: int, seed: int,
-                splits_dir: pathlib.Path | None, progress: bool = True) -> Dataset:
+                splits_dir: pathlib.Path | None, progress: bool = True,
+                workdir: pathlib.Path | None = None) -> Dataset:
   """The folder ``data_config.dir`` (a config's ``data`` section) as a Dataset with its own
   validation split, its images decoded at ``stored_size`` (:func:`stored_size`).
 
   Split lists are read from ``splits_dir`` if an earlier run wrote them there
   (:func:`write_split_lists` of ``Dataset.split_files``), else cut (seeded by ``seed``). Bad
   image files raise one DataError listing them, unless ``data.skip_bad_images``: then they are
-  left out with a warning and named in ``Dataset.skipped``.
+  left out with a warning, named in ``Dataset.skipped`` and kept out of the split lists (in
+  ``split_files["skipped"]``). ``workdir`` and the decoded cache are left out of the scan.
   """
   config = data_config
-  listing = scan(config.dir)
-  splits = read_split_lists(splits_dir, listing) if splits_dir else None
-  if splits is None:
-    splits = split_listing(listing, validation_split=config.validation_split,
-                           test_split=config.test_split, seed=seed)
+  cache_dir = (pathlib.Path(config.cache_dir).expanduser() if config.cache_dir
+               else default_cache_dir())
+  listing = scan(config.dir, [path for path in (workdir, cache_dir) if path])
+  labels = listing.labels_by_path()
+  recorded = read_split_lists(splits_dir, listing) if splits_dir else None
+  splits, skipped = recorded or (split_listing(
+      listing, validation_split=config.validation_split, test_split=config.test_split,
+      seed=seed), [])
   _log_listing(listing, splits)
   if not splits["test"]:
     raise DataError(f"{listing.root} has no test images: add a test/ folder beside "
                          "train/, or set data.test_split > 0 to hold some out.")
   size = stored_size
-  paths = sorted(path for files in splits.values() for path, _ in files)
+  # A resumed run decodes the files its first run skipped too: the same files, the same cache.
+  paths = sorted([path for files in splits.values() for path, _ in files]
+                 + [path for path in skipped if path in labels])
   stream = _streams(len(paths), size, config)
-  cache_dir = (pathlib.Path(config.cache_dir).expanduser() if config.cache_dir
-               else default_cache_dir())
   pixels, failed = decoded_images(listing.root, paths, size, cache_dir, progress)
-  if failed and not config.skip_bad_images:
-    raise _problem("image files that cannot be read", [f"{p} ({why})" for p, why in failed.items()],
-                   f"Replace or remove them, {_SKIP_FIX}.")
-  if failed:
-    logging.warning("%s: skipping %d image files that cannot be read: %s", listing.root,
-                    len(failed), ", ".join(list(failed)[:_LISTED]))
+  splits = _without_failed(listing.root, splits, failed, config.skip_bad_images)
+  skipped = sorted(set(skipped) | set(failed))
+  _check_classes(listing, splits, _cut_fractions(
+      listing, validation_split=config.validation_split, test_split=config.test_split))
   row = {path: i for i, path in enumerate(paths)}
 
   def to_split(files):
-    kept = [(path, label) for path, label in files if path not in failed]
-    rows = np.array([row[path] for path, _ in kept], np.int64)
-    labels = np.array([label for _, label in kept], np.int32)
+    rows = np.array([row[path] for path, _ in files], np.int64)
+    labels = np.array([label for _, label in files], np.int32)
     if stream:
       return Split(RowView(pixels, rows), labels)
-    return Split(np.asarray(pixels[rows]) if kept else np.zeros((0, size, size, 3),
-                                                                     np.uint8), labels)
+    return Split(np.asarray(pixels[rows]) if files else np.zeros((0, size, size, 3),
+                                                                      np.uint8), labels)
 
   # Training examples in a seeded random order, not by class, so that data.train_examples's
   # first N are a sample of every class.
@@ -439,11 +870,43 @@ def load_folder(data_config: ml_collections.ConfigDict, *, stored_size: int, see
   train = to_split([splits["train"][i] for i in shuffled])
   validation, test = to_split(splits["validation"]), to_split(splits["test"])
   names = listing.class_names
-  # The files (each path's size and modification time) and which split each is in.
-  identity = hashlib.sha256(json.dumps([cache_key(listing.root, paths, size), splits,
-                                        sorted(failed)]).encode()).hexdigest()
+  # The files used (each path's size and modification time), which split each is in, and
+  # those skipped: the same for a resumed run.
+  used = sorted(path for files in splits.values() for path, _ in files)
+  identity = hashlib.sha256(json.dumps([cache_key(listing.root, used, size), splits,
+                                        skipped]).encode()).hexdigest()
+  split_files = {split: tuple(path for path, _ in files) for split, files in splits.items()}
+  if skipped:
+    split_files["skipped"] = tuple(skipped)
   return Dataset(train, test, len(names), names, listing.root.name,
                       identity=f"folder sha256:{identity}", validation=validation,
-                      skipped=tuple(sorted(failed)),
-                      split_files={split: tuple(path for path, _ in files)
-                                   for split, files in splits.items()})
+                      skipped=tuple(skipped), split_files=split_files)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cleaning the cache: python -m tljax.data.folder --clean-cache [--older-than DAYS]
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Removes decoded caches; returns the exit code."""
+  parser = argparse.ArgumentParser(
+      prog="python -m tljax.data.folder",
+      description="Removes the decoded caches of folder datasets (a run decodes again what "
+                  "it needs).")
+  parser.add_argument("--clean-cache", action="store_true", required=True,
+                      help="remove the caches (and the unfinished ones of killed decodes)")
+  parser.add_argument("--older-than", type=float, default=0.0, metavar="DAYS",
+                      help="only those no run opened for DAYS days (default 0: all)")
+  parser.add_argument("--cache-dir", default="", metavar="DIR",
+                      help="the folder (data.cache_dir; default $TLJAX_CACHE/decoded or "
+                           "~/.cache/tljax/decoded)")
+  args = parser.parse_args(argv)
+  cache_dir = args.cache_dir or default_cache_dir()
+  removed, freed = clean_cache(cache_dir, args.older_than)
+  print(f"{cache_dir}: removed {removed} decoded caches, {_amount(freed)}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

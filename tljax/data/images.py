@@ -7,11 +7,18 @@ EXIF orientation (phone photos), turn every mode (grey, palette, CMYK, 16-bit, .
 background is usually meant to be seen. A file that cannot be read raises :class:`ImageError`
 naming the path and the cause.
 
+Large photos decode without Pillow's ``DecompressionBombWarning`` (a 108-megapixel phone photo
+is a photo, and the cache decodes JPEGs at a reduced scale); an image over Pillow's hard limit
+(twice ``Image.MAX_IMAGE_PIXELS``: 179 megapixels) is an ImageError saying so.
+
 This module imports only NumPy and Pillow, so decode worker processes start fast.
 """
 
 import os
 import pathlib
+import threading
+import time
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -58,14 +65,20 @@ def _open_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.I
   try:
     if path.stat().st_size == 0:
       raise ImageError(path, "empty file (0 bytes)")
-    with Image.open(path) as image:
-      image.seek(0)  # The first frame of an animated GIF or WebP.
-      if draft_size and image.format == "JPEG":
-        image.draft("RGB", (draft_size, draft_size))
-      image.load()
-      return _to_rgb(ImageOps.exif_transpose(image))
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      with Image.open(path) as image:
+        image.seek(0)  # The first frame of an animated GIF or WebP.
+        if draft_size and image.format == "JPEG":
+          image.draft("RGB", (draft_size, draft_size))
+        image.load()
+        return _to_rgb(ImageOps.exif_transpose(image))
   except ImageError:
     raise
+  except Image.DecompressionBombError:
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    raise ImageError(path, f"more than {limit:,} pixels, Pillow's limit against decompression "
+                     "bombs (if it is a real photo, make it smaller)") from None
   except PermissionError:
     raise ImageError(path, "Permission denied: the file cannot be opened; check its "
                      "permissions") from None
@@ -100,6 +113,17 @@ def load_stored(path: str | os.PathLike, size: int) -> np.ndarray:
   ``size`` pixels on each side, which makes decoding several times faster.
   """
   return resize_stored(_open_rgb(path, draft_size=size), size)
+
+
+def exit_with_parent(parent_pid: int) -> None:
+  """Decode-pool worker initializer: the worker exits (within 0.2 s) once process
+  ``parent_pid`` is gone, killed before it could stop its pool, instead of waiting forever on
+  the pool's pipe."""
+  def watch():
+    while os.getppid() == parent_pid:
+      time.sleep(0.2)
+    os._exit(1)
+  threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def try_load_stored(path: str, size: int) -> tuple[np.ndarray | None, str | None]:

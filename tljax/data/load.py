@@ -40,7 +40,8 @@ def idx_or_tfds(name: str, data_dir: str | pathlib.Path | None) -> Dataset:
 def load_dataset(config, workdir: pathlib.Path | None = None) -> Dataset:
   """The dataset ``config.data`` names, from the source it names or detects (``auto``: a
   folder of class folders, else IDX files or a tfds data_dir). A folder's split lists are
-  read from ``<workdir>/splits`` where an earlier run wrote them."""
+  read from ``<workdir>/splits`` where an earlier run wrote them, and a workdir inside the
+  folder is left out of its scan."""
   source, data_dir = config.data.source, config.data.dir
   if source == "auto" and data_dir and folder.is_image_folder(data_dir):
     source = "folder"
@@ -51,7 +52,7 @@ def load_dataset(config, workdir: pathlib.Path | None = None) -> Dataset:
     size = folder.stored_size(config.data.image_size, config.model.input_size)
     return folder.load_folder(config.data, stored_size=size, seed=config.seed,
                               splits_dir=workdir / "splits" if workdir else None,
-                              progress=distributed.is_main_process())
+                              progress=distributed.is_main_process(), workdir=workdir)
   if source == "idx":
     return idx.load_idx_folder(data_dir, config.data.name)
   if source == "tfds":

@@ -1,14 +1,8 @@
-"""The trained model as a program that needs only JAX: ``<workdir>/export/``.
+"""``model.jax_exported``: the whole inference function through ``jax.export``.
 
-A run ends by exporting its whole inference function, uint8 images in and class probabilities
-out, with the evaluation preprocessing and the trained weights inside, through
-``jax.export``, for any batch size. The directory holds:
-
-* ``model.jax_exported``: the serialized ``jax.export.Exported`` (StableHLO and weights);
-* ``model.json``: the class names, the input shape and dtype (``null`` for the batch), the
-  output shape and the platforms the artifact runs on.
-
-Another program loads it with nothing but ``jax`` and ``numpy``::
+The artifact holds the evaluation view, the trained weights, the model and a softmax, uint8
+images in and class probabilities out, for a symbolic batch size. Another program loads it
+with nothing but ``jax`` and ``numpy``::
 
     exported = jax.export.deserialize(open("export/model.jax_exported", "rb").read())
     probabilities = exported.call(images_uint8)  # [B, *input_shape] -> [B, classes]
@@ -25,6 +19,7 @@ import numpy as np
 
 from tljax import files
 from tljax.data import transforms
+from tljax.export import contract
 
 ARTIFACT = "model.jax_exported"
 METADATA = "model.json"
@@ -57,22 +52,24 @@ def export_model(model, variables: Any, view: transforms.EvalView,
   return jax.export.export(function, platforms=platforms())(spec)
 
 
-def save(directory: str | pathlib.Path, model, variables: Any, view: transforms.EvalView,
-         class_names: Sequence[str], image_shape: Sequence[int]) -> pathlib.Path:
-  """Exports the model into ``directory`` (the artifact and its metadata); returns it."""
-  directory = pathlib.Path(directory)
+def write(directory: pathlib.Path, model, variables: Any, view: transforms.EvalView,
+          image_shape: Sequence[int]) -> dict[str, Any]:
+  """Writes ``directory/ARTIFACT``; returns what ``model.json`` records of it."""
   exported = export_model(model, variables, view, image_shape)
   with files.atomic_open(directory / ARTIFACT, "wb") as f:
     f.write(exported.serialize())
+  return {"platforms": list(exported.platforms), "jax_version": jax.__version__}
+
+
+def save(directory: str | pathlib.Path, model, variables: Any, view: transforms.EvalView,
+         class_names: Sequence[str], image_shape: Sequence[int]) -> pathlib.Path:
+  """Exports the jax artifact and ``model.json`` into ``directory``; returns it. (All the
+  formats, checked: ``tljax.export.write``.)"""
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  written = write(directory, model, variables, view, image_shape)
   files.write_json(directory / METADATA, {
-      "class_names": list(class_names),
-      "input": {"shape": [None, *map(int, image_shape)], "dtype": "uint8"},
-      "output": {"shape": [None, len(class_names)], "dtype": "float32",
-                 "meaning": "class probabilities (softmax), in class_names order"},
-      "preprocessing": view.describe(),
-      "platforms": list(exported.platforms),
-      "jax_version": jax.__version__,
-  })
+      **contract.metadata(class_names, image_shape, view), **written})
   return directory
 
 

@@ -1,0 +1,109 @@
+"""The exported files of finished runs side by side: size, test accuracy, agreement with JAX,
+latency and throughput on this CPU, each runtime with its default threads and with 2.
+
+    python benchmarks/deploy.py --workdir runs/photos --workdir runs/mnist --out deploy.json
+
+For each run (its ``export/`` written by the run or by ``python -m tljax.export``): the JAX
+model (the run's own inference function, jitted) and ``model.onnx``, ``model.int8.onnx``
+(onnxruntime), ``model.tflite``, ``model.int8.tflite`` (LiteRT, XNNPACK). Accuracy and
+agreement on the run's test split; latency the median of ``--calls`` calls on one image;
+throughput the images per second of batches of 32 (median over ``--seconds``). Prints a table
+and writes JSON.
+"""
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # This checkout's tljax.
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from timing import cpu_model, print_table, time_calls, write_json  # noqa: E402
+from tljax import export, predict  # noqa: E402
+from tljax.data import load  # noqa: E402
+from tljax.export import runtimes  # noqa: E402
+
+FILES = ("model.jax_exported", "model.onnx", "model.int8.onnx", "model.tflite",
+         "model.int8.tflite")
+
+
+def jax_runner(run, threads: int | None):
+  """The run's inference function, jitted; XLA's CPU threads are set per process, so JAX is
+  measured with its default only."""
+  if threads:
+    return None
+  function = jax.jit(export.inference_function(run.model, run.variables, run.view))
+  return lambda images: np.asarray(function(images))
+
+
+def measure(runner, images: np.ndarray, calls: int, seconds: float) -> dict[str, float]:
+  one, batch = images[:1], images[:32]
+  runner(one)
+  runner(batch)  # Compile, allocate, warm up.
+  latency = [time_calls(lambda: runner(one), 0, 1)[0] for _ in range(calls)]
+  batches = time_calls(lambda: runner(batch), seconds, 3)
+  return {"latency_ms": 1e3 * statistics.median(latency),
+          "images_per_s": len(batch) / statistics.median(batches)}
+
+
+def bench_run(workdir: pathlib.Path, calls: int, seconds: float) -> list[dict]:
+  run = predict.load_run(workdir)
+  _, splits = load.load_splits(run.config, workdir)
+  test = splits["test"]
+  images = np.asarray(test.images[np.arange(len(test))])
+  reference = export.deploy.reference_probabilities(run.model, run.variables, run.view, images)
+  rows = []
+  for name in FILES:
+    path = workdir / "export" / name
+    if not path.is_file():  # Measured all the same where it failed the accuracy gate.
+      path = export.gate.failed_name(path)
+    if not path.is_file():
+      print(f"{workdir / 'export' / name}: missing, skipped")
+      continue
+    for threads in (None, 2):
+      runner = (jax_runner(run, threads) if name == "model.jax_exported"
+                else runtimes.runner(path, threads))
+      if runner is None:
+        continue
+      probabilities = (reference if name == "model.jax_exported"
+                       else runtimes.in_batches(runner, images))
+      print(f"timing {workdir.name} {name} threads={threads or 'default'} ...", flush=True)
+      rows.append({"run": workdir.name, "dataset": run.config.data.name, "file": path.name,
+                   "threads": threads or "default", "mb": path.stat().st_size / 1e6,
+                   **export.gate.measure(probabilities, export.gate.TestSet(
+                       images, test.labels, reference)),
+                   **measure(runner, images, calls, seconds)})
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", action="append", required=True, type=pathlib.Path,
+                      help="a finished run's work directory (repeatable)")
+  parser.add_argument("--calls", type=int, default=100, help="one-image calls timed")
+  parser.add_argument("--seconds", type=float, default=3.0, help="batch-32 timing per row")
+  parser.add_argument("--out", default="deploy.json")
+  args = parser.parse_args()
+  rows = [row for workdir in args.workdir for row in bench_run(workdir, args.calls, args.seconds)]
+  for row in rows:
+    row["accuracy_pct"] = 100 * row["test_accuracy"]
+    row["agreement_pct"] = 100 * row["top1_agreement"]
+  cpu = cpu_model()
+  print(f"\n{cpu}; onnxruntime {runtimes.versions().get('onnxruntime')}, ai-edge-litert "
+        f"{runtimes.versions().get('ai-edge-litert')}, jax {jax.__version__}")
+  print_table(rows, [("run", "run", ""), ("file", "file", ""), ("threads", "threads", ""),
+                     ("MB", "mb", ".2f"), ("accuracy %", "accuracy_pct", ".2f"),
+                     ("agree %", "agreement_pct", ".2f"), ("max |diff|", "max_abs_difference", ".1e"),
+                     ("1 image ms", "latency_ms", ".2f"), ("batch 32 img/s", "images_per_s", ".0f")])
+  write_json(args.out, {"cpu": cpu, "cpus": os.cpu_count(), "versions": runtimes.versions(),
+                        "jax_version": jax.__version__, "calls": args.calls,
+                        "timestamp": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows})
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,141 @@
+"""``python tests/fault_driver.py HOOK[=ARG][,HOOK...] MAIN_FLAGS...``: main.py with faults
+injected (tests/test_reliability.py, tests/test_distributed*.py).
+
+Each hook patches tljax (or, for SIGKILL mid-commit and the failed write, Orbax's public
+classes) before main.py runs in this process. Run from the repository root.
+"""
+
+import errno
+import importlib
+import os
+import runpy
+import signal
+import sys
+
+sys.path.insert(0, os.getcwd())
+
+import jax.numpy as jnp  # noqa: E402 (after the path)
+import orbax.checkpoint as ocp  # noqa: E402
+
+from tljax import reporting, steps  # noqa: E402
+from tljax.models import weights  # noqa: E402
+
+
+def signal_at_step(step, signum):
+  """Sends ``signum`` right after the step record of global step ``step``."""
+  write = reporting.MetricsWriter.write
+
+  def patched(self, record):
+    write(self, record)
+    if record["kind"] == "step" and record["step"] == int(step):
+      os.kill(os.getpid(), signum)
+
+  reporting.MetricsWriter.write = patched
+
+
+def sigterm_at_step(step):
+  signal_at_step(step, signal.SIGTERM)
+
+
+def sigkill_at_step(step):
+  signal_at_step(step, signal.SIGKILL)
+
+
+def sigint_at_step(step):
+  signal_at_step(step, signal.SIGINT)
+
+
+def sigterm_in(where):
+  """SIGTERM while ``tljax.<module>.<function>`` runs."""
+  module_name, name = where.split(".")
+  module = importlib.import_module(f"tljax.{module_name}")
+  original = getattr(module, name)
+
+  def patched(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+
+  setattr(module, name, patched)
+
+
+def sigkill_at_commit(step):
+  """SIGKILL once checkpoint ``step`` is written, before it is renamed into place.
+
+  ``ocp.path.atomicity`` is the public export of the temporary-path classes; the checkpoint
+  manager uses ``AtomicRenameTemporaryPath`` unless told otherwise, and ``finalize`` is its
+  rename into the final directory.
+  """
+  temporary_path = ocp.path.atomicity.AtomicRenameTemporaryPath
+  finalize = temporary_path.finalize
+
+  async def patched(self):
+    if self.get_final().name == step:
+      os.kill(os.getpid(), signal.SIGKILL)
+    await finalize(self)
+
+  temporary_path.finalize = patched
+
+
+def fail_write(step):
+  """The background write of checkpoint ``step`` fails with a full disk."""
+  class NoSpace:
+    def result(self, timeout=None):
+      raise OSError(errno.ENOSPC, "No space left on device")
+
+  async_save = ocp.StandardCheckpointHandler.async_save
+
+  async def patched(self, directory, *args, **kwargs):
+    futures = list(await async_save(self, directory, *args, **kwargs) or [])
+    if f"/{step}.orbax-checkpoint-tmp/" in str(directory):
+      futures.append(NoSpace())
+    return futures
+
+  ocp.StandardCheckpointHandler.async_save = patched
+
+
+def no_weights():
+  """Any load of the pretrained weights ends the process with 97 and a FAULT line."""
+  def refuse(*args, **kwargs):
+    print("FAULT: the weights were loaded again", file=sys.stderr)
+    raise SystemExit(97)
+
+  weights.load_pretrained = refuse
+
+
+def nan_loss():
+  cross_entropy = steps.cross_entropy
+  steps.cross_entropy = lambda *args: cross_entropy(*args) * jnp.nan
+
+
+def count_rows_read():
+  """Prints ``ROWS READ: n`` at exit: the rows of a decoded cache this process read."""
+  import atexit
+
+  import numpy as np
+
+  from tljax.data import dataset
+  getitem, read = dataset.RowView.__getitem__, [0]
+
+  def counted(self, index):
+    read[0] += 0 if isinstance(index, slice) else np.size(self.rows[index])
+    return getitem(self, index)
+
+  dataset.RowView.__getitem__ = counted
+  atexit.register(lambda: print(f"ROWS READ: {read[0]}", file=sys.stderr))
+
+
+HOOKS = {f.__name__: f for f in (sigterm_at_step, sigkill_at_step, sigint_at_step, sigterm_in,
+                                 sigkill_at_commit, fail_write, no_weights, nan_loss,
+                                 count_rows_read)}
+
+
+def main(argv):
+  for spec in filter(None, argv[1].split(",")):
+    name, _, arg = spec.partition("=")
+    HOOKS[name](*([arg] if arg else []))
+  sys.argv = ["main.py", *argv[2:]]
+  runpy.run_path("main.py", run_name="__main__")
+
+
+if __name__ == "__main__":
+  main(sys.argv)

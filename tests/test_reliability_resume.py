@@ -1,0 +1,183 @@
+"""Faults around restarts: Ctrl-C and a rerun, non-finite losses, resuming on other data,
+damaged checkpoints, a full disk while writing the outputs, a non-finite test loss.
+
+Runs through main.py in subprocesses under tests/fault_driver.py, or in process from a copy of
+one uninterrupted run's workdir (``finished``). The other half of the fault tests, one workdir
+through a chain of faults: tests/test_reliability.py (two files, so that pytest -n 2 runs
+them side by side).
+"""
+
+import errno
+import gzip
+import json
+import logging
+import os
+import pathlib
+import shutil
+
+import pytest
+
+from helpers import FAULT_OVERRIDES as OVERRIDES
+from helpers import (assert_same_state, fault_launcher, logged_error, resumed_from,
+                     saved_checkpoint, tiny_config)
+from tljax import dispatch, files, train
+
+
+@pytest.fixture(scope="module")
+def launch(tiny_idx_dir, tmp_path_factory):
+  return fault_launcher(tmp_path_factory.mktemp("launch"), tiny_idx_dir)
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_idx_dir, tmp_path_factory):
+  """An uninterrupted run (in process) keeping two checkpoints (20 and 24), and its final
+  state."""
+  workdir = tmp_path_factory.mktemp("finished")
+  train.run(tiny_config(tiny_idx_dir, **{**OVERRIDES, "max_to_keep": 2}), workdir)
+  return workdir, saved_checkpoint(workdir)[2]
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C and non-finite losses, through main.py.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(launch, tmp_path):
+  outcome = launch(tmp_path / "nan", "nan_loss", max_bad_steps=3)
+  assert outcome.returncode == 1, outcome.stderr[-3000:]
+  assert ("phase frozen_base: steps 1..4 of the phase all had a non-finite loss or gradient "
+          "(max_bad_steps=3); they were skipped.") in outcome.stderr
+  assert "Traceback" not in outcome.stderr
+  steps = [r for r in outcome.records if r["kind"] == "step"]
+  assert [(r["step"], r["skipped_steps"]) for r in steps] == [(2, 2), (4, 2)]
+  assert all(r["loss"] is None for r in steps)  # Strict JSON: null, not NaN.
+  assert "NaN" not in (tmp_path / "nan" / "metrics.jsonl").read_text()
+  assert outcome.latest is None and not outcome.outputs
+
+
+def test_sigint_checkpoints_exits_130_and_the_rerun_ends_bit_for_bit(launch, finished,
+                                                                     tmp_path):
+  workdir = tmp_path / "ctrl_c"
+  outcome = launch(workdir, "sigint_at_step=14")
+  assert outcome.returncode == 130, outcome.stderr[-3000:]
+  assert "received SIGINT: saving a checkpoint" in outcome.stderr
+  assert "Traceback" not in outcome.stderr and "KeyboardInterrupt" not in outcome.stderr
+  # Steps 15-16 were in flight when step 14 was recorded: they finish and are saved.
+  assert outcome.listing == ["16"] and outcome.meta["phase_step"] == 8
+  rerun = launch(workdir, "no_weights")
+  assert rerun.returncode == 0 and resumed_from(rerun) == 16, rerun.stderr[-3000:]
+  assert_same_state(finished[1], saved_checkpoint(workdir)[2])  # The uninterrupted run's.
+
+# ---------------------------------------------------------------------------------------------
+# Resuming from the wrong data or a damaged checkpoint.
+# ---------------------------------------------------------------------------------------------
+
+
+def _rerun(workdir, data_dir, caplog, **overrides) -> int:
+  import main
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    return main.run(tiny_config(data_dir, **{**OVERRIDES, "max_to_keep": 2, **overrides}),
+                    str(workdir))
+
+
+def _copy_without_outputs(finished, tmp_path) -> pathlib.Path:
+  workdir = shutil.copytree(finished[0], tmp_path / "run")
+  (workdir / "summary.json").unlink()
+  return workdir
+
+
+def _largest_state_file(workdir, step) -> pathlib.Path:
+  files = (p for p in (workdir / "checkpoints" / str(step) / "state").rglob("*") if p.is_file())
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def _bit_rot(path):
+  data = bytearray(path.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + 4096] = bytes(4096)
+  path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def test_resuming_on_other_data_is_refused(finished, tiny_idx_dir, tmp_path, caplog):
+  other = shutil.copytree(tiny_idx_dir, tmp_path / "other")
+  images = other / "train-images-idx3-ubyte.gz"
+  data = bytearray(gzip.decompress(images.read_bytes()))
+  data[-1] ^= 1  # One pixel of one image.
+  images.write_bytes(gzip.compress(bytes(data)))
+  before = {p: p.stat().st_mtime_ns for p in finished[0].rglob("*")}
+  assert _rerun(finished[0], other, caplog) == 2
+  assert "holds checkpoints of another config (differs in ['data.identity'])" in caplog.text
+  assert {p: p.stat().st_mtime_ns for p in finished[0].rglob("*")} == before
+
+
+@pytest.mark.parametrize("damage", [_bit_rot, _truncate], ids=["bit_rot", "truncated"])
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_resumed(
+    damage, finished, tiny_idx_dir, tmp_path, caplog):
+  workdir = _copy_without_outputs(finished, tmp_path)
+  damage(_largest_state_file(workdir, 24))
+  assert _rerun(workdir, tiny_idx_dir, caplog) == 0, caplog.text
+  [report] = [r.getMessage() for r in caplog.records if "moved it to" in r.getMessage()]
+  assert report.startswith(f"checkpoint {workdir}/checkpoints/24 ")
+  assert f"moved it to {workdir}/checkpoints.rejected/24" in report and "\n" not in report
+  assert "resuming from checkpoint 20" in caplog.text
+  assert (workdir / "checkpoints.rejected" / "24" / "state").is_dir()
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["20", "24"]
+  assert_same_state(finished[1], saved_checkpoint(workdir)[2])
+  assert (json.loads((workdir / "summary.json").read_text())["test_loss"]
+          == json.loads((finished[0] / "summary.json").read_text())["test_loss"])
+
+
+def test_a_truncated_checkpoint_is_one_line_on_the_command_line(finished, launch, tmp_path):
+  """Orbax's abandoned reads (hundreds of tracebacks when collected) stay out of the log."""
+  workdir = _copy_without_outputs(finished, tmp_path)
+  _truncate(_largest_state_file(workdir, 24))
+  outcome = launch(workdir, max_to_keep=2)
+  assert outcome.returncode == 0 and outcome.outputs, outcome.stderr[-3000:]
+  assert outcome.stderr.count(f"moved it to {workdir}/checkpoints.rejected/24") == 1
+  for noise in ("Traceback", "Exception ignored", "Event loop is closed"):
+    assert noise not in outcome.stderr, outcome.stderr[-3000:]
+
+
+def test_no_restorable_checkpoint_fails_naming_the_directories_tried(
+    finished, tiny_idx_dir, tmp_path, caplog):
+  workdir = _copy_without_outputs(finished, tmp_path)
+  for step in (20, 24):
+    _truncate(_largest_state_file(workdir, step))
+  assert _rerun(workdir, tiny_idx_dir, caplog) == 1
+  error = logged_error(caplog).getMessage()
+  assert error == (
+      f"no checkpoint in {workdir}/checkpoints could be restored; tried "
+      f"{workdir}/checkpoints/24 (now {workdir}/checkpoints.rejected/24), "
+      f"{workdir}/checkpoints/20 (now {workdir}/checkpoints.rejected/20). Rerunning the same "
+      "command starts the run from the beginning.")
+  assert sorted(os.listdir(workdir / "checkpoints.rejected")) == ["20", "24"]
+
+
+def test_a_full_disk_while_writing_the_outputs_fails_and_keeps_the_checkpoints(
+    finished, tiny_idx_dir, tmp_path, caplog, monkeypatch):
+  workdir = _copy_without_outputs(finished, tmp_path)
+
+  def disk_full(path, mode="w"):
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+  monkeypatch.setattr(files, "atomic_open", disk_full)
+  assert _rerun(workdir, tiny_idx_dir, caplog) == 1
+  error = logged_error(caplog).getMessage()
+  assert error.startswith(f"writing the outputs to {workdir}/trained_variables.msgpack failed: "
+                          "No space left on device. The last checkpoint is kept")
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["20", "24"]
+  assert not (workdir / "summary.json").exists()
+
+
+def test_a_non_finite_test_loss_fails_the_run(finished, tiny_idx_dir, tmp_path, caplog,
+                                               monkeypatch):
+  workdir = _copy_without_outputs(finished, tmp_path)
+  evaluate_split = dispatch.evaluate_split
+  monkeypatch.setattr(dispatch, "evaluate_split", lambda *args: (
+      float("nan"), *evaluate_split(*args)[1:]))
+  assert _rerun(workdir, tiny_idx_dir, caplog) == 1
+  assert "the test loss is nan: the trained model computes non-finite values" in caplog.text
+  assert not (workdir / "summary.json").exists()
