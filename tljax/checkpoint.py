@@ -164,8 +164,23 @@ class _OrbaxFailureLogs(logging.Filter):
     exception = record.exc_info[1] if record.exc_info else None
     message = record.getMessage()
     from_orbax = record.levelno >= logging.ERROR and "/orbax/" in record.pathname
-    orbax_task = record.name == "asyncio" and "/orbax/" in message
+    # A task or gathering future of Orbax's: named in the message, or only in its traceback.
+    orbax_task = (record.name == "asyncio"
+                  and "/orbax/" in f"{message} {_traceback_files(exception)}")
     return not (from_orbax or orbax_task or "Event loop is closed" in f"{message} {exception}")
+
+
+def _traceback_files(exception: BaseException | None) -> str:
+  """The files of ``exception``'s traceback, and of the exceptions it was raised from."""
+  names, seen = [], set()
+  while exception is not None and id(exception) not in seen:
+    seen.add(id(exception))
+    tb = exception.__traceback__
+    while tb is not None:
+      names.append(tb.tb_frame.f_code.co_filename)
+      tb = tb.tb_next
+    exception = exception.__cause__ or exception.__context__
+  return " ".join(names)
 
 
 _ORBAX_FAILURE_LOGS = _OrbaxFailureLogs()
