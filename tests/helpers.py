@@ -69,6 +69,14 @@ def folder_config(root, **data_overrides):
   return config
 
 
+def load_folder(config, splits_dir=None, workdir=None):
+  """``folder.load_folder`` with what it takes of ``config``, as ``data.load`` calls it."""
+  from tljax.data import folder
+  size = folder.stored_size(config.data.image_size, config.model.input_size)
+  return folder.load_folder(config.data, stored_size=size, seed=config.seed,
+                            splits_dir=splits_dir, progress=False, workdir=workdir)
+
+
 def tiny_folder_config(root, **data_overrides):
   """Two short phases on a folder of small images: a cached head phase, then a fine-tune with
   random crops and flips (conftest's tiny_folder_run)."""

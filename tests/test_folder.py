@@ -10,16 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import REPO, folder_config, make_folder, tiny_folder_config, write_image
+from helpers import (REPO, folder_config, load_folder, make_folder, tiny_folder_config,
+                     write_image)
 from tljax import checks, train
 from tljax.data import dataset, folder, images, load
-
-
-def load_folder(config, splits_dir):
-  """``folder.load_folder`` with what it takes of ``config``, as ``data.load`` calls it."""
-  size = folder.stored_size(config.data.image_size, config.model.input_size)
-  return folder.load_folder(config.data, stored_size=size, seed=config.seed,
-                            splits_dir=splits_dir, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,11 +20,9 @@ import pytest
 from PIL import Image
 
 from configs import default
-from helpers import make_folder, write_image
+from helpers import REPO, load_folder, make_folder, write_image
 from tljax import files
 from tljax.data import dataset, folder, images, load
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def folder_config(root, **data_overrides):
@@ -34,13 +32,6 @@ def folder_config(root, **data_overrides):
   config.model.input_size = 32
   config.data.update(data_overrides)
   return config
-
-
-def load_folder(config, splits_dir=None, workdir=None):
-  """``folder.load_folder`` as ``data.load`` calls it."""
-  size = folder.stored_size(config.data.image_size, config.model.input_size)
-  return folder.load_folder(config.data, stored_size=size, seed=config.seed,
-                            splits_dir=splits_dir, progress=False, workdir=workdir)
 
 
 def train_paths(root):
