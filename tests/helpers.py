@@ -153,6 +153,21 @@ def make_folder(root: pathlib.Path, counts: dict[str, int], prefix: str = "",
       write_image(root / prefix / name / f"{i:03d}.{ext}", label)
   return root
 
+
+def train_paths(root) -> list[str]:
+  """The training files the scan of the folder ``root`` finds."""
+  from tljax.data import folder
+  return [path for path, _ in folder.scan(root).files["train"]]
+
+
+def counting_decodes(monkeypatch) -> list[str]:
+  """The paths decoded from now on (in this process: fewer than 64 files at a time)."""
+  from tljax.data import images
+  decoded, load_stored = [], images.try_load_stored
+  monkeypatch.setattr(images, "try_load_stored",
+                      lambda path, size: decoded.append(path) or load_stored(path, size))
+  return decoded
+
 # ---------------------------------------------------------------------------------------------
 # What a run wrote.
 # ---------------------------------------------------------------------------------------------

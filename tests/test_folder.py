@@ -128,36 +128,8 @@ def test_train_list_is_written_last(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# The decoded cache.
+# The dataset.
 # ---------------------------------------------------------------------------------------------
-
-
-def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, monkeypatch):
-  root = make_folder(tmp_path / "d", {"a": 3, "b": 3}, ext="bmp")
-  paths = [p for p, _ in folder.scan(root).files["train"]]
-  decoded = []
-  load = images.try_load_stored
-  monkeypatch.setattr(images, "try_load_stored", lambda p, s: decoded.append(p) or load(p, s))
-  first, failed = folder.decoded_images(root, paths, 16, tmp_path / "cache", progress=False)
-  assert first.shape == (6, 16, 16, 3) and first.dtype == np.uint8 and failed == {}
-  assert len(decoded) == 6 and not list((tmp_path / "cache").glob(".*tmp"))
-  again, _ = folder.decoded_images(root, paths, 16, tmp_path / "cache", progress=False)
-  assert len(decoded) == 6 and isinstance(again, np.memmap)
-  np.testing.assert_array_equal(again, first)
-  write_image(root / paths[0], label=2)  # Another colour: new size or mtime.
-  os.utime(root / paths[0], ns=(1, 1))
-  rebuilt, _ = folder.decoded_images(root, paths, 16, tmp_path / "cache", progress=False)
-  assert len(decoded) == 12
-  assert not np.array_equal(rebuilt[0], first[0])
-  np.testing.assert_array_equal(rebuilt[1:], first[1:])
-
-
-def test_parallel_decode_matches_serial(tmp_path):
-  root = make_folder(tmp_path / "d", {"a": 40, "b": 30}, ext="jpg")
-  paths = [p for p, _ in folder.scan(root).files["train"]]
-  pooled, _ = folder.decoded_images(root, paths, 8, tmp_path / "cache", progress=False)
-  serial = np.stack([images.load_stored(root / p, 8) for p in paths])
-  np.testing.assert_array_equal(pooled, serial)
 
 
 def test_dataset_images_labels_and_stored_size(tmp_path):
