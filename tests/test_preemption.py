@@ -22,6 +22,8 @@ def test_preempted_exits_as_a_shell_reports_its_signal():
   assert preemption.Preempted("stopped").exit_code == exits.PREEMPTED
   assert preemption.Preempted("stopped", signal.SIGINT).exit_code == exits.INTERRUPTED
   assert str(preemption.Preempted("checkpoint 3 is saved")) == "checkpoint 3 is saved"
+  # A process that stopped because another one got the signal exits as a preempted one.
+  assert preemption.Preempted("stopped", None).exit_code == exits.PREEMPTED
 
 
 def test_a_second_sigint_stops_at_once():

@@ -15,16 +15,21 @@ from tljax import exits
 
 
 class Preempted(Exception):
-  """Raised by the run loop after it checkpointed on a stop request."""
+  """Raised by the run loop after it checkpointed on a stop request.
 
-  def __init__(self, message: str, signum: int = signal.SIGTERM):
+  ``signum`` is None on a process that stopped because another process got the signal.
+  """
+
+  def __init__(self, message: str, signum: int | None = signal.SIGTERM):
     super().__init__(message)
     self.signum = signum
 
   @property
   def exit_code(self) -> int:
-    """128 + the signal's number, as a shell reports a process the signal ended."""
-    return exits.of_signal(self.signum)
+    """128 + the signal's number, as a shell reports a process the signal ended; 143
+    (SIGTERM's) on a process that got no signal itself, so that every host of a stopped
+    run exits with the same code as a preempted one."""
+    return exits.PREEMPTED if self.signum is None else exits.of_signal(self.signum)
 
 
 class StopSignal:
