@@ -8,6 +8,7 @@ exits with 128 + the signal's number. A second Ctrl-C stops at once, as Ctrl-C u
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 
@@ -72,3 +73,24 @@ class StopSignal:
     finally:
       for s, handler in previous.items():
         signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def finishing(what: str):
+  """Inside the block (the run's last step, ``what``) a SIGTERM does not stop the process: it
+  is reported on stderr at once and the block finishes. Main thread only, as ``installed``."""
+  def report(signum, frame):
+    del frame
+    # os.write, not logging: the handler may run in the middle of a log write.
+    os.write(2, f"received {signal.Signals(signum).name} while {what}: finishing them first "
+                "(if this process is killed before, rerunning the same command writes them "
+                "again)\n".encode())
+
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = signal.signal(signal.SIGTERM, report)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)

@@ -261,7 +261,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     if dataset.split_files and distributed.is_main_process():
       with files.write_errors_reported("writing the split lists to", workdir / "splits"):
         folder.write_split_lists(workdir / "splits", dataset.split_files)
-    checkpointer = checkpoint.Checkpointer(workdir, max_to_keep=config.max_to_keep)
+    checkpointer = checkpoint.Checkpointer(workdir, max_to_keep=config.max_to_keep,
+                                           timeout_s=config.distributed.timeout_s)
     start = resume.start(checkpointer, fingerprint, config, model, all_phases,
                          abstract_variables, mesh)
     split_sources = sources.sources(splits, mesh)
@@ -275,7 +276,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
                          checkpointer, metrics, stop, start.meta)
         variables = _train_phases(ctx, start)
       checkpointer.wait()  # A failed last checkpoint fails the run before its outputs are written.
-      with files.write_errors_reported("writing the outputs to", workdir):
+      with (files.write_errors_reported("writing the outputs to", workdir),
+            preemption.finishing("writing the outputs")):
         return outputs.write_outputs(workdir, config, dataset, splits, model, variables, view,
                                      split_sources["test"], mesh, start.meta["results"])
     finally:
