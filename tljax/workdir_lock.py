@@ -41,7 +41,7 @@ def held(workdir: pathlib.Path, *, timeout_s: float):
   held by another run, and WorkdirError if a process does not see the other processes' files
   within ``timeout_s`` (at most a minute)."""
   path = lock_path(workdir, distributed.process_index())
-  token = secrets.randbits(62)
+  token = secrets.randbits(31)  # The collectives carry 32-bit integers.
   try:
     fd, refusal = _acquire(path, token), None
   except WorkdirLockedError as e:
