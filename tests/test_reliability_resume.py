@@ -186,7 +186,7 @@ def test_a_non_finite_test_loss_fails_the_run(finished, tiny_idx_dir, tmp_path, 
 def test_a_second_ctrl_c_stops_at_once_with_130(launch, tmp_path):
   # Without leaving before Python's shutdown, the JAX thread made this abort (134) in 1 of 2
   # tries.
-  outcome = launch(tmp_path / "ctrl_c_twice", "jax_thread,sigint_again_from_step=10")
+  outcome = launch(tmp_path / "ctrl_c_twice", "jax_thread,sigint_again_from_step=2")
   assert outcome.returncode == 130, outcome.stderr[-3000:]
   assert "press Ctrl-C again to stop at once" in outcome.stderr
   assert "interrupted: stopped at once" in outcome.stderr
