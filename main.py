@@ -8,6 +8,7 @@ checkpoint could be restored, the loss is non-finite, a bug).
 
 import difflib
 import logging
+import os
 import sys
 
 import ml_collections
@@ -123,7 +124,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.key=value",
                          exitcode=exits.BAD_INPUT)
-  sys.exit(run(_CONFIG.value, _WORKDIR.value))
+  code = run(_CONFIG.value, _WORKDIR.value)
+  if code == exits.INTERRUPTED:
+    # After a second Ctrl-C, JAX's and Orbax's background threads may still be running, and
+    # Python's shutdown around them can abort the process (exit 134): leave without it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -17,17 +17,20 @@ sys.path.insert(0, os.getcwd())
 import jax.numpy as jnp  # noqa: E402 (after the path)
 import orbax.checkpoint as ocp  # noqa: E402
 
-from tljax import reporting, steps  # noqa: E402
+from tljax import reporting, steps, train  # noqa: E402
 from tljax.models import weights  # noqa: E402
 
 
-def signal_at_step(step, signum):
-  """Sends ``signum`` right after the step record of global step ``step``."""
+def signal_at_step(step, signum, process=None, again=False):
+  """Sends ``signum`` right after the step record of global step ``step`` (on process
+  ``process`` alone where given; ``again``: after every later step record too)."""
+  import jax
   write = reporting.MetricsWriter.write
 
   def patched(self, record):
     write(self, record)
-    if record["kind"] == "step" and record["step"] == int(step):
+    due = record["step"] >= int(step) if again else record["step"] == int(step)
+    if record["kind"] == "step" and due and process in (None, jax.process_index()):
       os.kill(os.getpid(), signum)
 
   reporting.MetricsWriter.write = patched
@@ -45,6 +48,27 @@ def sigint_at_step(step):
   signal_at_step(step, signal.SIGINT)
 
 
+def sigint_again_from_step(step):
+  """Ctrl-C after the step record of global step ``step``, and again after the next one."""
+  signal_at_step(step, signal.SIGINT, again=True)
+
+
+def jax_thread():
+  """A daemon thread computing with JAX until the process ends, as the prefetch of streamed
+  data does: Python's shutdown around it can abort the process."""
+  import threading
+
+  import jax
+  import numpy as np
+
+  def compute():
+    x = np.ones((256, 256), np.float32)
+    while True:
+      jax.device_get(jnp.dot(jax.device_put(x), x))
+
+  threading.Thread(target=compute, daemon=True).start()
+
+
 def sigterm_in(where):
   """SIGTERM while ``tljax.<module>.<function>`` runs."""
   module_name, name = where.split(".")
@@ -56,6 +80,22 @@ def sigterm_in(where):
     return original(*args, **kwargs)
 
   setattr(module, name, patched)
+
+
+def sigterm_on_process(spec):
+  """``P@STEP``: SIGTERM to process ``P`` alone, after the step record of global step STEP."""
+  process, step = spec.split("@")
+  signal_at_step(step, signal.SIGTERM, int(process))
+
+
+def own_workdir():
+  """Each process uses ``<workdir>/process-<id>``: hosts that do not share a workdir."""
+  run = train.run
+
+  def patched(config, workdir):
+    return run(config, f"{workdir}/process-{config.distributed.process_id}")
+
+  train.run = patched
 
 
 def sigkill_at_commit(step):
@@ -124,9 +164,10 @@ def count_rows_read():
   atexit.register(lambda: print(f"ROWS READ: {read[0]}", file=sys.stderr))
 
 
-HOOKS = {f.__name__: f for f in (sigterm_at_step, sigkill_at_step, sigint_at_step, sigterm_in,
-                                 sigkill_at_commit, fail_write, no_weights, nan_loss,
-                                 count_rows_read)}
+HOOKS = {f.__name__: f for f in (sigterm_at_step, sigkill_at_step, sigint_at_step,
+                                 sigint_again_from_step, jax_thread, sigterm_in,
+                                 sigterm_on_process, own_workdir, sigkill_at_commit, fail_write,
+                                 no_weights, nan_loss, count_rows_read)}
 
 
 def main(argv):

@@ -2,7 +2,11 @@
 (digests), one that does not fit the model names the path and both shapes, and a directory
 that cannot hold checkpoints fails before any work."""
 
+import logging
 import shutil
+import types
+import typing
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +14,7 @@ import numpy as np
 import pytest
 
 from helpers import saved_checkpoint
-from tljax import checkpoint
+from tljax import checkpoint, selection
 
 
 def _state(value: float):
@@ -123,3 +127,41 @@ def test_restore_into_another_model_names_the_path_and_both_shapes(tmp_path):
                      r"\(8, 10\) there but \(8, 5\) here"):
     ckpt.restore_state(3, other)
   ckpt.close()
+
+
+class _PhaseState(typing.NamedTuple):
+  """What selection.selected_state reads of a phase's state."""
+  step: Any
+  params: Any
+  batch_stats: Any
+
+  def replace(self, **changes):
+    return self._replace(**changes)
+
+
+def test_a_damaged_best_checkpoint_is_set_aside_and_the_last_weights_used(tmp_path, caplog):
+  """A phase that selects its best epoch goes on with its last epoch's weights, saying so,
+  where the best epoch's checkpoint is damaged."""
+  phase = types.SimpleNamespace(name="head", index=0, total_steps=16, config=types.SimpleNamespace(
+      select="best", select_metric="val_accuracy", ema_decay=0.0, early_stopping_patience=0))
+  tracker = selection.Tracker("val_accuracy", best_value=0.9, best_epoch=1, best_step=8)
+  meta = {"selection": tracker.to_meta(0)}
+  best = tmp_path / checkpoint.BEST
+  for step, value in ((8, 1.0), (12, 3.0)):
+    checkpoint.save_best(tmp_path, step, {"params": _state(value)["params"], "batch_stats": {}},
+                         meta["selection"])
+  shutil.rmtree(best / "8" / "state")  # Epoch 1's checkpoint now holds other arrays.
+  shutil.copytree(best / "12" / "state", best / "8" / "state")
+  last = _PhaseState(jnp.int32(16), _state(2.0)["params"], {})
+  with caplog.at_level(logging.WARNING):
+    state, weights_from = selection.selected_state(
+        meta, types.SimpleNamespace(directory=tmp_path / "checkpoints"), phase, last,
+        {"epoch": 2, "step": 16, "val_accuracy": 0.5}, stopped=False)
+  np.testing.assert_array_equal(state.params["dense"]["kernel"], np.full((64, 32), 2.0))
+  assert (weights_from["epoch"], weights_from["step"], weights_from["value"]) == (2, 16, 0.5)
+  rejected = tmp_path / f"{checkpoint.BEST}.rejected" / "8"
+  assert [r.getMessage() for r in caplog.records if r.name == "root"] == [
+      f"checkpoint {tmp_path}/{checkpoint.BEST}/8 is damaged: its arrays differ from the digest "
+      f"saved with them; moved it to {rejected}; phase head continues with its last epoch's "
+      "weights instead"]
+  assert rejected.is_dir() and not (best / "8").exists()

@@ -18,6 +18,11 @@ ONE_DEVICE = sharding.data_mesh()
     ({"max_to_keep": 0}, "max_to_keep=0 must be at least 1: a restart resumes from the latest "
      "checkpoint."),
     ({"steps_per_dispatch": 0}, "steps_per_dispatch=0 must be at least 1."),
+    ({"checkpoint_every_steps": -5}, "checkpoint_every_steps=-5 must be >= 0 (0 = only at "
+     "epoch and phase ends)."),
+    ({"phases.1.warmup_epochs": 6.0}, "phases[1] ('fine_tune'): warmup_epochs=6.0 must be in "
+     "[0, epochs=5]: the warmup is part of the phase. Lower warmup_epochs or raise epochs."),
+    ({"phases.0.warmup_epochs": -0.5}, "phases[0] ('frozen_base'): warmup_epochs=-0.5 must be"),
     ({"data.validation_split": 1.0}, "data.validation_split=1.0 must be in [0, 1)."),
     ({"model.dtype": "float16"}, "model.dtype='float16' is not one of"),
     ({"phases.1.batchnorm": "frozen"}, "phases[1] ('fine_tune'): batchnorm='frozen' is not one "

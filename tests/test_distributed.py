@@ -2,13 +2,15 @@
 this machine.
 
 Two processes with two forced CPU devices each (gloo collectives, a coordinator on
-127.0.0.1) run the tiny two-phase job of helpers.tiny_config; both are SIGKILLed in the
-fine-tune and restarted, resume from their shared checkpoint, and must end with the
-parameters of one process with one device (this one) on the same global batches.
+127.0.0.1) run the tiny two-phase job of helpers.tiny_config; process 1 alone gets a SIGTERM
+in the fine-tune, both stop with 143 and are restarted, resume from their shared checkpoint,
+and must end with the parameters of one process with one device (this one) on the same global
+batches. Two processes given separate work directories are refused within
+``distributed.timeout_s``.
 """
 
 import json
-import signal
+import time
 
 import jax
 import numpy as np
@@ -27,7 +29,7 @@ OVERRIDES = {"steps_per_dispatch": 2, "phases.0.optimizer": "sgd",
              "phases.0.learning_rate": 0.05, "phases.1.optimizer": "sgd",
              "phases.1.learning_rate": 0.01, "phases.1.batchnorm": "inference",
              "phases.1.epochs": 2, "distributed.timeout_s": 120}
-KILL_AT_STEP = 26  # Global step: phase 1 is steps 1-16, the fine-tune 17-32.
+SIGTERM_AT_STEP = 26  # Global step: phase 1 is steps 1-16, the fine-tune 17-32.
 
 
 def _settings(**overrides):
@@ -69,32 +71,38 @@ def runs(launch, tiny_idx_dir, tmp_path_factory):
   one = tmp_path_factory.mktemp("one_process")
   train.run(tiny_config(tiny_idx_dir, **OVERRIDES), one)
   two = tmp_path_factory.mktemp("two_processes")
-  killed = launch(two, processes=2, devices_each=2, hooks=f"sigkill_at_step={KILL_AT_STEP}")
+  stopped = launch(two, processes=2, devices_each=2,
+                   hooks=f"sigterm_on_process=1@{SIGTERM_AT_STEP}")
   resumed = launch(two, processes=2, devices_each=2)
-  return one, two, killed, resumed
+  return one, two, stopped, resumed
 
 
-def test_both_processes_are_killed_then_resume_from_the_shared_checkpoint(runs):
-  _, two, killed, resumed = runs
-  assert [code for code, _ in killed] == [-signal.SIGKILL] * 2, killed[0][1][-3000:]
+def test_a_sigterm_to_one_process_stops_both_with_143_then_both_resume(runs):
+  _, two, stopped, resumed = runs
+  assert [code for code, _ in stopped] == [143, 143], stopped[0][1][-3000:]
+  assert "received SIGTERM" in stopped[1][1] and "received SIGTERM" not in stopped[0][1]
+  # The dispatch in flight when process 1 got the signal is finished and saved by both.
+  saved = SIGTERM_AT_STEP + 2
+  assert f"checkpoint {saved} is saved; rerun the same command to resume" in stopped[0][1]
+  assert "Traceback" not in stopped[0][1] + stopped[1][1]
   assert [code for code, _ in resumed] == [0, 0], resumed[0][1][-3000:] + resumed[1][1][-3000:]
-  resumed_from = int(resumed[0][1].split("resuming from checkpoint ")[1].split(":")[0])
-  assert 16 <= resumed_from < KILL_AT_STEP
+  assert f"resuming from checkpoint {saved}:" in resumed[0][1]
   assert "process 0 of 2; 2 local of 4 devices" in resumed[0][1]
   assert "resuming" not in resumed[1][1]  # Process 1 logs warnings and errors only.
+  assert not list(two.glob("*.lock"))  # Each launch released its lock files.
   records = read_records(two)
   steps = [r["step"] for r in records if r["kind"] == "step"]
-  # One record per dispatch, written once (by process 0); the resumed steps again.
-  assert steps == [*range(2, KILL_AT_STEP + 1, 2), *range(resumed_from + 2, 33, 2)]
+  # One record per dispatch, written once (by process 0), none repeated.
+  assert steps == list(range(2, 33, 2))
   # TensorBoard (on in this config): only process 0 writes. One event file per launch for
   # the training records, and one for the test confusion matrix at the end.
   events = sorted(two.glob("events.out.tfevents.*"))  # Named by the second they began.
   assert len(events) == 3, [p.name for p in events]
-  assert events[0].stat().st_size > 0  # The killed launch's: it may end mid-record.
+  assert events[0].stat().st_size > 0
   scalars, images = read_events(two, events[1:])
   # The resumed launch's records: from its first dispatch (the killed launch's came first).
   first_resumed = max(i for i, r in enumerate(records)
-                      if r["kind"] == "step" and r["step"] == resumed_from + 2)
+                      if r["kind"] == "step" and r["step"] == saved + 2)
   resumed_records = records[first_resumed:]
   assert scalars["train/loss"] == [(r["step"], pytest.approx(r["loss"], rel=1e-6))
                                    for r in resumed_records if r["kind"] == "step"]
@@ -118,3 +126,21 @@ def test_two_processes_end_with_the_parameters_of_one(runs, tiny_idx_dir):
   np.testing.assert_array_equal(np.load(one / "test_predictions.npz")["predictions"],
                                 np.load(two / "test_predictions.npz")["predictions"])
 
+
+
+def test_processes_that_do_not_share_the_workdir_are_told_within_the_timeout(
+    launch, tiny_idx_dir, tmp_path):
+  timeout_s = 10
+  config = write_tiny_config(tmp_path / "config.py", tiny_idx_dir,
+                             {**OVERRIDES, "distributed.timeout_s": timeout_s})
+  started = time.monotonic()
+  outcome = launch(tmp_path / "run", processes=2, devices_each=1, hooks="own_workdir",
+                   config=config)
+  assert time.monotonic() - started < 6 * timeout_s  # Start-up, data and the wait.
+  assert [code for code, _ in outcome] == [2, 2], outcome[0][1][-3000:]
+  for process, (_, log) in enumerate(outcome):
+    assert (f"--workdir {tmp_path}/run/process-{process} is not one directory shared by every "
+            "process: process 0 does not see process 1's; process 1 does not see process 0's "
+            f"lock file there after {timeout_s} s. Every host must use the same work "
+            "directory") in log, log[-3000:]
+  assert not list((tmp_path / "run").rglob("checkpoints"))

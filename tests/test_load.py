@@ -23,8 +23,9 @@ def readers(monkeypatch):
       calls.append(("idx", str(path), name)) or "idx"))
   monkeypatch.setattr(load.idx, "fetch_idx", lambda name: (
       calls.append(("fetch_idx", name)) or pathlib.Path("/cache/datasets") / name))
-  monkeypatch.setattr(load.tfds, "load_tfds", lambda name, data_dir: (
-      calls.append(("tfds", name, data_dir if data_dir is None else str(data_dir))) or "tfds"))
+  monkeypatch.setattr(load.tfds, "load_tfds", lambda name, data_dir, test_split, seed: (
+      calls.append(("tfds", name, data_dir if data_dir is None else str(data_dir),
+                    test_split, seed)) or "tfds"))
   monkeypatch.setattr(load.folder, "load_folder", lambda data_config, **kwargs: (
       calls.append(("folder", data_config.dir, kwargs["stored_size"], kwargs["splits_dir"]))
       or "folder"))
@@ -42,12 +43,13 @@ def dirs(tmp_path):
 @pytest.mark.parametrize("source, data_dir, name, expected", [
     ("auto", "photos", "mnist", ("folder", "photos", 40, "splits")),
     ("auto", "idx", "digits", ("idx", "idx", "digits")),
-    ("auto", "empty", "cifar10", ("tfds", "cifar10", "empty")),
+    # A tfds dataset without a test split is cut as data.test_split and seed say.
+    ("auto", "empty", "cifar10", ("tfds", "cifar10", "empty", 0.1, 0)),
     ("auto", "", "fashion_mnist", ("idx", "/cache/datasets/fashion_mnist", "fashion_mnist")),
-    ("auto", "", "cifar10", ("tfds", "cifar10", None)),
+    ("auto", "", "cifar10", ("tfds", "cifar10", None, 0.1, 0)),
     ("idx", "photos", "mnist", ("idx", "photos", "mnist")),   # Named: no detection.
-    ("tfds", "idx", "mnist", ("tfds", "mnist", "idx")),
-    ("tfds", "", "mnist", ("tfds", "mnist", None)),
+    ("tfds", "idx", "mnist", ("tfds", "mnist", "idx", 0.1, 0)),
+    ("tfds", "", "mnist", ("tfds", "mnist", None, 0.1, 0)),
     ("folder", "idx", "mnist", ("folder", "idx", 40, "splits")),
 ], ids=["auto_folder", "auto_idx", "auto_tfds", "auto_download", "auto_tfds_default",
         "idx", "tfds", "tfds_default", "folder"])

@@ -118,11 +118,13 @@ def test_expand_paths_skips_hidden_and_other_files(tmp_path):
     ("no_workdir", "is not a directory; pass the work directory of a finished run"),
     ("unfinished", "holds no finished run (no summary.json or trained_variables.msgpack): "
                    "rerun its training command"),
-    ("bad_image", "broken.jpg"),
+    ("bad_image", "broken.jpg: not an image Pillow can identify"),
     ("no_match", "no image files at"),
-    ("bad_output", "--output"),
+    ("bad_output", "out.xlsx: name a .csv or .json file."),
+    ("output_folder_missing", "absent/out.csv: the folder "),
 ])
-def test_bad_input_is_one_message_and_exit_2(case, message, folder_run, tmp_path, caplog):
+def test_bad_input_is_one_message_and_exit_2(case, message, folder_run, tmp_path, caplog,
+                                            monkeypatch):
   root, workdir = folder_run
   paths, output = [str(root / "red" / "000.jpg")], None
   if case == "no_workdir":
@@ -135,13 +137,17 @@ def test_bad_input_is_one_message_and_exit_2(case, message, folder_run, tmp_path
     paths = [str(tmp_path / "broken.jpg")]
   elif case == "no_match":
     paths = [str(tmp_path / "*.png")]
-  else:
-    output = str(tmp_path / "out.xlsx")
+  else:  # Refused before anything is predicted.
+    output = str(tmp_path / ("out.xlsx" if case == "bad_output" else "absent/out.csv"))
+    monkeypatch.setattr(predict, "predict", lambda *a, **k: pytest.fail("predicted first"))
   with caplog.at_level(logging.ERROR):
     assert predict.run(str(workdir), paths, output=output, top_k=3, batch_size=8,
                        write_export=False) == 2
   record = logged_error(caplog)
   assert message in record.getMessage() and not record.exc_info
+  if case == "bad_image":  # Said once.
+    assert record.getMessage().endswith("; remove it from the paths, or replace it.")
+    assert record.getMessage().lower().count("replace") == 1
 
 
 def test_command_line_exit_code(tmp_path):

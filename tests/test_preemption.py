@@ -22,6 +22,8 @@ def test_preempted_exits_as_a_shell_reports_its_signal():
   assert preemption.Preempted("stopped").exit_code == exits.PREEMPTED
   assert preemption.Preempted("stopped", signal.SIGINT).exit_code == exits.INTERRUPTED
   assert str(preemption.Preempted("checkpoint 3 is saved")) == "checkpoint 3 is saved"
+  # A process that stopped because another one got the signal exits as a preempted one.
+  assert preemption.Preempted("stopped", None).exit_code == exits.PREEMPTED
 
 
 def test_a_second_sigint_stops_at_once():
@@ -69,3 +71,14 @@ def test_installed_off_the_main_thread_handles_nothing():
   thread.start()
   thread.join()
   assert seen == [(True, before)]
+
+
+def test_a_sigterm_while_finishing_is_reported_and_the_block_goes_on(capfd):
+  before = signal.getsignal(signal.SIGTERM)
+  with preemption.finishing("writing the outputs"):
+    os.kill(os.getpid(), signal.SIGTERM)
+    finished = True
+  assert finished and signal.getsignal(signal.SIGTERM) is before
+  assert capfd.readouterr().err == (
+      "received SIGTERM while writing the outputs: finishing them first (if this process is "
+      "killed before, rerunning the same command writes them again)\n")

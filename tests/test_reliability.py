@@ -53,7 +53,7 @@ def chain(launch, reference, tmp_path_factory):
                       ("fine_tuning", "no_weights,sigterm_at_step=14"),
                       ("committing", "no_weights,sigkill_at_commit=20"),
                       ("failed_write", "no_weights,fail_write=24"),
-                      ("finished", "no_weights")]:
+                      ("finished", "no_weights,sigterm_in=outputs.write_outputs")]:
     stages[name] = launch(workdir, hooks)
     assert "FAULT" not in stages[name].stderr, (name, stages[name].stderr[-3000:])
   return workdir, stages
@@ -116,6 +116,14 @@ def test_failed_checkpoint_write_fails_the_run_and_keeps_the_previous_one(chain)
   assert resumed_from(stages["finished"]) == 20
   assert stages["finished"].returncode == 0, stages["finished"].stderr[-3000:]
   assert stages["finished"].outputs
+
+
+def test_sigterm_while_writing_the_outputs_is_reported_and_they_are_finished(chain):
+  outcome = chain[1]["finished"]
+  assert outcome.returncode == 0, outcome.stderr[-3000:]
+  assert ("received SIGTERM while writing the outputs: finishing them first (if this process "
+          "is killed before, rerunning the same command writes them again)") in outcome.stderr
+  assert outcome.outputs and (chain[0] / "export" / "model.json").exists()
 
 
 def test_every_fault_left_a_complete_checkpoint(chain):

@@ -181,3 +181,14 @@ def test_a_non_finite_test_loss_fails_the_run(finished, tiny_idx_dir, tmp_path, 
   assert _rerun(workdir, tiny_idx_dir, caplog) == 1
   assert "the test loss is nan: the trained model computes non-finite values" in caplog.text
   assert not (workdir / "summary.json").exists()
+
+
+def test_a_second_ctrl_c_stops_at_once_with_130(launch, tmp_path):
+  # Without leaving before Python's shutdown, the JAX thread made this abort (134) in 1 of 2
+  # tries.
+  outcome = launch(tmp_path / "ctrl_c_twice", "jax_thread,sigint_again_from_step=2")
+  assert outcome.returncode == 130, outcome.stderr[-3000:]
+  assert "press Ctrl-C again to stop at once" in outcome.stderr
+  assert "interrupted: stopped at once" in outcome.stderr
+  assert "terminate called" not in outcome.stderr and "Fatal Python error" not in outcome.stderr
+  assert not list((tmp_path / "ctrl_c_twice").glob("*.lock"))

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import read_records, read_variables, saved_checkpoint, tiny_config
-from tljax import checkpoint, models, phases, resume, sharding, train
+from helpers import override, read_records, read_variables, saved_checkpoint, tiny_config
+from tljax import checkpoint, checks, models, phases, resume, sharding, train
 
 MESH = sharding.data_mesh()
 
@@ -27,10 +27,11 @@ def _tiny_run():
   return config, model, abstract, phases.build_phases(config, model, abstract["params"], 128)
 
 
-def _start(workdir, fingerprint, monkeypatch):
-  """``resume.start`` of the tiny run in ``workdir``; the pretrained weights are never
-  loaded."""
-  config, model, abstract, all_phases = _tiny_run()
+def _start(workdir, fingerprint, monkeypatch, all_phases=None):
+  """``resume.start`` of the tiny run (or of ``all_phases``) in ``workdir``; the pretrained
+  weights are never loaded."""
+  config, model, abstract, tiny_phases = _tiny_run()
+  all_phases = all_phases or tiny_phases
   monkeypatch.setattr(resume.weights, "load_pretrained", lambda *a, **k: pytest.fail(
       "the pretrained weights were loaded"))
   checkpointer = checkpoint.Checkpointer(workdir)
@@ -98,6 +99,30 @@ def test_another_configs_checkpoints_are_refused_and_left_untouched(tiny_idx_run
       rf"^{workdir}/checkpoints holds checkpoints of another config \(differs in "
       r"\['batch_size', 'seed'\]\); they are left untouched\.")):
     _start(workdir, {**meta["fingerprint"], "seed": 1, "batch_size": 8}, monkeypatch)
+  assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+
+@pytest.mark.parametrize("step, overrides, num_train, message", [
+    # Phase 0 finished with 2 epochs; the config now says 1.
+    (24, {"phases.0.epochs": 1}, 128, r"^phases\[0\] \('frozen_base'\): epochs=1, but this "
+     r"phase already finished with epochs=2 \(checkpoint .*/checkpoints/24\)\. Rerun with "
+     r"epochs=2 to resume, or use a new --workdir to train it with 1\.$"),
+    # The same for the last phase, with more epochs: it would train a finished phase again.
+    (24, {"phases.1.epochs": 3}, 128, r"^phases\[1\] \('fine_tune'\): epochs=3, but this "
+     r"phase already finished with epochs=1"),
+    # Step 4 of the fine-tune, which on 32 training images is 2 steps long.
+    (20, {}, 32, r"^phases\[1\] \('fine_tune'\): epochs=1 makes the phase 2 steps long \(2 "
+     r"an epoch\), but checkpoint .*/checkpoints/20 is at its step 4 \(2 epochs trained\)\."),
+])
+def test_a_resume_whose_phases_no_longer_hold_what_was_trained_is_refused(
+    tiny_idx_run, tmp_path, monkeypatch, step, overrides, num_train, message):
+  _, meta, _ = saved_checkpoint(tiny_idx_run[0], step)
+  workdir = _copy_checkpoint(tiny_idx_run[0], step, tmp_path)
+  before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+  _, model, abstract, _ = _tiny_run()
+  config = override(tiny_config("unused"), **overrides)
+  changed = phases.build_phases(config, model, abstract["params"], num_train)
+  with pytest.raises(checks.ConfigError, match=message):
+    _start(workdir, meta["fingerprint"], monkeypatch, changed)
   assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
 
 # ---------------------------------------------------------------------------------------------

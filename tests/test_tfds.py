@@ -45,6 +45,32 @@ def test_tfds_reads_a_prepared_copy_without_network(tmp_path, monkeypatch):
   np.testing.assert_array_equal(ds.train.labels, ds.train.images[:, 0, 0] % 3)
 
 
+class TrainOnlyDigits(TinyDigits):
+  """TinyDigits with a train split alone: 9 examples, 3 of each class."""
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(9)}
+
+
+def test_tfds_without_a_test_split_cuts_one_from_train_or_names_its_splits(tmp_path,
+                                                                           monkeypatch):
+  monkeypatch.setattr(TrainOnlyDigits, "pkg_dir_path", tfds.core.Path(tmp_path))
+  TrainOnlyDigits(data_dir=tmp_path / "tfds").download_and_prepare(file_format="array_record")
+  ds = load.idx_or_tfds("train_only_digits", tmp_path / "tfds", test_split=0.34, seed=3)
+  # One of each class's three examples, chosen as a folder without test/ is cut.
+  assert sorted(ds.test.labels.tolist()) == [0, 1, 2] and len(ds.train) == 6
+  np.testing.assert_array_equal(ds.train.labels, ds.train.images[:, 0, 0] % 3)
+  assert sorted([*ds.train.images[:, 0, 0], *ds.test.images[:, 0, 0]]) == list(range(9))
+  again = tfds_source.load_tfds("train_only_digits", tmp_path / "tfds", test_split=0.34, seed=3)
+  np.testing.assert_array_equal(again.test.images, ds.test.images)  # Seeded.
+  assert ds.identity.endswith("train=6 test=3 (test cut from train at 0.34, seed 3)")
+  with pytest.raises(dataset.DataError, match=(
+      r"^train_only_digits has the splits \['train'\]; tljax trains on 'train' and tests on "
+      r"'test', or on data.test_split of train where there is no 'test': set data.test_split "
+      r"> 0 \(e.g. 0.1\)\.$")):
+    tfds_source.load_tfds("train_only_digits", tmp_path / "tfds", test_split=0.0, seed=3)
+
+
 def _tensorflow_installed(monkeypatch):
   """As where TensorFlow is installed, which preparing most tfds datasets needs."""
   monkeypatch.setattr(tfds_source, "needs_tensorflow_to_prepare", lambda builder: False)

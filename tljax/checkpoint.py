@@ -43,7 +43,7 @@ class Checkpointer:
   """Saves and restores ``(state, meta)`` pairs under ``<workdir>/<name>``."""
 
   def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int = 2,
-               name: str = "checkpoints"):
+               name: str = "checkpoints", timeout_s: int = 1200):
     self.directory = pathlib.Path(workdir).absolute() / name
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep={max_to_keep} must be at least 1: a restart resumes from "
@@ -54,8 +54,10 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
         # A step directory that cannot be created then fails save() itself, instead of
-        # leaving background writers waiting for it until the async timeout (20 minutes).
-        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+        # leaving background writers waiting for it until the async timeout. That timeout
+        # bounds the wait for the other processes to finish their part of a checkpoint.
+        async_options=ocp.AsyncOptions(timeout_secs=int(timeout_s),
+                                       create_directories_asynchronously=False))
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={_STATE: ocp.StandardCheckpointHandler(),
@@ -237,14 +239,19 @@ def save_best(workdir: str | pathlib.Path, step: int, variables: Any,
 
 
 def restore_best(workdir: str | pathlib.Path, step: int, abstract_variables: Any) -> Any:
-  """The variables :func:`save_best` saved at ``step``, into ``abstract_variables``."""
+  """The variables :func:`save_best` saved at ``step``, into ``abstract_variables``. A damaged
+  one is moved into ``<workdir>/best_checkpoints.rejected/`` and raises
+  CheckpointDamagedError saying where."""
   best = Checkpointer(workdir, name=BEST)
   try:
     if step not in best._manager.all_steps():
       raise CheckpointError(f"{best.directory} lacks checkpoint {step}, the best epoch that "
                             "the run's checkpoint names; it was deleted or the workdir copied "
                             "in part. Copy it back, or rerun in a new --workdir.")
-    return best.restore_state(step, abstract_variables)
+    try:
+      return best.restore_state(step, abstract_variables)
+    except CheckpointDamagedError as e:
+      raise CheckpointDamagedError(f"{e}; moved it to {best.set_aside(step)}") from e
   finally:
     best.close()
 

@@ -51,6 +51,9 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   expect(config.max_to_keep >= 1, f"max_to_keep={config.max_to_keep} must be at least 1: a "
          "restart resumes from the latest checkpoint.")
+  expect(config.checkpoint_every_steps >= 0,
+         f"checkpoint_every_steps={config.checkpoint_every_steps} must be >= 0 (0 = only at "
+         "epoch and phase ends).")
   expect(config.steps_per_dispatch >= 1,
          f"steps_per_dispatch={config.steps_per_dispatch} must be at least 1.")
   expect(config.data.train_examples >= 0,
@@ -77,6 +80,9 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   for i, phase in enumerate(config.phases):
     where = f"phases[{i}] ({phase.name!r})"
     expect(phase.epochs >= 1, f"{where}: epochs={phase.epochs} must be at least 1.")
+    expect(0 <= phase.warmup_epochs <= phase.epochs,
+           f"{where}: warmup_epochs={phase.warmup_epochs} must be in [0, epochs={phase.epochs}]"
+           ": the warmup is part of the phase. Lower warmup_epochs or raise epochs.")
     expect(math.isfinite(phase.learning_rate) and phase.learning_rate > 0,
            f"{where}: learning_rate={phase.learning_rate} must be a positive finite number.")
     expect(phase.batchnorm in BATCHNORM_MODES,

@@ -65,11 +65,22 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+def process_index() -> int:
+  return jax.process_index()
+
+
+def all_processes(value) -> np.ndarray:
+  """``value`` (a number, a flag or a list of them) of every process, stacked in process
+  order; a collective, so call it everywhere."""
+  value = np.asarray(value)
+  if jax.process_count() == 1:
+    return value[None]
+  return np.asarray(multihost_utils.process_allgather(value))
+
+
 def any_process(flag: bool) -> bool:
   """True on every process if ``flag`` is true on any; a collective, so call it everywhere."""
-  if jax.process_count() == 1:
-    return bool(flag)
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.bool_))))
+  return bool(np.any(all_processes(np.bool_(flag))))
 
 
 @contextlib.contextmanager

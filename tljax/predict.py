@@ -130,7 +130,8 @@ def read_inputs(paths: Sequence[pathlib.Path],
       try:
         yield str(path), stored_form(path, image_shape)
       except images.ImageError as e:
-        raise PredictError(f"{e} Remove it from the paths, or replace it.") from None
+        raise PredictError(f"{e.path}: {e.cause}; remove it from the paths, or replace "
+                           "it.") from None
       continue
     try:
       rows = idx.read_idx(path)
@@ -191,11 +192,21 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def write_rows(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
-  """``rows`` as CSV (``top_k`` as a JSON list) or JSON, by the file's extension."""
+def check_output(path: str | os.PathLike) -> pathlib.Path:
+  """``path`` as an ``--output`` file that can be written; PredictError names what is
+  wrong (checked before predicting anything)."""
   path = pathlib.Path(path)
   if path.suffix not in (".csv", ".json"):
     raise PredictError(f"--output {path}: name a .csv or .json file.")
+  if not path.parent.is_dir():
+    raise PredictError(f"--output {path}: the folder {path.parent} does not exist; create it "
+                       "or name a file in an existing folder.")
+  return path
+
+
+def write_rows(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+  """``rows`` as CSV (``top_k`` as a JSON list) or JSON, by the file's extension."""
+  path = check_output(path)
   try:
     with open(path, "w", newline="", encoding="utf-8") as f:
       if path.suffix == ".json":
@@ -218,6 +229,8 @@ def run(workdir: str, paths: Sequence[str], *, output: str | None, top_k: int,
   try:
     if top_k < 1 or batch_size < 1:
       raise PredictError(f"--top_k={top_k} and --batch_size={batch_size} must be at least 1.")
+    if output:
+      check_output(output)
     trained = load_run(workdir)
     if write_export:  # What python -m tljax.export does, with the run's own settings.
       results = rerun.export_run(workdir, trained)

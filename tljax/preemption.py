@@ -8,6 +8,7 @@ exits with 128 + the signal's number. A second Ctrl-C stops at once, as Ctrl-C u
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 
@@ -15,16 +16,21 @@ from tljax import exits
 
 
 class Preempted(Exception):
-  """Raised by the run loop after it checkpointed on a stop request."""
+  """Raised by the run loop after it checkpointed on a stop request.
 
-  def __init__(self, message: str, signum: int = signal.SIGTERM):
+  ``signum`` is None on a process that stopped because another process got the signal.
+  """
+
+  def __init__(self, message: str, signum: int | None = signal.SIGTERM):
     super().__init__(message)
     self.signum = signum
 
   @property
   def exit_code(self) -> int:
-    """128 + the signal's number, as a shell reports a process the signal ended."""
-    return exits.of_signal(self.signum)
+    """128 + the signal's number, as a shell reports a process the signal ended; 143
+    (SIGTERM's) on a process that got no signal itself, so that every host of a stopped
+    run exits with the same code as a preempted one."""
+    return exits.PREEMPTED if self.signum is None else exits.of_signal(self.signum)
 
 
 class StopSignal:
@@ -67,3 +73,24 @@ class StopSignal:
     finally:
       for s, handler in previous.items():
         signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def finishing(what: str):
+  """Inside the block (the run's last step, ``what``) a SIGTERM does not stop the process: it
+  is reported on stderr at once and the block finishes. Main thread only, as ``installed``."""
+  def report(signum, frame):
+    del frame
+    # os.write, not logging: the handler may run in the middle of a log write.
+    os.write(2, f"received {signal.Signals(signum).name} while {what}: finishing them first "
+                "(if this process is killed before, rerunning the same command writes them "
+                "again)\n".encode())
+
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = signal.signal(signal.SIGTERM, report)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)

@@ -11,7 +11,7 @@ from typing import Any
 
 import jax
 
-from tljax import checkpoint, phases, sharding, steps
+from tljax import checkpoint, checks, phases, sharding, steps
 from tljax.models import weights
 
 
@@ -49,6 +49,27 @@ def start(checkpointer: checkpoint.Checkpointer, fingerprint: dict, config, mode
   return Start(meta, meta["phase"], state, None)
 
 
+def check_phases_fit(meta: dict, all_phases: tuple[phases.Phase, ...], where) -> None:
+  """Raises ConfigError where the config's phases no longer hold what checkpoint ``where``
+  (with ``meta``) trained already: a finished phase now has another number of epochs, or the
+  phase in progress is shorter than the steps it trained."""
+  for result, phase in zip(meta["results"], all_phases):
+    if result["epochs"] != phase.config.epochs:
+      raise checks.ConfigError(
+          f"phases[{phase.index}] ({phase.name!r}): epochs={phase.config.epochs}, but this "
+          f"phase already finished with epochs={result['epochs']} (checkpoint {where}). Rerun "
+          f"with epochs={result['epochs']} to resume, or use a new --workdir to train it with "
+          f"{phase.config.epochs}.")
+  phase = all_phases[meta["phase"]]
+  if meta["phase"] >= len(meta["results"]) and meta["phase_step"] > phase.total_steps:
+    trained = -(-meta["phase_step"] // phase.steps_per_epoch)
+    raise checks.ConfigError(
+        f"phases[{phase.index}] ({phase.name!r}): epochs={phase.config.epochs} makes the phase "
+        f"{phase.total_steps} steps long ({phase.steps_per_epoch} an epoch), but checkpoint "
+        f"{where} is at its step {meta['phase_step']} ({trained} epochs trained). Rerun with "
+        "the epochs and data settings that trained it, or use a new --workdir.")
+
+
 def _newest_good(checkpointer, fingerprint, all_phases, abstract_variables, seed: int, mesh):
   """``(step, meta, phase, state)`` of the newest checkpoint that reads and verifies, or None
   where there is none. A damaged one is reported in one line and moved aside."""
@@ -69,7 +90,8 @@ def _newest_good(checkpointer, fingerprint, all_phases, abstract_variables, seed
 
 
 def _restore(checkpointer, step, fingerprint, all_phases, abstract_variables, seed: int, mesh):
-  """The saved meta, phase and state of checkpoint ``step``, checked against the config."""
+  """The saved meta, phase and state of checkpoint ``step``, checked against the config (its
+  fingerprint, then its phases) before the state is read."""
   meta = checkpointer.restore_meta(step)
   if meta.get("fingerprint") != fingerprint:
     saved = meta.get("fingerprint", {})
@@ -78,6 +100,7 @@ def _restore(checkpointer, step, fingerprint, all_phases, abstract_variables, se
         f"{checkpointer.directory} holds checkpoints of another config (differs in "
         f"{differs}); they are left untouched. Use another --workdir, or rerun with the "
         "config that wrote them.")
+  check_phases_fit(meta, all_phases, checkpointer.directory / str(step))
   phase = all_phases[meta["phase"]]
   abstract_state = jax.eval_shape(lambda v: phases.init_state(phase, v, seed),
                                   abstract_variables)

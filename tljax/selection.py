@@ -136,12 +136,17 @@ def selected_state(meta: dict, checkpointer: checkpoint.Checkpointer, phase, sta
     if phase.config.select == "best" and tracker.best_step not in (None, last["step"]):
       abstract = jax.tree.map(
           lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), variables)
-      variables = checkpoint.restore_best(checkpointer.directory.parent,
-                                          tracker.best_step, abstract)
-      weights_from.update(epoch=tracker.best_epoch, step=tracker.best_step,
-                          value=tracker.best_value)
-      logging.info("phase %s: continuing with epoch %d's weights (%s %.4f)", phase.name,
-                   tracker.best_epoch, metric, tracker.best_value)
+      try:
+        variables = checkpoint.restore_best(checkpointer.directory.parent,
+                                            tracker.best_step, abstract)
+      except checkpoint.CheckpointDamagedError as e:
+        logging.warning("%s; phase %s continues with its last epoch's weights instead",
+                        e, phase.name)
+      else:
+        weights_from.update(epoch=tracker.best_epoch, step=tracker.best_step,
+                            value=tracker.best_value)
+        logging.info("phase %s: continuing with epoch %d's weights (%s %.4f)", phase.name,
+                     tracker.best_epoch, metric, tracker.best_value)
   step = jnp.full_like(state.step, phase.total_steps) if stopped else state.step
   state = state.replace(step=step, params=variables["params"],
                         batch_stats=variables["batch_stats"])

@@ -24,7 +24,7 @@ import ml_collections
 
 from tljax import checkpoint, checks, dispatch, distributed, epochs, files, freezing, models
 from tljax import outputs, phases, preemption, prefix, reporting, resume, selection, sharding
-from tljax import steps, tensorboard
+from tljax import steps, tensorboard, workdir_lock
 from tljax.data import dataset, folder, load, sources, transforms
 from tljax.models import weights
 from tljax.models.layer_stack import LayerStack
@@ -257,28 +257,31 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   fingerprint = checks.config_fingerprint(config, dataset.identity, weights.identity(
       config.model.weights, model, input_size=size, cache_dir=config.model.cache_dir or None))
   workdir = files.make_workdir(workdir)
-  if dataset.split_files and distributed.is_main_process():
-    with files.write_errors_reported("writing the split lists to", workdir / "splits"):
-      folder.write_split_lists(workdir / "splits", dataset.split_files)
-  checkpointer = checkpoint.Checkpointer(workdir, max_to_keep=config.max_to_keep)
-  start = resume.start(checkpointer, fingerprint, config, model, all_phases,
-                       abstract_variables, mesh)
-  split_sources = sources.sources(splits, mesh)
-  stop = preemption.StopSignal()
-  main_process = distributed.is_main_process()
-  try:
-    events = tensorboard.EventWriter(workdir, enabled=main_process and config.tensorboard)
-    with (reporting.MetricsWriter(workdir / "metrics.jsonl", enabled=main_process,
-                                  mirrors=[events]) as metrics, stop.installed()):
-      ctx = RunContext(config, mesh, model, all_phases, view, splits, split_sources,
-                       checkpointer, metrics, stop, start.meta)
-      variables = _train_phases(ctx, start)
-    checkpointer.wait()  # A failed last checkpoint fails the run before its outputs are written.
-    with files.write_errors_reported("writing the outputs to", workdir):
-      return outputs.write_outputs(workdir, config, dataset, splits, model, variables, view,
-                                   split_sources["test"], mesh, start.meta["results"])
-  finally:
-    checkpointer.close()  # Whatever happened, a checkpoint being written is finished.
+  with workdir_lock.held(workdir, timeout_s=config.distributed.timeout_s):
+    if dataset.split_files and distributed.is_main_process():
+      with files.write_errors_reported("writing the split lists to", workdir / "splits"):
+        folder.write_split_lists(workdir / "splits", dataset.split_files)
+    checkpointer = checkpoint.Checkpointer(workdir, max_to_keep=config.max_to_keep,
+                                           timeout_s=config.distributed.timeout_s)
+    start = resume.start(checkpointer, fingerprint, config, model, all_phases,
+                         abstract_variables, mesh)
+    split_sources = sources.sources(splits, mesh)
+    stop = preemption.StopSignal()
+    main_process = distributed.is_main_process()
+    try:
+      events = tensorboard.EventWriter(workdir, enabled=main_process and config.tensorboard)
+      with (reporting.MetricsWriter(workdir / "metrics.jsonl", enabled=main_process,
+                                    mirrors=[events]) as metrics, stop.installed()):
+        ctx = RunContext(config, mesh, model, all_phases, view, splits, split_sources,
+                         checkpointer, metrics, stop, start.meta)
+        variables = _train_phases(ctx, start)
+      checkpointer.wait()  # A failed last checkpoint fails the run before its outputs are written.
+      with (files.write_errors_reported("writing the outputs to", workdir),
+            preemption.finishing("writing the outputs")):
+        return outputs.write_outputs(workdir, config, dataset, splits, model, variables, view,
+                                     split_sources["test"], mesh, start.meta["results"])
+    finally:
+      checkpointer.close()  # Whatever happened, a checkpoint being written is finished.
 
 
 def _train_phases(ctx: RunContext, start: resume.Start) -> dict[str, Any]:

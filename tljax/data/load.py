@@ -12,8 +12,10 @@ from tljax.data import folder, idx, tfds
 from tljax.data.dataset import Dataset, DataError, Split, holdout_split, take
 
 
-def idx_or_tfds(name: str, data_dir: str | pathlib.Path | None) -> Dataset:
-  """Loads ``name`` from ``data_dir``: an IDX folder, else a tfds data_dir.
+def idx_or_tfds(name: str, data_dir: str | pathlib.Path | None, *, test_split: float = 0.0,
+                seed: int = 0) -> Dataset:
+  """Loads ``name`` from ``data_dir``: an IDX folder, else a tfds data_dir (a tfds dataset
+  without a test split: ``test_split`` of train cut off as one, seeded by ``seed``).
 
   Without a ``data_dir``, MNIST and Fashion-MNIST come as their IDX files, downloaded once
   into the cache (``idx.fetch_idx``); other names from tfds's default data_dir.
@@ -21,7 +23,7 @@ def idx_or_tfds(name: str, data_dir: str | pathlib.Path | None) -> Dataset:
   if data_dir is None:
     if name in idx.IDX_SOURCES:
       return idx.load_idx_folder(idx.fetch_idx(name), name)
-    return tfds.load_tfds(name, None)
+    return tfds.load_tfds(name, None, test_split=test_split, seed=seed)
   root = pathlib.Path(data_dir)
   if not str(data_dir) or not root.is_dir():
     raise DataError(f"data_dir {str(data_dir)!r} is not a folder. Give a folder holding the "
@@ -34,7 +36,7 @@ def idx_or_tfds(name: str, data_dir: str | pathlib.Path | None) -> Dataset:
                     "permissions.") from None
   if holds_idx:
     return idx.load_idx_folder(root, name)  # Names the missing files if not all four are there.
-  return tfds.load_tfds(name, root)
+  return tfds.load_tfds(name, root, test_split=test_split, seed=seed)
 
 
 def load_dataset(config, workdir: pathlib.Path | None = None) -> Dataset:
@@ -55,9 +57,10 @@ def load_dataset(config, workdir: pathlib.Path | None = None) -> Dataset:
                               progress=distributed.is_main_process(), workdir=workdir)
   if source == "idx":
     return idx.load_idx_folder(data_dir, config.data.name)
+  cut = {"test_split": config.data.test_split, "seed": config.seed}
   if source == "tfds":
-    return tfds.load_tfds(config.data.name, data_dir or None)
-  return idx_or_tfds(config.data.name, data_dir or None)
+    return tfds.load_tfds(config.data.name, data_dir or None, **cut)
+  return idx_or_tfds(config.data.name, data_dir or None, **cut)
 
 
 def load_splits(config, workdir: pathlib.Path | None = None

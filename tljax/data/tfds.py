@@ -5,6 +5,7 @@ needs TensorFlow."""
 
 import difflib
 import importlib.util
+import logging
 import pathlib
 import re
 import socket
@@ -126,8 +127,24 @@ def _to_split(source, name: str) -> Split:
   return Split(images, np.asarray(labels, np.int32))
 
 
-def load_tfds(name: str, data_dir: str | pathlib.Path | None) -> Dataset:
-  """Loads the train and test splits of tfds dataset ``name`` into NumPy.
+def cut_test(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+  """``(train, test)``: of each class's n examples, ``n * fraction`` rounded half up (at
+  least one left in train) go to test, chosen by a permutation seeded by ``seed`` and the
+  class, as a folder without test/ is cut; both keep the examples' order."""
+  in_test = np.zeros(len(train.labels), bool)
+  for label in np.unique(train.labels):
+    rows = np.flatnonzero(train.labels == label)
+    count = min(int(len(rows) * fraction + 0.5), len(rows) - 1)
+    in_test[rows[np.random.default_rng([seed, int(label)]).permutation(len(rows))[:count]]] = True
+  return (Split(train.images[~in_test], train.labels[~in_test]),
+          Split(train.images[in_test], train.labels[in_test]))
+
+
+def load_tfds(name: str, data_dir: str | pathlib.Path | None, *, test_split: float = 0.0,
+              seed: int = 0) -> Dataset:
+  """Loads the train and test splits of tfds dataset ``name`` into NumPy; a dataset without
+  a test split has ``test_split`` of train cut off as its test split (``cut_test``), or is
+  refused where ``test_split`` is 0.
 
   Reads the copy prepared in ``data_dir`` (tfds's default folder if None); without one, and
   with the download host reachable, downloads and prepares it first (ArrayRecord format).
@@ -136,18 +153,40 @@ def load_tfds(name: str, data_dir: str | pathlib.Path | None) -> Dataset:
   builder = _tfds_builder(name, data_dir)
   if not builder.is_prepared():
     _download_and_prepare(builder, name)
+  names = _split_names(builder, name, test_split)
   try:
-    sources = builder.as_data_source(split=["train", "test"])
+    sources = builder.as_data_source(split=names)
   except NotImplementedError:
     raise DataError(f"{name} is prepared in {builder.data_path} in a format that needs "
                     "TensorFlow to read. Prepare it with file_format='array_record' in another "
                     f"data_dir, or pass {_local_options(name)}.") from None
   except (KeyError, ValueError) as e:
-    raise DataError(f"{name}: cannot open its train and test splits in {builder.data_path}: "
-                    f"{e}") from None
+    raise DataError(f"{name}: cannot open its {' and '.join(names)} splits in "
+                    f"{builder.data_path}: {e}") from None
   class_names = tuple(builder.info.features["label"].names)
-  train, test = (_to_split(source, name) for source in sources)
-  identity = f"tfds {name} {builder.info.version} train={len(train)} test={len(test)}"
+  train, *test = (_to_split(source, name) for source in sources)
+  cut = ""
+  if test:
+    test = test[0]
+  else:
+    train, test = cut_test(train, test_split, seed)
+    cut = f" (test cut from train at {test_split}, seed {seed})"
+    logging.info("%s has no test split: %d of its %d training images are the test split "
+                 "(data.test_split=%s, seeded)", name, len(test), len(train) + len(test),
+                 test_split)
+  identity = f"tfds {name} {builder.info.version} train={len(train)} test={len(test)}{cut}"
   return Dataset(train, test, len(class_names), class_names, name, identity=identity)
 
 
+def _split_names(builder, name: str, test_split: float) -> list[str]:
+  """The splits to read: train and test, or train alone where the dataset has no test split
+  and ``test_split`` cuts one; DataError names the splits it has otherwise."""
+  available = sorted(builder.info.splits.keys())
+  if not available:  # Not recorded (tfds.testing.mock_data): opening them tells.
+    return ["train", "test"]
+  if "train" not in available or ("test" not in available and not test_split):
+    raise DataError(f"{name} has the splits {available}; tljax trains on 'train' and tests on "
+                    "'test'" + ("" if "train" not in available else
+                                ", or on data.test_split of train where there is no 'test': "
+                                "set data.test_split > 0 (e.g. 0.1)") + ".")
+  return ["train", "test"] if "test" in available else ["train"]
