@@ -78,72 +78,92 @@ class _Model:
   # The flatbuffer.
 
   def serialize(self, inputs: list[int], outputs: list[int], description: str) -> bytes:
-    import flatbuffers
-    import tflite
-    b = flatbuffers.Builder(1 << 20)
-
-    def table(name: str, **fields) -> int:
-      getattr(tflite, f"{name}Start")(b)
-      for field, value in fields.items():
-        if value is not None:
-          getattr(tflite, f"{name}Add{field}")(b, value)
-      return getattr(tflite, f"{name}End")(b)
-
-    def offsets(items: list[int]) -> int:
-      b.StartVector(4, len(items), 4)
-      for item in reversed(items):
-        b.PrependUOffsetTRelative(item)
-      return b.EndVector()
-
-    def numbers(values, dtype) -> int:
-      return b.CreateNumpyVector(np.asarray(values, dtype))
-
-    def data(raw: bytes) -> int:  # 16-byte aligned, as the converter aligns weights.
-      b.StartVector(1, len(raw), 16)
-      b.head -= len(raw)
-      b.Bytes[b.head:b.head + len(raw)] = raw
-      return b.EndVector()
-
-    buffers = [table("Buffer", Data=data(raw) if raw else None) for raw in self.buffers]
-    tensors = []
-    for t in self.tensors:
-      quant = None
-      if t["quant"]:
-        q = t["quant"]
-        quant = table("QuantizationParameters",
-                      Scale=numbers(np.atleast_1d(q["scale"]), np.float32),
-                      ZeroPoint=numbers(np.atleast_1d(q["zero_point"]), np.int64),
-                      QuantizedDimension=q.get("axis", 0))
-      tensors.append(table(
-          "Tensor", Shape=numbers(t["shape"], np.int32), Type=_TYPES[t["dtype"]],
-          Buffer=t["buffer"], Name=b.CreateString(t["name"]), Quantization=quant,
-          ShapeSignature=numbers(t["signature"], np.int32) if t["signature"] else None))
-    operators = []
-    for code, op_inputs, op_outputs, options, fields in self.operators:
-      options_offset = table(options, **fields) if options else None
-      operators.append(table(
-          "Operator", OpcodeIndex=self.opcodes[code], Inputs=numbers(op_inputs, np.int32),
-          Outputs=numbers(op_outputs, np.int32),
-          BuiltinOptionsType=getattr(tflite.BuiltinOptions, options) if options else None,
-          BuiltinOptions=options_offset))
-    subgraph = table("SubGraph", Tensors=offsets(tensors), Inputs=numbers(inputs, np.int32),
-                     Outputs=numbers(outputs, np.int32), Operators=offsets(operators),
-                     Name=b.CreateString("main"))
-    codes = [table("OperatorCode", DeprecatedBuiltinCode=min(code, 127), Version=1,
-                   BuiltinCode=code)
+    fb = _Flatbuffer()
+    buffers = [fb.table("Buffer", Data=fb.data(raw) if raw else None) for raw in self.buffers]
+    tensors = [self._tensor_table(fb, t) for t in self.tensors]
+    operators = [self._operator_table(fb, *op) for op in self.operators]
+    subgraph = fb.table("SubGraph", Tensors=fb.offsets(tensors),
+                        Inputs=fb.numbers(inputs, np.int32), Outputs=fb.numbers(outputs, np.int32),
+                        Operators=fb.offsets(operators), Name=fb.string("main"))
+    codes = [fb.table("OperatorCode", DeprecatedBuiltinCode=min(code, 127), Version=1,
+                      BuiltinCode=code)
              for code, _ in sorted(self.opcodes.items(), key=lambda item: item[1])]
 
     def tensor_maps(indices):
-      return offsets([table("TensorMap", Name=b.CreateString(self.tensors[i]["name"]),
-                            TensorIndex=i) for i in indices])
+      return fb.offsets([fb.table("TensorMap", Name=fb.string(self.tensors[i]["name"]),
+                                  TensorIndex=i) for i in indices])
 
-    signature = table("SignatureDef", Inputs=tensor_maps(inputs), Outputs=tensor_maps(outputs),
-                      SignatureKey=b.CreateString(SIGNATURE), SubgraphIndex=0)
-    model = table("Model", Version=SCHEMA_VERSION, OperatorCodes=offsets(codes),
-                  Subgraphs=offsets([subgraph]), Description=b.CreateString(description),
-                  Buffers=offsets(buffers), SignatureDefs=offsets([signature]))
-    b.Finish(model, file_identifier=b"TFL3")
-    return bytes(b.Output())
+    signature = fb.table("SignatureDef", Inputs=tensor_maps(inputs),
+                         Outputs=tensor_maps(outputs), SignatureKey=fb.string(SIGNATURE),
+                         SubgraphIndex=0)
+    model = fb.table("Model", Version=SCHEMA_VERSION, OperatorCodes=fb.offsets(codes),
+                     Subgraphs=fb.offsets([subgraph]), Description=fb.string(description),
+                     Buffers=fb.offsets(buffers), SignatureDefs=fb.offsets([signature]))
+    return fb.finish(model)
+
+  @staticmethod
+  def _tensor_table(fb: "_Flatbuffer", t: dict[str, Any]) -> int:
+    quant = None
+    if t["quant"]:
+      q = t["quant"]
+      quant = fb.table("QuantizationParameters",
+                       Scale=fb.numbers(np.atleast_1d(q["scale"]), np.float32),
+                       ZeroPoint=fb.numbers(np.atleast_1d(q["zero_point"]), np.int64),
+                       QuantizedDimension=q.get("axis", 0))
+    return fb.table(
+        "Tensor", Shape=fb.numbers(t["shape"], np.int32), Type=_TYPES[t["dtype"]],
+        Buffer=t["buffer"], Name=fb.string(t["name"]), Quantization=quant,
+        ShapeSignature=fb.numbers(t["signature"], np.int32) if t["signature"] else None)
+
+  def _operator_table(self, fb: "_Flatbuffer", code: int, inputs: list[int],
+                      outputs: list[int], options: str | None, fields: dict) -> int:
+    options_offset = fb.table(options, **fields) if options else None
+    return fb.table(
+        "Operator", OpcodeIndex=self.opcodes[code], Inputs=fb.numbers(inputs, np.int32),
+        Outputs=fb.numbers(outputs, np.int32),
+        BuiltinOptionsType=getattr(fb.schema.BuiltinOptions, options) if options else None,
+        BuiltinOptions=options_offset)
+
+
+class _Flatbuffer:
+  """A ``flatbuffers.Builder`` and the ``tflite`` schema's table functions, with the kinds of
+  value a LiteRT model is made of."""
+
+  def __init__(self):
+    import flatbuffers
+    import tflite
+    self.builder, self.schema = flatbuffers.Builder(1 << 20), tflite
+
+  def table(self, name: str, **fields) -> int:
+    getattr(self.schema, f"{name}Start")(self.builder)
+    for field, value in fields.items():
+      if value is not None:
+        getattr(self.schema, f"{name}Add{field}")(self.builder, value)
+    return getattr(self.schema, f"{name}End")(self.builder)
+
+  def offsets(self, items: list[int]) -> int:
+    self.builder.StartVector(4, len(items), 4)
+    for item in reversed(items):
+      self.builder.PrependUOffsetTRelative(item)
+    return self.builder.EndVector()
+
+  def numbers(self, values, dtype) -> int:
+    return self.builder.CreateNumpyVector(np.asarray(values, dtype))
+
+  def data(self, raw: bytes) -> int:
+    """Bytes, 16-byte aligned, as the converter aligns weights."""
+    b = self.builder
+    b.StartVector(1, len(raw), 16)
+    b.head -= len(raw)
+    b.Bytes[b.head:b.head + len(raw)] = raw
+    return b.EndVector()
+
+  def string(self, text: str) -> int:
+    return self.builder.CreateString(text)
+
+  def finish(self, model: int) -> bytes:
+    self.builder.Finish(model, file_identifier=b"TFL3")
+    return bytes(self.builder.Output())
 
 
 # ---------------------------------------------------------------------------------------------
