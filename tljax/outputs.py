@@ -24,12 +24,8 @@ def write_outputs(workdir, config, dataset, splits, model, variables, view, test
   sample grid, curves, top losses, reliability diagram, summary.json and report.html."""
   test = splits["test"]
   eval_batch = dispatch.make_eval_batch(model, 0, view, mesh)
-  temperature = validation_probabilities = None
-  if config.calibrate and validation_source is not None and len(splits["validation"]):
-    *_, validation_probabilities = dispatch.evaluate_split(
-        eval_batch, variables, validation_source, config.eval_batch_size)
-    temperature = calibration.fit_temperature(validation_probabilities,
-                                              splits["validation"].labels)
+  temperature, validation_probabilities = _fit_temperature(
+      config, eval_batch, variables, splits["validation"], validation_source)
   calibrated = calibration.calibrated_variables(model, variables, temperature or 1.0)
   loss, accuracy, predictions, probabilities = dispatch.evaluate_split(
       eval_batch, calibrated, test_source, config.eval_batch_size)
@@ -85,6 +81,16 @@ def write_outputs(workdir, config, dataset, splits, model, variables, view, test
   files.write_json(workdir / "summary.json", summary)
   report_page.write_report(workdir)
   return summary
+
+
+def _fit_temperature(config, eval_batch, variables, validation, validation_source):
+  """``(temperature, validation probabilities)`` fitted on the validation split, or
+  ``(None, None)`` where ``config.calibrate`` is off or there is no validation split."""
+  if not (config.calibrate and validation_source is not None and len(validation)):
+    return None, None
+  *_, probabilities = dispatch.evaluate_split(eval_batch, variables, validation_source,
+                                              config.eval_batch_size)
+  return calibration.fit_temperature(probabilities, validation.labels), probabilities
 
 
 def phase_results(phase, model, cut: int, handed_over: bool, *, wall_s: float,

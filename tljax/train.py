@@ -178,8 +178,8 @@ def _read_metrics(ctx: RunContext, loop: _PhaseLoop, epoch: int, sums: epochs.Ep
 
 def _epoch_record(ctx: RunContext, loop: _PhaseLoop, state: steps.TrainState,
                   sums: epochs.EpochSums, epoch: int, global_step: int) -> dict[str, Any]:
-  """The epoch's training means, its validation loss and accuracy (None without a
-  validation split), and the phase's throughput so far."""
+  """The epoch's training means, its validation loss, accuracy, balanced accuracy and macro
+  F1 (None without a validation split), and the phase's throughput so far."""
   validation = dict.fromkeys(("val_loss", "val_accuracy", *selection.CLASS_SCORES))
   if ctx.size("validation"):
     loss, accuracy, predictions, probabilities = dispatch.evaluate_split(
