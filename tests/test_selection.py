@@ -49,6 +49,7 @@ def head_config(data_dir):
   config.phases = (default.phase(name="head", epochs=5, rules=("train:predictions/.*",
                                                                "freeze:.*"),
                                  select="best", early_stopping_patience=2),)
+  config.calibrate = False  # Validation is scripted epoch by epoch; no temperature after.
   return config
 
 
