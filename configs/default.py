@@ -30,7 +30,8 @@ def phase(**overrides) -> ml_collections.ConfigDict:
   # The weights the phase hands on: "last" (its final epoch's) or "best" (the epoch with the
   # best select_metric; the epoch's weights are saved in <workdir>/best_checkpoints).
   p.select = "last"
-  p.select_metric = "val_accuracy"  # val_accuracy (higher is better) | val_loss (lower).
+  # val_accuracy | val_balanced_accuracy | val_macro_f1 (higher is better) | val_loss (lower).
+  p.select_metric = "val_accuracy"
   p.early_stopping_patience = 0  # End the phase after N epochs without a better select_metric.
   # BatchNorm of trainable layers: "inference" uses and keeps the moving statistics (the
   # Keras fine-tuning guide; the tutorial's training=False); "batch_stats" normalises with
@@ -58,6 +59,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.cache_max_gb = 4.0          # Largest prefix cache held in device memory.
   config.max_bad_steps = 10          # Consecutive non-finite steps before the run stops.
   config.tensorboard = True          # TensorBoard event files in the workdir (process 0).
+  # Weights of each example's training loss by its class: none | balanced (inverse to the
+  # class's frequency in the training split, mean weight over the examples 1). docs/trust.md.
+  config.class_weighting = "none"
+  # After training, fit one temperature on the validation split (its log-likelihood) and
+  # fold it into the head, so predictions, exports and predict give calibrated probabilities.
+  config.calibrate = True
 
   config.data = ml_collections.ConfigDict()
   # auto: a folder of class folders, else a folder of IDX files, else tensorflow-datasets |

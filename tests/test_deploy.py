@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tljax import predict
+from tljax import calibration, predict
 from tljax.data import images as tljax_images
 from tljax.data import transforms
 from tljax.export import __main__ as export_cli
@@ -66,7 +66,8 @@ def _config(root: pathlib.Path):
 
 
 def _fit_head(model, variables, view, photos, labels, scratch):
-  """The dense head: softmax regression (L2, gradient descent) on the pooled features."""
+  """The dense head: softmax regression (L2, gradient descent) on the pooled features; and
+  its probabilities for ``photos``."""
   import onnx
   # The features through onnxruntime (no compilation): the ONNX file's pooling output.
   proto = onnx_format.to_onnx(graph.build(model, variables, view, photos.shape[1:]))
@@ -88,7 +89,9 @@ def _fit_head(model, variables, view, photos, labels, scratch):
     bias -= 0.5 * error.mean(0)
   variables["params"]["predictions"] = {"kernel": jnp.asarray(kernel, jnp.float32),
                                         "bias": jnp.asarray(bias, jnp.float32)}
-  return variables
+  logits = features @ kernel + bias
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  return variables, p / p.sum(1, keepdims=True)
 
 
 @pytest.fixture(scope="module")
@@ -107,12 +110,17 @@ def exported(shared_dir, imagenet_weights_path, tmp_path_factory):
   view = transforms.EvalView.from_config(config)
   train = [(p, i) for i, c in enumerate(CLASSES) for p in sorted((root / "train" / c).iterdir())]
   photos = np.stack([tljax_images.load_stored(p, STORED_SIZE) for p, _ in train])
-  variables = _fit_head(model, variables, view, photos, np.array([i for _, i in train]), base)
+  train_labels = np.array([i for _, i in train])
+  variables, probabilities = _fit_head(model, variables, view, photos, train_labels, base)
   (workdir / "trained_variables.msgpack").write_bytes(
       flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, variables)))
+  # A temperature, as a run records it beside its trained variables (fitted on the training
+  # photos here: the exporters only apply it).
+  temperature = calibration.fit_temperature(probabilities, train_labels)
   (workdir / "summary.json").write_text(json.dumps({
       "config": json.loads(config.to_json_best_effort()), "class_names": list(CLASSES),
-      "image_shape": [STORED_SIZE, STORED_SIZE, 3]}))
+      "image_shape": [STORED_SIZE, STORED_SIZE, 3],
+      "calibration": {"temperature": temperature}}))
   assert export_cli.main(["--workdir", str(workdir)]) == 0
   run = predict.load_run(workdir)
   test = [(p, i) for i, c in enumerate(CLASSES) for p in sorted((root / "test" / c).iterdir())]
@@ -143,6 +151,17 @@ def test_export_holds_every_file_and_model_json_the_input_contract(exported):
     assert files[f"model.int8.{fmt}"]["bytes"] < 0.33 * files[f"model.{fmt}"]["bytes"]
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["export"]["files"] == files and summary["export"]["failed"] == []
+  assert meta["calibration"]["temperature"] == summary["calibration"]["temperature"]
+
+
+def test_the_temperature_is_in_every_float32_file(exported):
+  """The JAX model that the float32 files agree with (the test below) is the calibrated one,
+  far from the uncalibrated model."""
+  workdir, run, _, _, reference = exported
+  recorded = json.loads((workdir / "summary.json").read_text())["calibration"]["temperature"]
+  assert run.temperature == recorded and abs(recorded - 1.0) > 0.05
+  uncalibrated = calibration.with_temperature(reference, 1.0 / recorded)
+  assert np.abs(uncalibrated - reference).max() > 100 * gate.FLOAT_TOLERANCE
 
 
 @pytest.mark.parametrize("name", ["model.onnx", "model.tflite"])

@@ -118,3 +118,20 @@ def test_classification_report_top5_accuracy_from_probabilities():
     evaluate.top_k_accuracy([0, 1], probabilities, k=5)
   with pytest.raises(ValueError, match="3 class names for a 7-class"):
     evaluate.classification_report(cm, ["a", "b", "c"])
+
+
+def test_top_losses_rank_by_the_true_class_probability():
+  probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5], [0.05, 0.95]])
+  labels = [0, 0, 1, 1, 0]  # True-class probabilities 0.9, 0.2, 0.4, 0.5, 0.05.
+  assert evaluate.top_losses(labels, probabilities, 3).tolist() == [4, 1, 2]
+  assert evaluate.top_losses(labels, probabilities, 9).tolist() == [4, 1, 2, 3, 0]
+  with pytest.raises(ValueError, match=r"probabilities must be \[N, classes\] with N=4"):
+    evaluate.top_losses(labels[:4], probabilities, 3)
+
+
+def test_balanced_accuracy_is_the_mean_recall_of_the_classes_present():
+  # Recalls 3/4 and 2/2; class c has no examples and is left out (predicted once).
+  cm = np.array([[3, 0, 1], [0, 2, 0], [0, 0, 0]])
+  report = evaluate.classification_report(cm, ["a", "b", "c"])
+  assert evaluate.balanced_accuracy(report) == pytest.approx((3 / 4 + 1) / 2)
+  assert report["accuracy"] == pytest.approx(5 / 6)

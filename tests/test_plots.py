@@ -7,7 +7,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from tljax import plots
+from tljax import calibration, plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASS_NAMES = ["cat", "dog", "bird"]
@@ -164,3 +164,48 @@ def test_curves_figure_rejects_bad_records():
     plots.curves_figure([])
   with pytest.raises(ValueError, match=r"records\[1\] lacks \['epoch'\]"):
     plots.curves_figure([{"phase": 0, "epoch": 1}, {"phase": 0, "loss": 1.0}])
+
+
+# ---------------------------------------------------------------- top losses and reliability
+
+TOP_PROBABILITIES = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.6, 0.1],
+                              [0.05, 0.9, 0.05]])
+TOP_LABELS = np.array([0, 0, 1, 0])  # Losses: -log of 0.7, 0.1, 0.6, 0.05.
+
+
+def test_top_losses_figure_shows_the_highest_losses_first_with_their_classes():
+  images = np.arange(4, dtype=np.uint8)[:, None, None] * np.ones((4, 8, 8), np.uint8)
+  figure = plots.top_losses_figure(images, TOP_LABELS, TOP_PROBABILITIES, CLASS_NAMES,
+                                   np.array([3, 1, 2]))
+  titles = [ax.get_title() for ax in figure.axes]
+  assert titles == [f"dog / cat\n{-np.log(0.05):.2f} / 0.90",
+                    f"bird / cat\n{-np.log(0.1):.2f} / 0.80",
+                    f"dog / dog\n{-np.log(0.6):.2f} / 0.60"]
+  assert [int(ax.get_images()[0].get_array()[0, 0]) for ax in figure.axes] == [3, 1, 2]
+  assert [_color(ax.title.get_color()) for ax in figure.axes] == [
+      _color("tab:red"), _color("tab:red"), _color("tab:green")]
+
+
+def test_plot_top_losses_and_reliability_write_pngs(tmp_path):
+  images = np.zeros((4, 8, 8, 3), np.uint8)
+  plots.plot_top_losses(images, TOP_LABELS, TOP_PROBABILITIES, CLASS_NAMES,
+                        tmp_path / "top_losses.png", n=3)
+  _assert_only_png(tmp_path, "top_losses.png")
+  (tmp_path / "top_losses.png").unlink()
+  curves = {"before": TOP_PROBABILITIES,
+            "after": calibration.with_temperature(TOP_PROBABILITIES, 2.0)}
+  plots.plot_reliability(curves, TOP_LABELS, tmp_path / "reliability.png")
+  _assert_only_png(tmp_path, "reliability.png")
+
+
+def test_reliability_figure_plots_accuracy_per_filled_bin():
+  figure = plots.reliability_figure({"model": TOP_PROBABILITIES}, TOP_LABELS)
+  (ax,) = figure.axes
+  diagonal, curve = ax.get_lines()
+  table = calibration.reliability_bins(TOP_PROBABILITIES, TOP_LABELS)
+  filled = table["count"] > 0
+  np.testing.assert_allclose(curve.get_xdata(), table["confidence"][filled])
+  np.testing.assert_allclose(curve.get_ydata(), table["accuracy"][filled])
+  assert sorted(curve.get_xdata()) == [0.6, 0.7, 0.8, 0.9]
+  ece = calibration.expected_calibration_error(TOP_PROBABILITIES, TOP_LABELS)
+  assert curve.get_label() == f"model (ECE {ece:.4f})"

@@ -49,6 +49,7 @@ def head_config(data_dir):
   config.phases = (default.phase(name="head", epochs=5, rules=("train:predictions/.*",
                                                                "freeze:.*"),
                                  select="best", early_stopping_patience=2),)
+  config.calibrate = False  # Validation is scripted epoch by epoch; no temperature after.
   return config
 
 
@@ -111,3 +112,18 @@ def test_early_stopping_stops_and_a_rerun_finds_the_run_finished(stopped_run, ti
   again = train.run(head_config(tiny_idx_dir), workdir)
   assert again["weights_from"] == summary["weights_from"]
   assert again["test_accuracy"] == summary["test_accuracy"]
+
+
+def test_class_scores_weigh_every_class_alike():
+  # Class 0: 6 of 8 right; class 1: 1 of 2 (predicted 3 times); class 2: never predicted.
+  labels = np.array([0] * 8 + [1] * 2 + [2] * 2)
+  predictions = np.array([0] * 6 + [1] * 2 + [1, 0] + [0, 0])
+  scores = selection.class_scores(labels, predictions, 3)
+  assert scores["val_balanced_accuracy"] == pytest.approx((6 / 8 + 1 / 2 + 0) / 3)
+  f1 = [2 * (6 / 9) * (6 / 8) / (6 / 9 + 6 / 8), 2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2), 0]
+  assert scores["val_macro_f1"] == pytest.approx(np.mean(f1))
+  for metric in selection.CLASS_SCORES:  # Both can select the best epoch (higher is better).
+    selection.check(default.phase(select="best", select_metric=metric), True, "phases[0]")
+    tracker = selection.Tracker(metric)
+    assert [tracker.update(e, v, step=e) for e, v in [(1, 0.5), (2, 0.7), (3, 0.6)]] == \
+        [True, True, False]

@@ -160,3 +160,47 @@ def test_bad_steps_stop_the_run_when_they_reach_max_bad_steps():
   with pytest.raises(steps.NonFiniteError, match=r"phase p: steps 11\.\.20 of the phase all had "
                      r"a non-finite loss or gradient \(max_bad_steps=10\)"):
     steps.check_bad_steps(10, 10, "p", 20)
+
+
+# ---------------------------------------------------------------- class weights
+
+
+def test_balanced_class_weights_are_inverse_frequencies_with_mean_one_over_examples():
+  labels = np.array([0] * 6 + [1] * 3 + [2] * 1 + [0] * 2)  # 8, 3, 1 of 4 classes (3: none)
+  weights = steps.balanced_class_weights(labels, 4)
+  np.testing.assert_allclose(weights, [12 / 24, 12 / 9, 12 / 3, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(weights[labels].mean(), 1.0, rtol=1e-6)
+  assert steps.loss_class_weights("none", labels, 4) is None
+  with pytest.raises(ValueError, match="class_weighting='inverse' is not one of"):
+    steps.loss_class_weights("inverse", labels, 4)
+
+
+def test_class_weights_weigh_each_examples_loss_by_its_class():
+  """The step's loss is sum(w[y] * cross-entropy) / batch: checked against logits computed
+  by hand from the head's inputs, for the weights and for none (which differ, so the check
+  can fail). The step starts at the head, on pooled features, as a cached head phase does."""
+  variables = CALIBRATED
+  rules = freezing.parse_rules(PHASES["frozen_base"][0])
+  labels_tree, _ = freezing.label_params(variables["params"], rules, BASE)
+  masked = freezing.masked_optimizer(optax.sgd(0.0), labels_tree)
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                           batch_stats=variables["batch_stats"],
+                           opt_state=masked.init(variables["params"]),
+                           rng=jax.random.PRNGKey(1), bad_steps=jnp.zeros((), jnp.int32))
+  head = [layer.name for layer in MODEL.layers].index("predictions")
+  (pooled,) = prefix.frontier(MODEL.layers, head)
+  features = np.random.default_rng(3).normal(size=(8, 1280)).astype(np.float32)
+  y = np.array([0, 0, 0, 0, 0, 1, 1, 2])
+  weights = steps.balanced_class_weights(y, 10)
+  step = jax.jit(lambda w: steps.train_step(state, {pooled: features}, y, model=MODEL,
+                                           tx=masked, param_labels=labels_tree,
+                                           train_bn=frozenset(), start=head,
+                                           class_weights=w)[1]["loss"])
+  kernel, bias = (np.asarray(variables["params"]["predictions"][k], np.float64)
+                  for k in ("kernel", "bias"))
+  logits = features @ kernel + bias
+  per_example = (np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1))
+                 + logits.max(1) - logits[np.arange(8), y])
+  np.testing.assert_allclose(step(weights), np.sum(weights[y] * per_example) / 8, rtol=1e-5)
+  np.testing.assert_allclose(step(np.ones(10, np.float32)), per_example.mean(), rtol=1e-5)
+  assert abs(float(step(weights)) - per_example.mean()) > 1e-2 * per_example.mean()

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tljax import export, freezing, models, optim, selection, sharding
+from tljax import export, freezing, models, optim, selection, sharding, steps
 from tljax.data import transforms
 from tljax.models.layer_stack import LayerStack
 
@@ -76,6 +76,11 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
          f"{export.FORMATS}.")
   expect(config.export.max_int8_drop >= 0,
          f"export.max_int8_drop={config.export.max_int8_drop} must be >= 0 (accuracy points).")
+  expect(config.class_weighting in steps.CLASS_WEIGHTING,
+         f"class_weighting={config.class_weighting!r} is not one of {steps.CLASS_WEIGHTING}; "
+         "use 'balanced' to weigh rare classes up, 'none' to weigh every example alike.")
+  expect(isinstance(config.calibrate, bool),
+         f"calibrate={config.calibrate!r} must be True or False.")
   expect(len(config.phases) >= 1, "config.phases is empty: give at least one phase.")
   for i, phase in enumerate(config.phases):
     where = f"phases[{i}] ({phase.name!r})"

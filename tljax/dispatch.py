@@ -22,10 +22,12 @@ def scans_steps(model: LayerStack, cut: int) -> bool:
   return not any(layer.kind in CONVOLUTIONS for layer in model.layers[cut:])
 
 
-def make_train_chunk(phase: Phase, model: LayerStack, cut: int, view: transforms.EvalView):
+def make_train_chunk(phase: Phase, model: LayerStack, cut: int, view: transforms.EvalView,
+                     class_weights: np.ndarray | None = None):
   """``(state, inputs, labels, indices[K, B]) -> (state, metrics[K])``: K train steps of
   ``phase`` from layer ``cut`` on (0: from the images; else ``inputs`` are the cache of
-  ``layers[:cut]``, as ``prefix.phase_inputs`` returns it).
+  ``layers[:cut]``, as ``prefix.phase_inputs`` returns it), each example's loss weighted by
+  its class's ``class_weights`` (None: 1).
 
   Where the step runs convolutions, each step is one jitted call, dispatched asynchronously;
   the host waits only when the caller fetches the metrics (on XLA:CPU a ``lax.scan`` over such
@@ -36,7 +38,8 @@ def make_train_chunk(phase: Phase, model: LayerStack, cut: int, view: transforms
   step = functools.partial(
       steps.train_step, model=model, tx=phase.tx, param_labels=phase.labels,
       train_bn=phase.train_bn, start=cut, frozen_until=phase.frozen_until,
-      image_size=view.size, label_smoothing=phase.config.label_smoothing)
+      image_size=view.size, label_smoothing=phase.config.label_smoothing,
+      class_weights=class_weights)
   prepare = functools.partial(transforms.model_inputs, cut=cut, view=view,
                               augmentation=phase.augmentation)
 

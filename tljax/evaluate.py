@@ -96,6 +96,29 @@ def pick_samples(labels, predictions, n: int = 9, seed: int = 0) -> np.ndarray:
   return np.sort(picked).astype(np.int64)
 
 
+def _with_probabilities(labels, probabilities) -> tuple[np.ndarray, np.ndarray]:
+  """``labels`` as class ids and ``probabilities`` as an array; ValueError unless it is
+  [N, classes] with one row per label."""
+  labels = _class_ids("labels", labels)
+  probabilities = np.asarray(probabilities)
+  if probabilities.ndim != 2 or probabilities.shape[0] != labels.size:
+    raise ValueError(f"probabilities must be [N, classes] with N={labels.size} labels, got "
+                     f"shape {probabilities.shape}.")
+  return labels, probabilities
+
+
+def top_losses(labels, probabilities, n: int) -> np.ndarray:
+  """Indices of the ``n`` examples with the highest cross-entropy ``-log p(true class)``,
+  highest first (ties in example order).
+
+  >>> top_losses([0, 1, 1], [[0.9, 0.1], [0.8, 0.2], [0.4, 0.6]], n=2).tolist()
+  [1, 2]
+  """
+  labels, probabilities = _with_probabilities(labels, probabilities)
+  true_probability = probabilities[np.arange(labels.size), labels]
+  return np.argsort(true_probability, kind="stable")[:n].astype(np.int64)
+
+
 def top_k_accuracy(labels, probabilities, k: int) -> float:
   """Fraction of examples whose true class is among the ``k`` most probable.
 
@@ -105,11 +128,7 @@ def top_k_accuracy(labels, probabilities, k: int) -> float:
   >>> top_k_accuracy([0, 1], [[0.5, 0.3, 0.2], [0.6, 0.1, 0.3]], k=2)
   0.5
   """
-  labels = _class_ids("labels", labels)
-  probabilities = np.asarray(probabilities)
-  if probabilities.ndim != 2 or probabilities.shape[0] != labels.size:
-    raise ValueError(f"probabilities must be [N, classes] with N={labels.size} labels, got "
-                     f"shape {probabilities.shape}.")
+  labels, probabilities = _with_probabilities(labels, probabilities)
   if not labels.size:
     raise ValueError("top-k accuracy of zero examples is undefined; got empty labels.")
   true_probability = probabilities[np.arange(labels.size), labels]
@@ -163,6 +182,17 @@ def classification_report(cm: np.ndarray, class_names, *, labels=None,
   if cm.shape[0] > top_k and labels is not None and probabilities is not None:
     report[f"top{top_k}_accuracy"] = top_k_accuracy(labels, probabilities, top_k)
   return report
+
+
+def balanced_accuracy(report: dict) -> float:
+  """The mean recall over the classes with examples, from :func:`classification_report`
+  (scikit-learn's ``balanced_accuracy_score``).
+
+  >>> balanced_accuracy(classification_report(np.array([[3, 1], [0, 2]]), ["a", "b"]))
+  0.875
+  """
+  recalls = [c["recall"] for c in report["classes"] if c["support"]]
+  return float(np.mean(recalls)) if recalls else 0.0
 
 
 def format_classification_report(report: dict) -> str:

@@ -11,18 +11,24 @@ import flax.serialization
 import jax
 import numpy as np
 
-from tljax import dispatch, distributed, evaluate, export, files, freezing, plots, prefix
-from tljax import reporting, steps, tensorboard
+from tljax import calibration, dispatch, distributed, evaluate, export, files, freezing, plots
+from tljax import prefix, reporting, steps, tensorboard
+from tljax import report as report_page
 
 
 def write_outputs(workdir, config, dataset, splits, model, variables, view, test_source, mesh,
-                  phase_results) -> dict[str, Any]:
-  """Test evaluation, then (on process 0) the trained variables, the exported model, confusion
-  matrix, sample grid, curves and summary.json."""
+                  phase_results, validation_source=None) -> dict[str, Any]:
+  """The temperature (``config.calibrate``: fitted on ``validation_source``, recorded in
+  summary.json and folded into the head of the model evaluated and exported), test
+  evaluation, then (on process 0) the trained variables, the exported model, confusion matrix,
+  sample grid, curves, top losses, reliability diagram, summary.json and report.html."""
   test = splits["test"]
   eval_batch = dispatch.make_eval_batch(model, 0, view, mesh)
+  temperature, validation_probabilities = _fit_temperature(
+      config, eval_batch, variables, splits["validation"], validation_source)
+  calibrated = calibration.calibrated_variables(model, variables, temperature or 1.0)
   loss, accuracy, predictions, probabilities = dispatch.evaluate_split(
-      eval_batch, variables, test_source, config.eval_batch_size)
+      eval_batch, calibrated, test_source, config.eval_batch_size)
   if not math.isfinite(loss):
     raise steps.NonFiniteError(f"the test loss is {loss}: the trained model computes non-finite "
                                "values, so no outputs were written. Train again in a new "
@@ -36,6 +42,9 @@ def write_outputs(workdir, config, dataset, splits, model, variables, view, test
              "image_shape": list(test.images.shape[1:]),
              "weights_from": phase_results[-1]["weights_from"],
              "classification_report": report,
+             "calibration": calibration.summary(temperature, validation_probabilities,
+                                                splits["validation"].labels, probabilities,
+                                                test.labels),
              "dataset": dataset.name, "class_names": list(dataset.class_names),
              "split_sizes": {name: len(split) for name, split in splits.items()},
              "skipped_images": list(dataset.skipped),
@@ -47,17 +56,22 @@ def write_outputs(workdir, config, dataset, splits, model, variables, view, test
   with files.atomic_open(workdir / "trained_variables.msgpack", "wb") as f:
     f.write(flax.serialization.msgpack_serialize(jax.device_get(dict(variables))))
   summary["export"] = export.write(
-      workdir / "export", model, variables, view, dataset.class_names, test.images.shape[1:],
+      workdir / "export", model, calibrated, view, dataset.class_names, test.images.shape[1:],
       formats=config.export.formats, int8=config.export.int8,
       calibration_images=splits["train"].images, test_images=test.images,
       test_labels=test.labels, max_int8_drop=config.export.max_int8_drop,
-      test_probabilities=probabilities if config.model.dtype == "float32" else None)
+      test_probabilities=probabilities if config.model.dtype == "float32" else None,
+      temperature=temperature)
   np.savez(workdir / "test_predictions.npz", labels=test.labels, predictions=predictions,
            probabilities=probabilities)
   plots.plot_confusion_matrix(cm, dataset.class_names, workdir / "confusion_matrix.png")
   picked = evaluate.pick_samples(test.labels, predictions, n=9, seed=config.seed)
   plots.plot_samples(test.images[picked], test.labels[picked], predictions[picked],
                      dataset.class_names, workdir / "samples.png")
+  plots.plot_top_losses(test.images, test.labels, probabilities, dataset.class_names,
+                        workdir / "top_losses.png")
+  plots.plot_reliability(calibration.diagram_curves(summary["calibration"], probabilities),
+                         test.labels, workdir / "reliability.png")
   epochs = [r for r in reporting.read_metrics(workdir / "metrics.jsonl") if r["kind"] == "epoch"]
   plots.plot_curves(epochs, workdir / "curves.png")
   if config.tensorboard:
@@ -65,7 +79,18 @@ def write_outputs(workdir, config, dataset, splits, model, variables, view, test
       events.add_image("test/confusion_matrix", workdir / "confusion_matrix.png",
                        epochs[-1]["step"] if epochs else 0)
   files.write_json(workdir / "summary.json", summary)
+  report_page.write_report(workdir)
   return summary
+
+
+def _fit_temperature(config, eval_batch, variables, validation, validation_source):
+  """``(temperature, validation probabilities)`` fitted on the validation split, or
+  ``(None, None)`` where ``config.calibrate`` is off or there is no validation split."""
+  if not (config.calibrate and validation_source is not None and len(validation)):
+    return None, None
+  *_, probabilities = dispatch.evaluate_split(eval_batch, variables, validation_source,
+                                              config.eval_batch_size)
+  return calibration.fit_temperature(probabilities, validation.labels), probabilities
 
 
 def phase_results(phase, model, cut: int, handed_over: bool, *, wall_s: float,

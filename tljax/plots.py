@@ -1,4 +1,5 @@
-"""Figures of a run: confusion matrix, sample predictions, training curves.
+"""Figures of a run: confusion matrix, sample predictions, training curves, the test images
+with the highest loss, and the reliability diagram.
 
 Figures are drawn on matplotlib's Agg canvas without pyplot, so nothing opens a
 window or touches global state. ``*_figure`` builds a figure; ``plot_*`` saves
@@ -15,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from tljax import evaluate, files
+from tljax import calibration, evaluate, files
 
 _RIGHT, _WRONG = "tab:green", "tab:red"
 
@@ -123,6 +124,76 @@ def plot_samples(images, labels, predictions, class_names: Sequence[str],
   ``images`` are uint8 [N,H,W], [N,H,W,1] (grey) or [N,H,W,3] (RGB); 9 make a 3x3 grid.
   """
   return save_png(samples_figure(images, labels, predictions, class_names), path)
+
+
+# ---------------------------------------------------------------- top losses
+
+
+def top_losses_figure(images, labels, probabilities, class_names: Sequence[str],
+                      indices) -> Figure:
+  """fastai's ``plot_top_losses``: the images ``indices`` (highest loss first, from
+  ``evaluate.top_losses``), each titled with its predicted and true class, its loss and the
+  probability of the predicted class."""
+  probabilities = np.asarray(probabilities)
+  rows_sorted = np.sort(indices)
+  pictures = _images_for_display(images[rows_sorted])[np.searchsorted(rows_sorted, indices)]
+  cols = math.ceil(math.sqrt(len(indices)))
+  rows = math.ceil(len(indices) / cols)
+  figure = _new_figure(2.6 * cols, 2.9 * rows)
+  figure.suptitle("Highest test losses: predicted / true / loss / probability")
+  for i, (index, image) in enumerate(zip(indices, pictures)):
+    ax = figure.add_subplot(rows, cols, i + 1)
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255,
+              interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    predicted, true = int(probabilities[index].argmax()), int(labels[index])
+    loss = -math.log(max(float(probabilities[index, true]), 1e-38))
+    ax.set_title(f"{class_names[predicted]} / {class_names[true]}\n"
+                 f"{loss:.2f} / {probabilities[index, predicted]:.2f}",
+                 color=_WRONG if predicted != true else _RIGHT, fontsize=9)
+  return figure
+
+
+def plot_top_losses(images, labels, probabilities, class_names: Sequence[str],
+                    path: str | os.PathLike, n: int = 9) -> str:
+  """Saves the ``n`` test images with the highest loss (``top_losses_figure``) to ``path``;
+  ``images`` an array or a ``RowView``, uint8 as ``plot_samples`` takes them."""
+  indices = evaluate.top_losses(labels, probabilities, n)
+  return save_png(top_losses_figure(images, labels, probabilities, class_names, indices), path)
+
+
+# ---------------------------------------------------------------- reliability diagram
+
+
+def reliability_figure(curves: Mapping[str, np.ndarray], labels,
+                       bins: int = calibration.BINS) -> Figure:
+  """Accuracy against confidence per confidence bin for each of ``curves`` (a name, such as
+  "before T", and its class probabilities [N, classes]), with the expected calibration error
+  in the legend; a calibrated model lies on the diagonal."""
+  figure = _new_figure(5.5, 5.0)
+  ax = figure.add_subplot()
+  ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="calibrated")
+  for name, probabilities in curves.items():
+    table = calibration.reliability_bins(probabilities, labels, bins)
+    filled = table["count"] > 0
+    ece = calibration.expected_calibration_error(probabilities, labels, bins)
+    ax.plot(table["confidence"][filled], table["accuracy"][filled], marker="o",
+            markersize=4, label=f"{name} (ECE {ece:.4f})")
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1)
+  ax.set_xlabel(f"Confidence of the predicted class ({bins} bins)")
+  ax.set_ylabel("Accuracy")
+  ax.set_title("Reliability diagram (test)")
+  ax.grid(alpha=0.3)
+  ax.legend(loc="upper left")
+  return figure
+
+
+def plot_reliability(curves: Mapping[str, np.ndarray], labels, path: str | os.PathLike,
+                     bins: int = calibration.BINS) -> str:
+  """Saves ``reliability_figure(curves, labels, bins)`` to ``path``."""
+  return save_png(reliability_figure(curves, labels, bins), path)
 
 
 # ---------------------------------------------------------------- training curves

@@ -35,7 +35,7 @@ import numpy as np
 import tqdm
 from PIL import Image
 
-from tljax import exits, export, models, reporting
+from tljax import calibration, exits, export, models, reporting
 from tljax.data import dataset, idx, images, transforms
 from tljax.export import rerun
 from tljax.models import microbatch
@@ -53,6 +53,7 @@ class Run:
   model: Any
   variables: Any
   view: transforms.EvalView      # How a stored image becomes model input.
+  temperature: float | None = None  # Fitted after training, folded into variables' head.
 
 
 def load_run(workdir: str | os.PathLike) -> Run:
@@ -76,8 +77,10 @@ def load_run(workdir: str | os.PathLike) -> Run:
     raise PredictError(f"{workdir}: cannot read the run's outputs ({e!r}); it was written by "
                        "another version of tljax or is damaged. Train it again.") from None
   model = models.create(config.model, len(class_names))
-  return Run(config, class_names, image_shape, model, variables,
-             transforms.EvalView.from_config(config))
+  temperature = calibration.recorded_temperature(summary)
+  return Run(config, class_names, image_shape, model,
+             calibration.calibrated_variables(model, variables, temperature or 1.0),
+             transforms.EvalView.from_config(config), temperature)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,11 +15,22 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tljax import checkpoint, optim
+from tljax import checkpoint, evaluate, optim
 
 SELECT_MODES = ("last", "best")
 # Validation metric -> +1 when higher is better, -1 when lower is.
-METRICS = {"val_accuracy": 1, "val_loss": -1}
+METRICS = {"val_accuracy": 1, "val_loss": -1, "val_balanced_accuracy": 1, "val_macro_f1": 1}
+# The metrics that weigh every class alike, from the validation predictions (class_scores).
+CLASS_SCORES = ("val_balanced_accuracy", "val_macro_f1")
+
+
+def class_scores(labels, predictions, num_classes: int) -> dict[str, float]:
+  """The validation split's balanced accuracy (the mean recall of the classes it holds) and
+  macro F1 (the mean F1 over every class), as an epoch record holds them."""
+  report = evaluate.classification_report(
+      evaluate.confusion_matrix(labels, predictions, num_classes), range(num_classes))
+  return {"val_balanced_accuracy": evaluate.balanced_accuracy(report),
+          "val_macro_f1": report["macro_avg"]["f1"]}
 
 
 def check(phase: ml_collections.ConfigDict, has_validation: bool, where: str) -> None:

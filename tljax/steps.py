@@ -15,6 +15,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from tljax import freezing, prefix
@@ -57,6 +58,30 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) 
   return optax.softmax_cross_entropy(logits, targets)
 
 
+CLASS_WEIGHTING = ("none", "balanced")
+
+
+def balanced_class_weights(labels, num_classes: int) -> np.ndarray:
+  """Loss weights inverse to each class's frequency in ``labels``, normalised so that their
+  mean over the examples is 1 (a class without examples weighs 0).
+
+  >>> [round(float(w), 3) for w in balanced_class_weights([0, 0, 0, 1], 2)]
+  [0.667, 2.0]
+  """
+  counts = np.bincount(np.asarray(labels, np.int64), minlength=num_classes)
+  present = np.count_nonzero(counts)
+  weights = np.divide(len(labels), present * counts, out=np.zeros(num_classes),
+                      where=counts > 0)
+  return weights.astype(np.float32)
+
+
+def loss_class_weights(class_weighting: str, labels, num_classes: int) -> np.ndarray | None:
+  """The ``class_weights`` of ``train_step`` for a ``class_weighting`` setting (None: none)."""
+  if class_weighting not in CLASS_WEIGHTING:
+    raise ValueError(f"class_weighting={class_weighting!r} is not one of {CLASS_WEIGHTING}.")
+  return balanced_class_weights(labels, num_classes) if class_weighting == "balanced" else None
+
+
 def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
@@ -64,8 +89,8 @@ def _all_finite(tree: Any) -> jax.Array:
 def train_step(state: TrainState, inputs: Any, labels: jax.Array, *, model: LayerStack,
                tx: optax.GradientTransformation, param_labels: Any,
                train_bn: frozenset[str], start: int = 0, frozen_until: int = 0,
-               image_size: int = 0,
-               label_smoothing: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+               image_size: int = 0, label_smoothing: float = 0.0,
+               class_weights: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a batch; a non-finite loss or gradient leaves the state unchanged.
 
   Args:
@@ -79,6 +104,7 @@ def train_step(state: TrainState, inputs: Any, labels: jax.Array, *, model: Laye
       the layers before it run first, in micro-batches (``tljax.models.microbatch``).
     image_size: the model's input side, which sets the micro-batches' size (0: the maps in
       ``inputs``).
+    class_weights: ``[classes]`` weights of each example's loss by its label (None: 1).
   """
   pixels = image_size**2 or None
   if frozen_until > max(start, 1):
@@ -87,7 +113,8 @@ def train_step(state: TrainState, inputs: Any, labels: jax.Array, *, model: Laye
   trainable, frozen = freezing.split(state.params, param_labels)
   loss_fn = functools.partial(
       _loss, frozen=frozen, batch_stats=state.batch_stats, model=model, train_bn=train_bn,
-      start=start, label_smoothing=label_smoothing, batch_size=labels.shape[0])
+      start=start, label_smoothing=label_smoothing, batch_size=labels.shape[0],
+      class_weights=class_weights)
   (loss, (correct, stats)), grads = _loss_and_grads(
       loss_fn, trainable, inputs, labels, model=model, whole_batch=bool(train_bn),
       pixels=pixels)
@@ -119,9 +146,11 @@ def _frozen_prefix(state: TrainState, inputs: Any, model: LayerStack, start: int
 
 def _loss(trainable: Any, inputs: Any, labels: jax.Array, *, frozen: Any, batch_stats: Any,
           model: LayerStack, train_bn: frozenset[str], start: int, label_smoothing: float,
-          batch_size: int) -> tuple[jax.Array, tuple[jax.Array, dict[str, Any]]]:
-  """The loss of these examples' share of the batch's mean (of ``batch_size``), their correct
-  count and the updated statistics of the ``train_bn`` layers."""
+          batch_size: int,
+          class_weights: Any) -> tuple[jax.Array, tuple[jax.Array, dict[str, Any]]]:
+  """The loss of these examples' share of the batch's mean (of ``batch_size``; each example's
+  weighted by its class's ``class_weights``, None: 1), their correct count and the updated
+  statistics of the ``train_bn`` layers."""
   variables = {"params": freezing.merge(trainable, frozen), "batch_stats": batch_stats}
   if train_bn:
     logits, updated = model.apply(variables, inputs, train_bn=train_bn, start=start,
@@ -129,7 +158,10 @@ def _loss(trainable: Any, inputs: Any, labels: jax.Array, *, frozen: Any, batch_
     stats = {name: updated["batch_stats"][name] for name in train_bn}
   else:
     logits, stats = model.apply(variables, inputs, start=start), {}
-  loss = jnp.sum(cross_entropy(logits, labels, label_smoothing)) / batch_size
+  losses = cross_entropy(logits, labels, label_smoothing)
+  if class_weights is not None:
+    losses = losses * jnp.asarray(class_weights)[labels]
+  loss = jnp.sum(losses) / batch_size
   return loss, (jnp.sum(jnp.argmax(logits, -1) == labels), stats)
 
 

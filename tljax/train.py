@@ -178,16 +178,18 @@ def _read_metrics(ctx: RunContext, loop: _PhaseLoop, epoch: int, sums: epochs.Ep
 
 def _epoch_record(ctx: RunContext, loop: _PhaseLoop, state: steps.TrainState,
                   sums: epochs.EpochSums, epoch: int, global_step: int) -> dict[str, Any]:
-  """The epoch's training means, its validation loss and accuracy (None without a
-  validation split), and the phase's throughput so far."""
-  val_loss = val_accuracy = None
+  """The epoch's training means, its validation loss, accuracy, balanced accuracy and macro
+  F1 (None without a validation split), and the phase's throughput so far."""
+  validation = dict.fromkeys(("val_loss", "val_accuracy", *selection.CLASS_SCORES))
   if ctx.size("validation"):
-    val_loss, val_accuracy, *_ = dispatch.evaluate_split(
+    loss, accuracy, predictions, probabilities = dispatch.evaluate_split(
         loop.eval_batch, selection.eval_variables(loop.phase, state), loop.sources.validation,
         ctx.config.eval_batch_size)
+    validation = {"val_loss": loss, "val_accuracy": accuracy, **selection.class_scores(
+        ctx.splits["validation"].labels, predictions, probabilities.shape[-1])}
   return {"kind": "epoch", "phase": loop.phase.index, "phase_name": loop.phase.name,
           "loss": sums.loss, "accuracy": sums.accuracy(ctx.config.batch_size),
-          "val_loss": val_loss, "val_accuracy": val_accuracy, "skipped_steps": sums.skipped,
+          **validation, "skipped_steps": sums.skipped,
           "images_per_s": loop.throughput.images_per_s, "epoch": epoch + 1, "step": global_step}
 
 
@@ -209,7 +211,10 @@ def train_phase(ctx: RunContext, phase: Phase, state: steps.TrainState,
       cache_max_gb=ctx.config.cache_max_gb, batch_size=ctx.config.eval_batch_size)
   if cut and not handed_over:
     _stop_if_requested(ctx, phase, state, global_step)
-  loop = _PhaseLoop(phase, dispatch.make_train_chunk(phase, ctx.model, cut, ctx.view),
+  class_weights = steps.loss_class_weights(ctx.config.class_weighting,
+                                           ctx.splits["train"].labels, ctx.model.num_classes)
+  loop = _PhaseLoop(phase, dispatch.make_train_chunk(phase, ctx.model, cut, ctx.view,
+                                                     class_weights),
                     dispatch.make_eval_batch(ctx.model, cut, ctx.view, ctx.mesh), phase_sources,
                     epochs.dispatch_size(phase.steps_per_epoch, ctx.config.steps_per_dispatch),
                     epochs.Throughput())
@@ -279,7 +284,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
       with (files.write_errors_reported("writing the outputs to", workdir),
             preemption.finishing("writing the outputs")):
         return outputs.write_outputs(workdir, config, dataset, splits, model, variables, view,
-                                     split_sources["test"], mesh, start.meta["results"])
+                                     split_sources["test"], mesh, start.meta["results"],
+                                     validation_source=split_sources["validation"])
     finally:
       checkpointer.close()  # Whatever happened, a checkpoint being written is finished.
 

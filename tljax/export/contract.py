@@ -66,3 +66,14 @@ def metadata(class_names: Sequence[str], image_shape: Sequence[int],
           "inside_the_model": inside_the_model(view, image_shape),
       },
   }
+
+
+def calibration(temperature: float | None) -> dict[str, Any]:
+  """How the output probabilities were calibrated: the temperature fitted on the validation
+  split, already inside every file (the head's kernel and bias divided by it)."""
+  if temperature is None:
+    return {"temperature": None, "how": "not calibrated (temperature 1)"}
+  return {"temperature": temperature,
+          "how": "temperature scaling fitted on the validation split; folded into the head "
+                 "(its kernel and bias divided by the temperature), so the outputs are the "
+                 "calibrated probabilities with nothing to apply"}

@@ -138,14 +138,17 @@ def write(directory: str | pathlib.Path, model, variables: Any, view: transforms
           class_names: Sequence[str], image_shape: Sequence[int], *,
           formats: Sequence[str] = FORMATS, int8: bool = True, calibration_images=None,
           test_images=None, test_labels=None, test_probabilities: np.ndarray | None = None,
-          max_int8_drop: float = gate.MAX_INT8_DROP) -> dict[str, Any]:
+          max_int8_drop: float = gate.MAX_INT8_DROP,
+          temperature: float | None = None) -> dict[str, Any]:
   """Exports the model into ``directory``: ``formats`` (jax, onnx, tflite; int8 files too
   where ``int8``, calibrated on ``calibration_images``), ``predict.py`` and ``model.json``;
   each file checked on the test split where ``test_images`` and ``test_labels`` are given
   (``test_probabilities``: the JAX model's for them, else computed). Returns, for
   summary.json, ``{"directory", "files": {name: record}, "failed": [names]}``; a record holds
   the file's size, test accuracy, top-1 agreement with JAX, largest probability difference
-  and gate, or its error. Never raises for one format's failure."""
+  and gate, or its error. ``temperature``: the one fitted after training, already folded
+  into ``variables``' head (None: none), recorded in model.json. Never raises for one
+  format's failure."""
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   unknown = sorted(set(formats) - set(FORMATS))
@@ -159,7 +162,8 @@ def write(directory: str | pathlib.Path, model, variables: Any, view: transforms
   state = _Export(directory, test, max_int8_drop)
   previous = _previous_records(directory, formats)
   _clear(directory, formats)
-  meta = contract.metadata(class_names, image_shape, view)
+  meta = {**contract.metadata(class_names, image_shape, view),
+          "calibration": contract.calibration(temperature)}
   if "jax" in formats:
     _write_jax(state, meta, model, variables, view, image_shape)
   written = [f for f in ("onnx", "tflite") if f in formats]

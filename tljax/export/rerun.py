@@ -55,7 +55,7 @@ def export_run(workdir: str | pathlib.Path, run, **settings) -> dict[str, Any]:
       calibration_images=splits["train"].images if splits else None,
       test_images=splits["test"].images if splits else None,
       test_labels=splits["test"].labels if splits else None,
-      max_int8_drop=settings["max_int8_drop"])
+      max_int8_drop=settings["max_int8_drop"], temperature=run.temperature)
   summary_path = workdir / "summary.json"
   try:
     summary = json.loads(summary_path.read_text())
