@@ -16,9 +16,10 @@ from tljax import reporting, steps, tensorboard
 
 
 def write_outputs(workdir, config, dataset, splits, model, variables, view, test_source, mesh,
-                  phase_results) -> dict[str, Any]:
+                  phase_results, audited=None) -> dict[str, Any]:
   """Test evaluation, then (on process 0) the trained variables, the exported model, confusion
-  matrix, sample grid, curves and summary.json."""
+  matrix, sample grid, curves and summary.json (with ``audited``, the data audit's summary,
+  as its ``audit``)."""
   test = splits["test"]
   eval_batch = dispatch.make_eval_batch(model, 0, view, mesh)
   loss, accuracy, predictions, probabilities = dispatch.evaluate_split(
@@ -41,7 +42,9 @@ def write_outputs(workdir, config, dataset, splits, model, variables, view, test
              "skipped_images": list(dataset.skipped),
              "phases": phase_results, "devices": [str(d) for d in jax.devices()],
              "processes": jax.process_count(),
-             "config": json.loads(config.to_json_best_effort())}
+             "audit": audited, "config": json.loads(config.to_json_best_effort())}
+  if audited and audited["warning"]:
+    logging.warning("audit: %s", audited["warning"])
   if not distributed.is_main_process():
     return summary
   with files.atomic_open(workdir / "trained_variables.msgpack", "wb") as f:

@@ -24,7 +24,7 @@ import ml_collections
 
 from tljax import checkpoint, checks, dispatch, distributed, epochs, files, freezing, models
 from tljax import outputs, phases, preemption, prefix, reporting, resume, selection, sharding
-from tljax import steps, tensorboard
+from tljax import audit, steps, tensorboard
 from tljax.data import dataset, folder, load, sources, transforms
 from tljax.models import weights
 from tljax.models.layer_stack import LayerStack
@@ -248,6 +248,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   dataset, splits = load.load_splits(config, pathlib.Path(workdir))
   model = models.create(config.model, dataset.num_classes, mesh.shape[sharding.DATA_AXIS])
   view = transforms.EvalView.from_config(config)
+  splits, audited = audit.audit_splits(config, pathlib.Path(workdir), dataset, splits, model,
+                                       view, mesh)
   size = config.model.input_size
   abstract_variables = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                                       jnp.zeros((1, size, size, 3), jnp.float32))
@@ -276,7 +278,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     checkpointer.wait()  # A failed last checkpoint fails the run before its outputs are written.
     with files.write_errors_reported("writing the outputs to", workdir):
       return outputs.write_outputs(workdir, config, dataset, splits, model, variables, view,
-                                   split_sources["test"], mesh, start.meta["results"])
+                                   split_sources["test"], mesh, start.meta["results"],
+                                   audited)
   finally:
     checkpointer.close()  # Whatever happened, a checkpoint being written is finished.
 
