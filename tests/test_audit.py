@@ -13,6 +13,7 @@ from helpers import folder_config
 from tljax import audit, models, sharding
 from tljax.audit import duplicates, findings, label_errors
 from tljax.data import load, transforms
+from tljax.models import weights
 
 CLASSES = ("dress", "hat", "pants", "shoes", "t-shirt")
 
@@ -113,7 +114,8 @@ def photo_audit(tmp_path_factory, shared_dir, imagenet_weights_path):
   return run, exact, altered
 
 
-def test_photo_copies_are_found_and_distinct_photos_not_paired(photo_audit, tmp_path):
+def test_photo_copies_are_found_and_distinct_photos_not_paired(photo_audit, tmp_path,
+                                                               monkeypatch):
   run, exact, altered = photo_audit
   splits, kept, summary, record = run(tmp_path, remove_test_copies=True)
   assert record["exact_duplicates"] == [{"paths": ["train/hat/copy.jpg", exact]}]
@@ -126,6 +128,11 @@ def test_photo_copies_are_found_and_distinct_photos_not_paired(photo_audit, tmp_
   assert len(kept["train"]) == len(splits["train"]) - 2
   assert kept["test"] is splits["test"]
   assert (tmp_path / "audit_gallery.png").stat().st_size > 10_000
+  # A restart reuses the outcome: the same examples, without the weights or a second pass.
+  monkeypatch.setattr(weights, "load_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+  _, again, summary_again, _ = run(tmp_path, remove_test_copies=True)
+  assert summary_again == summary
+  np.testing.assert_array_equal(again["train"].labels, kept["train"].labels)
 
 
 def test_leaked_test_copies_are_a_warning_without_removal(photo_audit, tmp_path, caplog):

@@ -9,6 +9,7 @@ head phase caches, with the pretrained weights); past ``audit.feature_max_exampl
 the audit is of exact duplicates and class counts only.
 """
 
+import json
 import logging
 import pathlib
 import time
@@ -61,20 +62,37 @@ def _gallery_rows(record: dict, groups, pairs, suspects, splits) -> list[list[ga
           for i in range(0, len(panels), every)]
 
 
-def audit_splits(config, workdir: pathlib.Path, dataset: Dataset, splits: dict[str, Split],
-                 model, view, mesh) -> tuple[dict[str, Split], dict]:
-  """Audits ``splits``; writes ``audit.json`` and ``audit_gallery.png`` in ``workdir``
-  (process 0); returns the splits to train on and the summary's ``audit`` field."""
-  settings, started = config.audit, time.perf_counter()
-  if not settings.enabled:
-    return splits, None
+def _key(config, dataset: Dataset, splits: dict[str, Split]) -> dict:
+  """What an audit's outcome depends on: a restart that agrees reuses it."""
+  return {"data": dataset.identity, "audit": config.audit.to_dict(), "seed": config.seed,
+          "sizes": {split: len(s) for split, s in splits.items()},
+          "weights": config.model.weights, "input_size": config.model.input_size}
+
+
+def _saved(path: pathlib.Path, key: dict) -> dict | None:
+  """The outcome an earlier start of this run saved at ``path``, where its key is ``key``."""
+  try:
+    saved = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+  return saved if saved.get("key") == json.loads(files.to_json(key)) else None
+
+
+def _audit(config, workdir: pathlib.Path, dataset: Dataset, splits: dict[str, Split],
+           model, view, mesh) -> dict:
+  """Finds what ``audit_splits`` reports; writes ``audit.json`` and the gallery (process 0).
+  Returns the summary, with the train rows to remove under ``removed_rows``."""
+  settings = config.audit
   paths = findings.example_paths(dataset, splits, config.seed)
   digests = {split: duplicates.pixel_digests(s.images) for split, s in splits.items()}
   groups = duplicates.exact_groups(digests)
   pairs, suspects = [], []
   with_features = sum(map(len, splits.values())) <= settings.feature_max_examples
+  features_s = 0.0
   if with_features:
+    started = time.perf_counter()
     pooled = _pretrained_features(config, splits, model, view, mesh)
+    features_s = time.perf_counter() - started
     pairs = duplicates.near_pairs(pooled, digests, settings.near_duplicate_threshold)
     probabilities = label_errors.out_of_sample_probabilities(
         pooled["train"], splits["train"].labels, dataset.num_classes, folds=settings.folds,
@@ -87,27 +105,54 @@ def audit_splits(config, workdir: pathlib.Path, dataset: Dataset, splits: dict[s
   record = findings.audit_record(paths, groups, pairs, suspects, splits, dataset.class_names,
                                  max_listed=settings.max_listed)
   if distributed.is_main_process():
-    workdir = files.make_workdir(workdir)
     with files.write_errors_reported("writing the audit to", workdir):
       files.write_json(workdir / "audit.json", record)
       gallery.plot_gallery(_gallery_rows(record, groups, pairs, suspects, splits),
                            workdir / "audit_gallery.png")
   leaked, train_copies = findings.copies_of("test", groups, pairs)
-  summary = {"exact_duplicate_groups": len(groups), "near_duplicate_pairs": len(pairs),
-             "suspected_label_errors": len(suspects), "features": with_features,
-             "test_copies_in_train": len(leaked), "warning": None, "removed_from_train": []}
-  if leaked and settings.remove_test_copies:
-    summary["removed_from_train"] = sorted(paths["train"][i] for i in train_copies)
-    splits = {**splits, "train": _without_rows(splits["train"], train_copies)}
+  removed = sorted(train_copies) if settings.remove_test_copies else []
+  return {"exact_duplicate_groups": len(groups), "near_duplicate_pairs": len(pairs),
+          "suspected_label_errors": len(suspects), "features": with_features,
+          "test_copies_in_train": len(leaked), "features_s": features_s,
+          "warning": None if removed or not leaked else
+          f"{len(leaked)} test images have a copy in train: test accuracy is optimistic",
+          "removed_from_train": [paths["train"][i] for i in removed], "removed_rows": removed}
+
+
+def audit_splits(config, workdir: pathlib.Path, dataset: Dataset, splits: dict[str, Split],
+                 model, view, mesh) -> tuple[dict[str, Split], dict | None]:
+  """Audits ``splits``; writes ``audit.json`` and ``audit_gallery.png`` in ``workdir``
+  (process 0); returns the splits to train on and the summary's ``audit`` field (None where
+  ``audit.enabled`` is off).
+
+  The outcome is saved in ``<workdir>/audit_state.json``: a restart of the run on the same
+  data and settings reuses it, so it trains on the same examples without the pretrained
+  weights (a resumed run may not have them) and without a second pass.
+  """
+  if not config.audit.enabled:
+    return splits, None
+  started, workdir = time.perf_counter(), files.make_workdir(workdir)
+  key, state = _key(config, dataset, splits), workdir / "audit_state.json"
+  summary = _saved(state, key)
+  if summary is None:
+    summary = _audit(config, workdir, dataset, splits, model, view, mesh)
+    summary["wall_s"] = time.perf_counter() - started
+    if distributed.is_main_process():
+      with files.write_errors_reported("writing the audit to", workdir):
+        files.write_json(state, {**summary, "key": key})
+  else:
+    logging.info("audit: as this run's first start found it (%s)", state)
+  summary = {k: v for k, v in summary.items() if k != "key"}
+  if summary["removed_rows"]:
+    splits = {**splits, "train": _without_rows(splits["train"], set(summary["removed_rows"]))}
     logging.warning("audit: %d test images had a copy in train; removed their %d train copies "
-                    "(audit.remove_test_copies)", len(leaked), len(train_copies))
-  elif leaked:
-    summary["warning"] = (f"{len(leaked)} test images have a copy in train: test accuracy is "
-                          "optimistic")
+                    "(audit.remove_test_copies)", summary["test_copies_in_train"],
+                    len(summary["removed_rows"]))
+  elif summary["warning"]:
     logging.warning("audit: %s (the pairs are in audit.json; audit.remove_test_copies=true "
                     "removes the train copies)", summary["warning"])
-  summary["wall_s"] = time.perf_counter() - started
   logging.info("audit: %d exact duplicate groups, %d near duplicate pairs, %d suspected label "
-               "errors, in %.1f s (%s)", len(groups), len(pairs), len(suspects),
+               "errors, in %.1f s (%s)", summary["exact_duplicate_groups"],
+               summary["near_duplicate_pairs"], summary["suspected_label_errors"],
                summary["wall_s"], workdir / "audit.json")
-  return splits, summary
+  return splits, {k: v for k, v in summary.items() if k != "removed_rows"}
