@@ -62,11 +62,24 @@ def _gallery_rows(record: dict, groups, pairs, suspects, splits) -> list[list[ga
           for i in range(0, len(panels), every)]
 
 
+def _suspects(features_ND, labels_N, num_classes: int, *, folds: int,
+              seed: int) -> list[label_errors.Suspect]:
+  """Suspected label errors, none where train has fewer examples than folds."""
+  if len(labels_N) < folds:
+    logging.info("audit: %d training examples are too few for %d folds: no label errors "
+                 "looked for", len(labels_N), folds)
+    return []
+  probabilities = label_errors.out_of_sample_probabilities(features_ND, labels_N, num_classes,
+                                                           folds=folds, seed=seed)
+  return label_errors.confident_suspects(probabilities, labels_N)
+
+
 def _key(config, dataset: Dataset, splits: dict[str, Split]) -> dict:
   """What an audit's outcome depends on: a restart that agrees reuses it."""
   return {"data": dataset.identity, "audit": config.audit.to_dict(), "seed": config.seed,
           "sizes": {split: len(s) for split, s in splits.items()},
-          "weights": config.model.weights, "input_size": config.model.input_size}
+          "weights": config.model.weights, "input_size": config.model.input_size,
+          "view": [config.data.scale, config.data.eval_crop]}
 
 
 def _saved(path: pathlib.Path, key: dict) -> dict | None:
@@ -94,10 +107,8 @@ def _audit(config, workdir: pathlib.Path, dataset: Dataset, splits: dict[str, Sp
     pooled = _pretrained_features(config, splits, model, view, mesh)
     features_s = time.perf_counter() - started
     pairs = duplicates.near_pairs(pooled, digests, settings.near_duplicate_threshold)
-    probabilities = label_errors.out_of_sample_probabilities(
-        pooled["train"], splits["train"].labels, dataset.num_classes, folds=settings.folds,
-        seed=config.seed)
-    suspects = label_errors.confident_suspects(probabilities, splits["train"].labels)
+    suspects = _suspects(pooled["train"], splits["train"].labels, dataset.num_classes,
+                         folds=settings.folds, seed=config.seed)
   else:
     logging.info("audit: %d images > audit.feature_max_examples=%d: exact duplicates and "
                  "class counts only", sum(map(len, splits.values())),
