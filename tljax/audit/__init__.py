@@ -19,7 +19,6 @@ import numpy as np
 
 from tljax import distributed, files, sharding
 from tljax.audit import duplicates, features, findings, gallery, label_errors
-from tljax.data import sources
 from tljax.data.dataset import Dataset, RowView, Split
 from tljax.models import weights
 
@@ -31,8 +30,8 @@ def _pretrained_features(config, splits, model, view, mesh) -> dict[str, np.ndar
   variables = sharding.put(weights.load_pretrained(
       config.model.weights, model, input_size=size, rng=jax.random.PRNGKey(config.seed),
       cache_dir=config.model.cache_dir or None), sharding.replicated(mesh))
-  return features.pooled_features(variables, sources.sources(splits, mesh), model=model,
-                                  view=view, batch_size=config.eval_batch_size, mesh=mesh)
+  return features.pooled_features(variables, splits, model=model, view=view,
+                                  batch_size=config.eval_batch_size, mesh=mesh)
 
 
 def _without_rows(split: Split, rows: set[int]) -> Split:

@@ -1,7 +1,7 @@
 """The frozen base's pooled features of every image: what the audit compares and classifies.
 
 The same pass the head phase caches (``prefix.build_prefix_caches`` up to the global pooling
-layer), run with the pretrained weights over every split.
+layer), run with the pretrained weights over every split at once.
 """
 
 from collections.abc import Mapping
@@ -10,7 +10,8 @@ import jax
 import numpy as np
 
 from tljax import prefix
-from tljax.data import transforms
+from tljax.data import sources, transforms
+from tljax.data.dataset import RowView, Split
 from tljax.models.layer_stack import LayerStack
 
 POOLING_KINDS = ("gap", "gmp")
@@ -26,18 +27,24 @@ def pooling_cut(model: LayerStack) -> int:
   return pooling[-1] + 1
 
 
-def pooled_features(variables, split_sources: Mapping[str, object], *, model: LayerStack,
+def joined(splits: Mapping[str, Split]) -> Split:
+  """The examples of every split, one split after the other: one pass (one compilation)
+  instead of one a split. The rows of a streamed dataset's splits are of one decoded cache."""
+  images = [s.images for s in splits.values()]
+  labels = np.concatenate([s.labels for s in splits.values()])
+  if isinstance(images[0], RowView):
+    return Split(RowView(images[0].source, np.concatenate([i.rows for i in images])), labels)
+  return Split(np.concatenate(images), labels)
+
+
+def pooled_features(variables, splits: Mapping[str, Split], *, model: LayerStack,
                     view: transforms.EvalView, batch_size: int, mesh) -> dict[str, np.ndarray]:
-  """float32 [N, D] pooled features of each split's images (``data.sources`` sources) in
-  ``view``, ``batch_size`` images at a time."""
+  """float32 [N, D] pooled features of each split's images in ``view``, ``batch_size``
+  images at a time."""
   cut = pooling_cut(model)
-  name = model.layers[cut - 1].name
-  features = {}
-  for split, source in split_sources.items():
-    if not len(source):
-      features[split] = np.zeros((0, 0), np.float32)
-      continue
-    cache, = prefix.build_prefix_caches(variables, source, model=model, cuts=(cut,), view=view,
-                                        batch_size=batch_size, mesh=mesh)
-    features[split] = np.asarray(jax.device_get(cache[name]), np.float32)
-  return features
+  source = sources.sources({"all": joined(splits)}, mesh)["all"]
+  cache, = prefix.build_prefix_caches(variables, source, model=model, cuts=(cut,), view=view,
+                                      batch_size=batch_size, mesh=mesh)
+  features = np.asarray(jax.device_get(cache[model.layers[cut - 1].name]), np.float32)
+  ends = np.cumsum([len(s) for s in splits.values()])
+  return dict(zip(splits, np.split(features, ends[:-1])))
