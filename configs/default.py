@@ -127,8 +127,9 @@ def get_config() -> ml_collections.ConfigDict:
   # The data audit before training: <workdir>/audit.json and audit_gallery.png (docs/audit.md).
   config.audit = ml_collections.ConfigDict()
   config.audit.enabled = True        # False: no audit (and no audit.json).
-  # Near duplicates and label errors need the frozen base's features of every image: computed
-  # up to this many images in all splits; above it, exact duplicates and class counts only.
+  # Near duplicates and label errors need the pretrained base's features of every image:
+  # computed up to this many images in all splits (and not with model.weights=none); above
+  # it, exact duplicates and class counts only.
   config.audit.feature_max_examples = 20000
   # Cosine similarity of pooled features (less their mean) above which two images are near
   # duplicates (measured on clothing-small: docs/audit.md).

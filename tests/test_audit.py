@@ -13,6 +13,7 @@ from helpers import folder_config
 from tljax import audit, models, sharding
 from tljax.audit import duplicates, findings, label_errors
 from tljax.data import load, transforms
+from tljax.data.dataset import Dataset, Split
 from tljax.models import weights
 
 CLASSES = ("dress", "hat", "pants", "shoes", "t-shirt")
@@ -72,6 +73,17 @@ def test_copies_of_test_link_exact_groups_and_near_pairs():
   groups = [[("train", 4), ("test", 1)], [("train", 2), ("validation", 0)]]
   pairs = [(("train", 7), ("test", 3), 0.97), (("train", 0), ("train", 1), 0.99)]
   assert findings.copies_of("test", groups, pairs) == ({1, 3}, {4, 7})
+
+
+def test_idx_examples_are_named_by_their_rows_in_the_source_splits():
+  def split(n):
+    return Split(np.zeros((n, 2, 2), np.uint8), np.zeros(n, np.int32))
+
+  dataset = Dataset(split(10), split(3), 1, ("a",), "x", "id")  # No split_files: not a folder.
+  paths = findings.example_paths(dataset, {"train": split(6), "validation": split(2),
+                                           "test": split(3)}, seed=0)
+  assert paths == {"train": [f"train/{i}" for i in range(6)],
+                   "validation": ["train/6", "train/7"], "test": ["test/0", "test/1", "test/2"]}
 
 
 def _photo_folder(root, shared_dir):
@@ -160,3 +172,13 @@ def test_a_folder_run_writes_the_audit_and_its_summary(tiny_folder_run):
   assert summary["audit"]["warning"].startswith(f"{test_count} test images have a copy")
   assert json.loads((workdir / "summary.json").read_text())["audit"] == summary["audit"]
   assert (workdir / "audit_gallery.png").exists()
+
+
+def test_an_idx_run_with_random_weights_audits_pixels_and_counts(tiny_idx_run):
+  workdir, summary = tiny_idx_run
+  record = json.loads((workdir / "audit.json").read_text())
+  sizes = summary["split_sizes"]
+  assert {split: sum(counts.values()) for split, counts in record["class_counts"].items()} == sizes
+  # Random weights (tiny_config): no features, so exact duplicates (none here) and counts.
+  assert not summary["audit"]["features"] and summary["audit"]["warning"] is None
+  assert record["near_duplicates"] == record["suspected_label_errors"] == []

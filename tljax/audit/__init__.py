@@ -61,6 +61,19 @@ def _gallery_rows(record: dict, groups, pairs, suspects, splits) -> list[list[ga
           for i in range(0, len(panels), every)]
 
 
+def _features_wanted(config, examples: int) -> bool:
+  """Whether the audit computes features: with pretrained weights (a random base's features
+  do not tell a copy from a look-alike) and up to ``audit.feature_max_examples`` images."""
+  if config.model.weights == "none":
+    logging.info("audit: model.weights='none': exact duplicates and class counts only")
+    return False
+  if examples > config.audit.feature_max_examples:
+    logging.info("audit: %d images > audit.feature_max_examples=%d: exact duplicates and "
+                 "class counts only", examples, config.audit.feature_max_examples)
+    return False
+  return True
+
+
 def _suspects(features_ND, labels_N, num_classes: int, *, folds: int,
               seed: int) -> list[label_errors.Suspect]:
   """Suspected label errors, none where train has fewer examples than folds."""
@@ -99,7 +112,7 @@ def _audit(config, workdir: pathlib.Path, dataset: Dataset, splits: dict[str, Sp
   digests = {split: duplicates.pixel_digests(s.images) for split, s in splits.items()}
   groups = duplicates.exact_groups(digests)
   pairs, suspects = [], []
-  with_features = sum(map(len, splits.values())) <= settings.feature_max_examples
+  with_features = _features_wanted(config, sum(map(len, splits.values())))
   features_s = 0.0
   if with_features:
     started = time.perf_counter()
@@ -108,10 +121,6 @@ def _audit(config, workdir: pathlib.Path, dataset: Dataset, splits: dict[str, Sp
     pairs = duplicates.near_pairs(pooled, digests, settings.near_duplicate_threshold)
     suspects = _suspects(pooled["train"], splits["train"].labels, dataset.num_classes,
                          folds=settings.folds, seed=config.seed)
-  else:
-    logging.info("audit: %d images > audit.feature_max_examples=%d: exact duplicates and "
-                 "class counts only", sum(map(len, splits.values())),
-                 settings.feature_max_examples)
   record = findings.audit_record(paths, groups, pairs, suspects, splits, dataset.class_names,
                                  max_listed=settings.max_listed)
   if distributed.is_main_process():
