@@ -248,8 +248,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   dataset, splits = load.load_splits(config, pathlib.Path(workdir))
   model = models.create(config.model, dataset.num_classes, mesh.shape[sharding.DATA_AXIS])
   view = transforms.EvalView.from_config(config)
-  splits, audited = audit.audit_splits(config, pathlib.Path(workdir), dataset, splits, model,
-                                       view, mesh)
   size = config.model.input_size
   abstract_variables = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                                       jnp.zeros((1, size, size, 3), jnp.float32))
@@ -262,6 +260,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   if dataset.split_files and distributed.is_main_process():
     with files.write_errors_reported("writing the split lists to", workdir / "splits"):
       folder.write_split_lists(workdir / "splits", dataset.split_files)
+  splits, audited = audit.audit_splits(config, workdir, dataset, splits, model, view, mesh)
+  if audited and audited["removed_from_train"]:  # Steps per epoch of the smaller train split.
+    all_phases = phases.build_phases(config, model, abstract_variables["params"],
+                                    len(splits["train"]))
   checkpointer = checkpoint.Checkpointer(workdir, max_to_keep=config.max_to_keep)
   start = resume.start(checkpointer, fingerprint, config, model, all_phases,
                        abstract_variables, mesh)
