@@ -131,6 +131,23 @@ def get_config() -> ml_collections.ConfigDict:
   # as *.FAILED_GATE.* and reported, not handed over.
   config.export.max_int8_drop = 1.0
 
+  # The data audit before training: <workdir>/audit.json and audit_gallery.png (docs/audit.md).
+  config.audit = ml_collections.ConfigDict()
+  config.audit.enabled = True        # False: no audit (and no audit.json).
+  # Near duplicates and label errors need the pretrained base's features of every image:
+  # computed up to this many images in all splits (and not with model.weights=none); above
+  # it, exact duplicates and class counts only.
+  config.audit.feature_max_examples = 20000
+  # Cosine similarity of pooled features (less their mean) above which two images are near
+  # duplicates (measured on clothing-small: docs/audit.md).
+  config.audit.near_duplicate_threshold = 0.86
+  config.audit.folds = 5             # Folds of the linear head whose probabilities rank labels.
+  config.audit.max_listed = 500      # Findings of each kind written to audit.json.
+  # Remove from train the copies (exact or near) of test images before training. Off: a run
+  # trains on the data it is given, the warning in the log and summary.json says how many
+  # test images leak, and audit.json lists them to fix the folder itself.
+  config.audit.remove_test_copies = False
+
   config.phases = (
       phase(name="frozen_base", epochs=10, rules=("train:predictions/.*", "freeze:.*")),
       phase(name="fine_tune", epochs=5, learning_rate=1e-5,

@@ -65,6 +65,7 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   expect(config.data.augment_shift >= 0,
          f"data.augment_shift={config.data.augment_shift} must be >= 0.")
   _check_data_config(config.data, expect)
+  _check_audit_config(config.audit, expect)
   backbone = models.backbone(config.model.name)
   backbone.check_config(config.model)
   expect(config.model.dtype in models.DTYPES,
@@ -121,6 +122,20 @@ def _check_data_config(data_config, expect) -> None:
          f"data.stream={data_config.stream!r} is not one of ('auto', 'on', 'off').")
   expect(data_config.max_memory_gb > 0,
          f"data.max_memory_gb={data_config.max_memory_gb} must be positive.")
+
+
+def _check_audit_config(audit_config, expect) -> None:
+  expect(0 < audit_config.near_duplicate_threshold < 1,
+         f"audit.near_duplicate_threshold={audit_config.near_duplicate_threshold} must be in "
+         "(0, 1): a cosine similarity (0.86, the default, was measured: docs/audit.md).")
+  expect(audit_config.folds >= 2,
+         f"audit.folds={audit_config.folds} must be at least 2 (each fold's probabilities come "
+         "from a head fitted on the others).")
+  expect(audit_config.feature_max_examples >= 0,
+         f"audit.feature_max_examples={audit_config.feature_max_examples} must be >= 0 (0: "
+         "exact duplicates and class counts only).")
+  expect(audit_config.max_listed >= 1,
+         f"audit.max_listed={audit_config.max_listed} must be at least 1.")
 
 
 def check_memory(config: ml_collections.ConfigDict, model: LayerStack,

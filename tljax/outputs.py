@@ -17,11 +17,12 @@ from tljax import report as report_page
 
 
 def write_outputs(workdir, config, dataset, splits, model, variables, view, test_source, mesh,
-                  phase_results, validation_source=None) -> dict[str, Any]:
+                  phase_results, validation_source=None, audited=None) -> dict[str, Any]:
   """The temperature (``config.calibrate``: fitted on ``validation_source``, recorded in
   summary.json and folded into the head of the model evaluated and exported), test
-  evaluation, then (on process 0) the trained variables, the exported model, confusion matrix,
-  sample grid, curves, top losses, reliability diagram, summary.json and report.html."""
+  evaluation, then (on process 0) the trained variables, the exported model, the plots,
+  summary.json (with ``audited``, the data audit's summary, as its ``audit``) and
+  report.html."""
   test = splits["test"]
   eval_batch = dispatch.make_eval_batch(model, 0, view, mesh)
   temperature, validation_probabilities = _fit_temperature(
@@ -50,7 +51,9 @@ def write_outputs(workdir, config, dataset, splits, model, variables, view, test
              "skipped_images": list(dataset.skipped),
              "phases": phase_results, "devices": [str(d) for d in jax.devices()],
              "processes": jax.process_count(),
-             "config": json.loads(config.to_json_best_effort())}
+             "audit": audited, "config": json.loads(config.to_json_best_effort())}
+  if audited and audited["warning"]:
+    logging.warning("audit: %s", audited["warning"])
   if not distributed.is_main_process():
     return summary
   with files.atomic_open(workdir / "trained_variables.msgpack", "wb") as f:
@@ -62,6 +65,17 @@ def write_outputs(workdir, config, dataset, splits, model, variables, view, test
       test_labels=test.labels, max_int8_drop=config.export.max_int8_drop,
       test_probabilities=probabilities if config.model.dtype == "float32" else None,
       temperature=temperature)
+  _write_plots(workdir, config, dataset, test, cm, predictions, probabilities,
+               summary["calibration"])
+  files.write_json(workdir / "summary.json", summary)
+  report_page.write_report(workdir)
+  return summary
+
+
+def _write_plots(workdir, config, dataset, test, cm, predictions, probabilities,
+                 calibration_summary):
+  """The test predictions, confusion matrix, samples, top losses, reliability diagram (from
+  ``calibration_summary``) and curves, and the confusion matrix in TensorBoard."""
   np.savez(workdir / "test_predictions.npz", labels=test.labels, predictions=predictions,
            probabilities=probabilities)
   plots.plot_confusion_matrix(cm, dataset.class_names, workdir / "confusion_matrix.png")
@@ -70,7 +84,7 @@ def write_outputs(workdir, config, dataset, splits, model, variables, view, test
                      dataset.class_names, workdir / "samples.png")
   plots.plot_top_losses(test.images, test.labels, probabilities, dataset.class_names,
                         workdir / "top_losses.png")
-  plots.plot_reliability(calibration.diagram_curves(summary["calibration"], probabilities),
+  plots.plot_reliability(calibration.diagram_curves(calibration_summary, probabilities),
                          test.labels, workdir / "reliability.png")
   epochs = [r for r in reporting.read_metrics(workdir / "metrics.jsonl") if r["kind"] == "epoch"]
   plots.plot_curves(epochs, workdir / "curves.png")
@@ -78,9 +92,6 @@ def write_outputs(workdir, config, dataset, splits, model, variables, view, test
     with tensorboard.EventWriter(workdir) as events:
       events.add_image("test/confusion_matrix", workdir / "confusion_matrix.png",
                        epochs[-1]["step"] if epochs else 0)
-  files.write_json(workdir / "summary.json", summary)
-  report_page.write_report(workdir)
-  return summary
 
 
 def _fit_temperature(config, eval_batch, variables, validation, validation_source):

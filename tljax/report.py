@@ -99,8 +99,9 @@ def headline(summary: dict[str, Any]) -> str:
           ("temperature", calibration.get("temperature")),
           ("test images", summary["test_examples"]),
           ("split sizes", ", ".join(f"{k} {v}" for k, v in summary["split_sizes"].items()))]
-  warnings = "".join(f'<p class="warning">{_escape(w)}</p>'
-                     for w in summary.get("warnings", ()))
+  audited = summary.get("audit") or {}
+  warnings = f'<p class="warning">{_escape(audited["warning"])}</p>' if audited.get(
+      "warning") else ""
   return warnings + table(("", "value"), rows, "headline")
 
 

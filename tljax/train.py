@@ -24,7 +24,7 @@ import ml_collections
 
 from tljax import checkpoint, checks, dispatch, distributed, epochs, files, freezing, models
 from tljax import outputs, phases, preemption, prefix, reporting, resume, selection, sharding
-from tljax import steps, tensorboard, workdir_lock
+from tljax import audit, steps, tensorboard, workdir_lock
 from tljax.data import dataset, folder, load, sources, transforms
 from tljax.models import weights
 from tljax.models.layer_stack import LayerStack
@@ -266,6 +266,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     if dataset.split_files and distributed.is_main_process():
       with files.write_errors_reported("writing the split lists to", workdir / "splits"):
         folder.write_split_lists(workdir / "splits", dataset.split_files)
+    splits, audited = audit.audit_splits(config, workdir, dataset, splits, model, view, mesh)
+    if audited and audited["removed_from_train"]:  # Steps per epoch of the smaller train split.
+      all_phases = phases.build_phases(config, model, abstract_variables["params"],
+                                      len(splits["train"]))
     checkpointer = checkpoint.Checkpointer(workdir, max_to_keep=config.max_to_keep,
                                            timeout_s=config.distributed.timeout_s)
     start = resume.start(checkpointer, fingerprint, config, model, all_phases,
@@ -285,7 +289,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
             preemption.finishing("writing the outputs")):
         return outputs.write_outputs(workdir, config, dataset, splits, model, variables, view,
                                      split_sources["test"], mesh, start.meta["results"],
-                                     validation_source=split_sources["validation"])
+                                     validation_source=split_sources["validation"],
+                                     audited=audited)
     finally:
       checkpointer.close()  # Whatever happened, a checkpoint being written is finished.
 

@@ -475,6 +475,13 @@ def _without_failed(root: pathlib.Path, splits: dict[str, list[tuple[str, int]]]
           for split, files in splits.items()}
 
 
+def train_order(n: int, seed: int) -> np.ndarray:
+  """Row i of a folder dataset's train split is ``split_files["train"][train_order(n, seed)[i]]``:
+  training examples come in a seeded random order, not by class, so that
+  data.train_examples's first N are a sample of every class."""
+  return np.random.default_rng(seed).permutation(n)
+
+
 def load_folder(data_config: ml_collections.ConfigDict, *, stored_size: int, seed: int,
                 splits_dir: pathlib.Path | None, progress: bool = True,
                 workdir: pathlib.Path | None = None) -> Dataset:
@@ -520,9 +527,7 @@ def load_folder(data_config: ml_collections.ConfigDict, *, stored_size: int, see
     return Split(np.asarray(pixels[rows]) if files else np.zeros((0, size, size, 3),
                                                                       np.uint8), labels)
 
-  # Training examples in a seeded random order, not by class, so that data.train_examples's
-  # first N are a sample of every class.
-  shuffled = np.random.default_rng(seed).permutation(len(splits["train"]))
+  shuffled = train_order(len(splits["train"]), seed)
   train = to_split([splits["train"][i] for i in shuffled])
   validation, test = to_split(splits["validation"]), to_split(splits["test"])
   names = listing.class_names
