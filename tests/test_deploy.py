@@ -37,6 +37,9 @@ from tljax.models.mobilenet_v2 import MobileNetV2
 CLASSES = ("dress", "hat", "pants", "shoes")
 TRAIN_PER_CLASS, TEST_PER_CLASS = 40, 50
 INPUT_SIZE, STORED_SIZE = 96, 112  # A centre crop of 0.875 (98 px), resized down to 96.
+# float32 files on real photos: no probability further from the JAX model's (the export's gate
+# allows more, for fine-tuned models: tljax/export/gate.py).
+FLOAT32_AGREEMENT = 1e-4
 BLOCKED = ("jax", "jaxlib", "flax", "optax", "orbax", "tljax", "tensorflow", "ml_collections")
 
 
@@ -146,7 +149,7 @@ def test_export_holds_every_file_and_model_json_the_input_contract(exported):
   files = meta["files"]
   assert all(files[name]["gate"] == "passed" for name in deploy.FILES.values()), files
   for name in ("model.onnx", "model.tflite"):
-    assert files[name]["max_abs_difference"] <= gate.FLOAT_TOLERANCE
+    assert files[name]["max_abs_difference"] <= FLOAT32_AGREEMENT
   for fmt in ("onnx", "tflite"):  # int8 weights: under a third of the float32 file.
     assert files[f"model.int8.{fmt}"]["bytes"] < 0.33 * files[f"model.{fmt}"]["bytes"]
   summary = json.loads((workdir / "summary.json").read_text())
@@ -161,7 +164,7 @@ def test_the_temperature_is_in_every_float32_file(exported):
   recorded = json.loads((workdir / "summary.json").read_text())["calibration"]["temperature"]
   assert run.temperature == recorded and abs(recorded - 1.0) > 0.05
   uncalibrated = calibration.with_temperature(reference, 1.0 / recorded)
-  assert np.abs(uncalibrated - reference).max() > 100 * gate.FLOAT_TOLERANCE
+  assert np.abs(uncalibrated - reference).max() > 100 * FLOAT32_AGREEMENT
 
 
 @pytest.mark.parametrize("name", ["model.onnx", "model.tflite"])
@@ -170,7 +173,7 @@ def test_float32_files_agree_with_the_jax_model_on_real_photos(exported, name):
   probabilities = runtimes.in_batches(runtimes.runner(workdir / "export" / name), test_images,
                                       batch_size=48)  # Batches unlike the gate's.
   assert probabilities.shape == reference.shape and probabilities.dtype == np.float32
-  np.testing.assert_allclose(probabilities, reference, rtol=0, atol=gate.FLOAT_TOLERANCE)
+  np.testing.assert_allclose(probabilities, reference, rtol=0, atol=FLOAT32_AGREEMENT)
 
 
 @pytest.mark.parametrize("name", ["model.int8.onnx", "model.int8.tflite"])
