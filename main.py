@@ -16,13 +16,13 @@ from absl import app, flags
 from ml_collections import config_flags
 from ml_collections.config_flags import config_path
 
-from tljax import checkpoint, checks, exits, files, preemption, steps, train
+from tljax import checkpoint, checks, exits, files, liveness, preemption, steps, train
 from tljax.data import dataset
 from tljax.models import weights
 
 # Failures of a run that had good inputs (exit 1), and the user's own mistakes (exit 2).
 RUN_FAILURES = (checkpoint.CheckpointWriteError, checkpoint.CheckpointDamagedError,
-                files.OutputWriteError, steps.NonFiniteError)
+                files.OutputWriteError, steps.NonFiniteError, liveness.PeerLostError)
 INPUT_ERRORS = (checks.ConfigError, dataset.DataError, weights.WeightsError,
                 checkpoint.CheckpointError, files.WorkdirError)
 

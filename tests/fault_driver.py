@@ -11,6 +11,7 @@ import os
 import runpy
 import signal
 import sys
+import time
 
 sys.path.insert(0, os.getcwd())
 
@@ -98,6 +99,42 @@ def own_workdir():
   train.run = patched
 
 
+def stall_loading(spec):
+  """``P@S``: process ``P`` sleeps ``S`` seconds before it loads the dataset."""
+  import jax
+
+  from tljax.data import load
+  process, seconds = spec.split("@")
+  load_dataset = load.load_dataset
+
+  def patched(*args, **kwargs):
+    if jax.process_index() == int(process):
+      time.sleep(float(seconds))
+    return load_dataset(*args, **kwargs)
+
+  load.load_dataset = patched
+
+
+def sigterm_while_waiting(process):
+  """SIGTERM to process ``process`` half a second into its first wait for other processes
+  (tljax.liveness), logged with the time it is sent."""
+  import logging
+  import threading
+
+  from tljax import liveness
+  until_done = liveness.Wait.until_done
+
+  def patched(self, processes):
+    if self.process == int(process):
+      def send():
+        logging.warning("FAULT: sending SIGTERM")
+        os.kill(os.getpid(), signal.SIGTERM)
+      threading.Timer(0.5, send).start()
+    return until_done(self, processes)
+
+  liveness.Wait.until_done = patched
+
+
 def sigkill_at_commit(step):
   """SIGKILL once checkpoint ``step`` is written, before it is renamed into place.
 
@@ -166,7 +203,8 @@ def count_rows_read():
 
 HOOKS = {f.__name__: f for f in (sigterm_at_step, sigkill_at_step, sigint_at_step,
                                  sigint_again_from_step, jax_thread, sigterm_in,
-                                 sigterm_on_process, own_workdir, sigkill_at_commit, fail_write,
+                                 sigterm_on_process, own_workdir, stall_loading,
+                                 sigterm_while_waiting, sigkill_at_commit, fail_write,
                                  no_weights, nan_loss, count_rows_read)}
 
 

@@ -6,7 +6,8 @@ Two processes with two forced CPU devices each (gloo collectives, a coordinator 
 in the fine-tune, both stop with 143 and are restarted, resume from their shared checkpoint,
 and must end with the parameters of one process with one device (this one) on the same global
 batches. Two processes given separate work directories are refused within
-``distributed.timeout_s``.
+``distributed.timeout_s``, and a SIGTERM to process 0 while process 1 is still loading the
+dataset stops both with 143 (the heartbeat logic itself is tested in test_liveness.py).
 """
 
 import json
@@ -45,7 +46,7 @@ def test_single_process_unless_asked(monkeypatch):
   assert not jax.distributed.is_initialized()
   assert distributed.is_main_process() and distributed.any_process(True)
   assert not distributed.any_process(False)
-  with distributed.main_process_first("test"):
+  with distributed.main_process_first("test", timeout_s=1):
     pass
 
 
@@ -144,3 +145,27 @@ def test_processes_that_do_not_share_the_workdir_are_told_within_the_timeout(
             f"lock file there after {timeout_s} s. Every host must use the same work "
             "directory") in log, log[-3000:]
   assert not list((tmp_path / "run").rglob("checkpoints"))
+
+
+def test_a_sigterm_while_waiting_for_a_process_still_loading_stops_both_with_143(
+    launch, tmp_path):
+  stall_s = 3  # Process 0 waits from when it loaded; its SIGTERM comes 0.5 s later.
+  outcome = launch(tmp_path / "run", processes=2, devices_each=1,
+                   hooks=f"stall_loading=1@{stall_s},sigterm_while_waiting=0")
+  (code0, log0), (code1, log1) = outcome
+  assert [code0, code1] == [143, 143], log0[-3000:] + log1[-3000:]
+  stopped = ("stopped by SIGTERM while waiting for process 1 to finish loading the dataset; "
+             "rerun the same command to resume.")
+  assert stopped in log0, log0[-3000:]
+  assert _logged_at(log0, stopped) - _logged_at(log0, "FAULT: sending SIGTERM") < 1.0
+  assert ("process 0 was stopped (SIGTERM) while the processes were loading the dataset; "
+          "rerun the same command to resume.") in log1, log1[-3000:]
+  assert "Traceback" not in log0 + log1
+  assert not list((tmp_path / "run").rglob("checkpoints"))
+
+
+def _logged_at(log: str, message: str) -> float:
+  """The time of day (s) of absl's log line holding ``message``."""
+  line = next(line for line in log.splitlines() if message in line)
+  hours, minutes, seconds = line.split()[1].split(":")
+  return int(hours) * 3600 + int(minutes) * 60 + float(seconds)

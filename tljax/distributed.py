@@ -15,7 +15,10 @@ import os
 import jax
 import ml_collections
 import numpy as np
+from jax._src import distributed as jax_distributed
 from jax.experimental import multihost_utils
+
+from tljax import liveness
 
 INITIALIZE_MODES = ("auto", "yes", "no")
 
@@ -41,7 +44,9 @@ def initialize(config: ml_collections.ConfigDict) -> None:
               "num_processes": config.num_processes or None,
               "process_id": config.process_id if config.process_id >= 0 else None}
   try:
-    jax.distributed.initialize(**settings, initialization_timeout=config.timeout_s)
+    # At exit a process waits for the others' exit too: bounded as every other wait.
+    jax.distributed.initialize(**settings, initialization_timeout=config.timeout_s,
+                               shutdown_timeout_seconds=config.timeout_s)
   except (ValueError, TypeError, RuntimeError) as e:
     given = ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None) or "nothing"
     raise ValueError(
@@ -84,15 +89,28 @@ def any_process(flag: bool) -> bool:
 
 
 @contextlib.contextmanager
-def main_process_first(name: str):
-  """Runs the block on process 0, then on the others: e.g. a download into shared storage."""
+def main_process_first(name: str, timeout_s: float):
+  """Runs the block on process 0, then on the others (e.g. a download into shared storage),
+  then waits until every process has run it.
+
+  A process running the block may take any time: the waits are bounded by liveness, not by
+  total time. Each process running it says it is alive every ``liveness.HEARTBEAT_S``; a
+  waiting process gives up (``liveness.PeerLostError``) when a peer it waits for has not for
+  ``timeout_s``, or failed in the block, and stops (``preemption.Preempted``) within a second
+  of a SIGTERM or Ctrl-C to itself or to a peer.
+  """
+  if jax.process_count() == 1:
+    yield
+    return
+  wait = liveness.Wait(_key_value_store(), name, jax.process_index(), jax.process_count(),
+                       timeout_s)
   if not is_main_process():
-    _barrier(name)
-  yield
-  if is_main_process():
-    _barrier(name)
+    wait.until_done([0])
+  with wait.running():
+    yield
+  wait.until_done(range(jax.process_count()))
 
 
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
+def _key_value_store():
+  """The key-value store of the ``jax.distributed`` coordinator (JAX has no public API to it)."""
+  return jax_distributed.global_state.client

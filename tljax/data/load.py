@@ -71,7 +71,7 @@ def load_splits(config, workdir: pathlib.Path | None = None
   Every process loads the whole (in-memory) dataset; process 0 first, so that a download
   or a decoded cache in shared storage is made once.
   """
-  with distributed.main_process_first("dataset"):
+  with distributed.main_process_first("loading the dataset", config.distributed.timeout_s):
     dataset = load_dataset(config, workdir)
   train = take(dataset.train, config.data.train_examples)
   if dataset.validation is None:
