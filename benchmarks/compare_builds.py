@@ -2,7 +2,7 @@
 
     git worktree add /tmp/before <commit>
     python benchmarks/compare_builds.py --before /tmp/before --rounds 2 \\
-        --rows runs --label name --metric wall_s -- \\
+        --rows runs --label run --metric wall_s,summary.phases.1.wall_s -- \\
         python benchmarks/recipe.py --skip_peer --out {out}
 
 Runs the command after ``--`` in the ``--before`` checkout and in ``--after`` (default: this
@@ -43,13 +43,34 @@ def run_once(command: list[str], checkout: pathlib.Path, out: pathlib.Path) -> d
   return {"wall_s": wall_s, "status": done.returncode, "json": result}
 
 
+def _field(row: dict[str, Any], path: str):
+  """``row``'s value at a dotted ``path`` (``summary.phases.1.wall_s``), None where absent."""
+  value: Any = row
+  for key in path.split("."):
+    if isinstance(value, list) and key.isdigit() and int(key) < len(value):
+      value = value[int(key)]
+    elif isinstance(value, dict) and key in value:
+      value = value[key]
+    else:
+      return None
+  return value
+
+
 def metrics(result: dict[str, Any] | None, rows: str, label: str, metric: str) -> dict:
-  """``{row label: metric}`` of one run's JSON (empty without ``--rows``)."""
+  """``{row label [metric]: value}`` of one run's JSON (empty without ``--rows``); ``metric``
+  is one or more dotted paths, comma-separated (the metric is named where there are several)."""
   if result is None or not rows:
     return {}
   labels = [part.strip() for part in label.split(",")]
-  return {" ".join(str(row[key]) for key in labels): row[metric] for row in result[rows]
-          if row.get(metric) is not None}
+  paths = [part.strip() for part in metric.split(",")]
+  values = {}
+  for row in result[rows]:
+    name = " ".join(str(row[key]) for key in labels)
+    for path in paths:
+      value = _field(row, path)
+      if value is not None:
+        values[f"{name} {path}" if len(paths) > 1 else name] = value
+  return values
 
 
 def main() -> None:
@@ -59,7 +80,8 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=2, help="runs of each build")
   parser.add_argument("--rows", default="", help="key of the list of rows in the JSON")
   parser.add_argument("--label", default="label", help="row field(s) naming a row, a,b")
-  parser.add_argument("--metric", default="median_ms", help="row field to compare")
+  parser.add_argument("--metric", default="median_ms",
+                      help="row field(s) to compare: dotted paths, a,b")
   parser.add_argument("--out", default="compare_builds.json")
   parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ...")
   args = parser.parse_args()

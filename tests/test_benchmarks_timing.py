@@ -1,7 +1,9 @@
-"""The benchmarks' shared helpers (benchmarks/timing.py), which import no jax."""
+"""The benchmarks' shared helpers (benchmarks/timing.py) and compare_builds.py's reading of a
+run's JSON, which import no jax."""
 
 import importlib.util
 import pathlib
+import sys
 
 import pytest
 
@@ -9,6 +11,12 @@ _SPEC = importlib.util.spec_from_file_location(
     "timing", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "timing.py")
 timing = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(timing)
+sys.modules.setdefault("timing", timing)  # compare_builds.py imports it by that name.
+_SPEC = importlib.util.spec_from_file_location(
+    "compare_builds", pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    / "compare_builds.py")
+compare_builds = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(compare_builds)
 
 
 def test_time_calls_calls_at_least_min_calls():
@@ -40,3 +48,13 @@ def test_result_lines_round_trip_among_other_output():
 
 def test_cpu_model_names_the_cpu():
   assert timing.cpu_model().strip()
+
+
+def test_compare_builds_reads_dotted_metrics_of_each_row():
+  result = {"runs": [{"run": "tljax", "wall_s": 9.5,
+                      "summary": {"phases": [{"wall_s": 1.0}, {"wall_s": 7.0}]}},
+                     {"run": "peer", "wall_s": 30.0, "summary": None}]}
+  assert compare_builds.metrics(result, "runs", "run", "wall_s") == {"tljax": 9.5, "peer": 30.0}
+  assert compare_builds.metrics(result, "runs", "run", "wall_s,summary.phases.1.wall_s") == {
+      "tljax wall_s": 9.5, "tljax summary.phases.1.wall_s": 7.0, "peer wall_s": 30.0}
+  assert compare_builds.metrics(None, "runs", "run", "wall_s") == {}
