@@ -29,9 +29,9 @@ def _cli(*flags: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("flag, message", [
     ("--config.batchsize=16", "--config.batchsize: config has no key 'batchsize'. Did you mean "
-     "--config.batch_size? Its keys are: batch_size, cache_max_gb, checkpoint_every_steps, "
-     "data, distributed, eval_batch_size, export, max_bad_steps, max_to_keep, model, phases, "
-     "seed, steps_per_dispatch, tensorboard."),
+     "--config.batch_size? Its keys are: audit, batch_size, cache_max_gb, calibrate, "
+     "checkpoint_every_steps, class_weighting, data, distributed, eval_batch_size, export, "
+     "max_bad_steps, max_to_keep, model, phases, seed, steps_per_dispatch, tensorboard."),
     ("--config.phases[1].epoch=2", "--config.phases[1].epoch: config.phases[1] has no key "
      "'epoch'. Did you mean --config.phases[1].epochs? Its keys are: batchnorm, cache_prefix, "
      "early_stopping_patience, ema_decay, epochs,"),

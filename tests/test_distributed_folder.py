@@ -52,9 +52,11 @@ def test_two_processes_stream_a_folder_as_one_process_trains_on_it(tmp_path, mon
 
   monkeypatch.setattr(dataset.RowView, "__getitem__", counted)
   train.run(module.get_config(), tmp_path / "one")  # One process, one device, same batches.
-  # Each process reads its device's half of every batch; process 0 also its 3x3 sample plot.
-  assert rows_read[1] > 0 and rows_read == [rows_read[1] + 9, rows_read[1]]
-  assert read[0] == 2 * rows_read[1] + 9
+  # Each process reads its device's half of every batch and every image once (the audit's
+  # pixel digests); process 0 also the images its plots show, as the one process does.
+  images, shown = 36, rows_read[0] - rows_read[1]
+  assert rows_read[1] > images and shown >= 9  # At least the 3x3 sample plot.
+  assert read[0] == 2 * (rows_read[1] - images) + images + shown
   for split in ("train", "validation", "test"):
     assert ((tmp_path / "two" / "splits" / f"{split}.txt").read_text()
             == (tmp_path / "one" / "splits" / f"{split}.txt").read_text())

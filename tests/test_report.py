@@ -58,7 +58,10 @@ def reported(tiny_idx_run, tmp_path_factory):
 
 def test_a_run_ends_with_its_report(tiny_idx_run):
   page = (tiny_idx_run[0] / "report.html").read_text()
-  assert page.startswith("<!DOCTYPE html>") and "No data audit" in page
+  audit = json.loads((tiny_idx_run[0] / "audit.json").read_text())
+  flat = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page)))
+  assert page.startswith("<!DOCTYPE html>") and "No data audit" not in page
+  assert f"exact duplicate groups {len(audit['exact_duplicates'])}" in flat
 
 
 def test_the_page_shows_the_runs_numbers_and_the_audit(reported):

@@ -266,14 +266,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     if dataset.split_files and distributed.is_main_process():
       with files.write_errors_reported("writing the split lists to", workdir / "splits"):
         folder.write_split_lists(workdir / "splits", dataset.split_files)
-    splits, audited = audit.audit_splits(config, workdir, dataset, splits, model, view, mesh)
-    if audited and audited["removed_from_train"]:  # Steps per epoch of the smaller train split.
-      all_phases = phases.build_phases(config, model, abstract_variables["params"],
-                                      len(splits["train"]))
     checkpointer = checkpoint.Checkpointer(workdir, max_to_keep=config.max_to_keep,
                                            timeout_s=config.distributed.timeout_s)
     start = resume.start(checkpointer, fingerprint, config, model, all_phases,
                          abstract_variables, mesh)
+    # After the resume checks: a run refused there writes nothing.
+    splits, audited = audit.audit_splits(config, workdir, dataset, splits, model, view, mesh)
+    if audited and audited["removed_from_train"]:  # Steps per epoch of the smaller train split.
+      all_phases = phases.build_phases(config, model, abstract_variables["params"],
+                                      len(splits["train"]))
     split_sources = sources.sources(splits, mesh)
     stop = preemption.StopSignal()
     main_process = distributed.is_main_process()
