@@ -16,15 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from ml_collections.config_flags import config_path
 
-from tljax import checkpoint, checks, exits, files, liveness, preemption, steps, train
-from tljax.data import dataset
-from tljax.models import weights
-
-# Failures of a run that had good inputs (exit 1), and the user's own mistakes (exit 2).
-RUN_FAILURES = (checkpoint.CheckpointWriteError, checkpoint.CheckpointDamagedError,
-                files.OutputWriteError, steps.NonFiniteError, liveness.PeerLostError)
-INPUT_ERRORS = (checks.ConfigError, dataset.DataError, weights.WeightsError,
-                checkpoint.CheckpointError, files.WorkdirError)
+from tljax import exits
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file (see configs/).", lock_config=True)
@@ -36,6 +28,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> int:
   """``train.run``; returns the exit code, with a failure logged as one message."""
+  # Imported here, not at the top: a mistyped flag is reported before JAX loads.
+  from tljax import checkpoint, checks, files, liveness, preemption, steps, train
+  from tljax.data import dataset
+  from tljax.models import weights
+  # Failures of a run that had good inputs (exit 1), and the user's own mistakes (exit 2).
+  run_failures = (checkpoint.CheckpointWriteError, checkpoint.CheckpointDamagedError,
+                  files.OutputWriteError, steps.NonFiniteError, liveness.PeerLostError)
+  input_errors = (checks.ConfigError, dataset.DataError, weights.WeightsError,
+                  checkpoint.CheckpointError, files.WorkdirError)
   try:
     train.run(config, workdir)
   except preemption.Preempted as e:
@@ -45,9 +46,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     logging.warning("interrupted: stopped at once; rerun the same command to resume from the "
                     "last checkpoint, if there is one.")
     return exits.INTERRUPTED
-  except RUN_FAILURES as e:
+  except run_failures as e:
     return _failed(e, exits.FAILED)
-  except INPUT_ERRORS as e:
+  except input_errors as e:
     return _failed(e, exits.BAD_INPUT)
   except Exception as e:  # noqa: BLE001 - a bug: one message, the traceback on request
     return _failed(e, exits.FAILED, f"unexpected {type(e).__name__} (a bug in tljax): ",

@@ -13,7 +13,13 @@ import threading
 
 import pytest
 
-from helpers import make_folder, tiny_config, tiny_folder_config, write_idx
+# The tests' programs are small and run briefly: compiled without LLVM's optimisation passes
+# they compile about a third faster and run no slower (docs/development.md). Set before JAX
+# starts its backend; subprocesses inherit it.
+os.environ["XLA_FLAGS"] = (
+    f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0").strip()
+
+from helpers import FAULT_OVERRIDES, make_folder, tiny_config, tiny_folder_config, write_idx
 
 # Keras is the numerical reference; it must run on the JAX backend, set before its import.
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -198,6 +204,16 @@ def tiny_idx_run(tiny_idx_dir, tmp_path_factory):
   _, workdir, summary = _run_once(tmp_path_factory, "tiny_idx_run",
                                   lambda directory: tiny_config(tiny_idx_dir))
   return workdir, summary
+
+
+@pytest.fixture(scope="session")
+def fault_reference(tiny_idx_dir, tmp_path_factory) -> pathlib.Path:
+  """The workdir of an uninterrupted run of the fault tests' config (helpers.FAULT_OVERRIDES,
+  two checkpoints kept: 20 and 24), where every chain of faults must end bit for bit; one run
+  for the session, read by both pytest-xdist workers (tests must not change it)."""
+  _, workdir, _ = _run_once(tmp_path_factory, "fault_reference", lambda directory: tiny_config(
+      tiny_idx_dir, **{**FAULT_OVERRIDES, "max_to_keep": 2}))
+  return workdir
 
 
 @pytest.fixture(scope="session")

@@ -291,6 +291,12 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def with_devices(env: dict[str, str], count: int) -> dict[str, str]:
+  """``env`` for a JAX process with ``count`` CPU devices, keeping the XLA flags it has."""
+  flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
+  return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags.strip()}
+
+
 def launcher(directory: pathlib.Path, default_config: pathlib.Path):
   """``launch(workdir, processes, devices_each, hooks, config) -> [(returncode, stderr)]``:
   main.py under tests/fault_driver.py, in one or more processes on this machine (a
@@ -298,8 +304,7 @@ def launcher(directory: pathlib.Path, default_config: pathlib.Path):
   logs go to files under ``directory``."""
 
   def launch(workdir, processes, devices_each, hooks="", config=default_config):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}"}
+    env = with_devices(dict(os.environ), devices_each)
     flags = [f"--config={config}", f"--workdir={workdir}"]
     if processes > 1:
       flags += [f"--config.distributed.coordinator_address=127.0.0.1:{free_port()}",

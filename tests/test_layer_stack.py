@@ -75,7 +75,7 @@ class Toy(LayerStack):
 
 MODEL = Toy(num_classes=5)
 X = np.random.default_rng(0).uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
-VARIABLES = MODEL.init(jax.random.PRNGKey(0), X)
+VARIABLES = jax.jit(MODEL.init)(jax.random.PRNGKey(0), X)
 
 
 def test_a_layer_stack_names_its_parameters_after_its_layers():

@@ -59,7 +59,11 @@ def test_quick_start_downloads_once_then_runs_from_the_cache(fresh_machine, tmp_
   assert sorted(fresh_machine.requests) == sorted(
       [f"/keras/{weights_name}", *(f"/mnist/{name}.gz" for name in idx.IDX_FILES)])
   fresh_machine.requests.clear()
-  assert main.run(_quick_start_config(), str(tmp_path / "run2")) == 0
+  # The same command again: it finds the run finished and writes its outputs anew, from the
+  # cached data and weights (their checksums are part of what it checks).
+  (tmp_path / "run1" / "summary.json").unlink()
+  assert main.run(_quick_start_config(), str(tmp_path / "run1")) == 0
+  assert (tmp_path / "run1" / "summary.json").is_file()
   assert fresh_machine.requests == []
   # A cached file that no longer has its sha256 (here cut short) is fetched again, alone.
   labels = cache / "datasets" / "mnist" / "t10k-labels-idx1-ubyte.gz"

@@ -3,10 +3,11 @@
 One workdir is stopped five times in a row through ``main.py`` in subprocesses (SIGTERM while
 evaluating, while caching the next phase's prefix and mid fine-tune; SIGKILL while a
 checkpoint is being committed; a checkpoint write that fails in the background) and then
-finished; it must end bit for bit where an uninterrupted run ends. Faults are injected by
-tests/fault_driver.py, which patches tljax (and, for SIGKILL mid-commit and the failed write,
-Orbax's public checkpoint classes) before it runs main.py. Subprocesses share the session's
-persistent XLA compilation cache (tests/conftest.py), so only the first one compiles.
+finished; it must end bit for bit where an uninterrupted run (conftest's fault_reference)
+ends. Faults are injected by tests/fault_driver.py, which patches tljax (and, for SIGKILL
+mid-commit and the failed write, Orbax's public checkpoint classes) before it runs main.py.
+Subprocesses share the session's persistent XLA compilation cache (tests/conftest.py), so
+only the first one compiles.
 
 Ctrl-C, non-finite losses, damaged checkpoints and resuming on other data:
 tests/test_reliability_resume.py (two files, so that pytest -n 2 runs them side by side). How
@@ -19,7 +20,8 @@ import numpy as np
 import pytest
 
 from helpers import FAULT_OVERRIDES as OVERRIDES
-from helpers import fault_launcher, flatten, resumed_from, saved_checkpoint, tiny_config
+from helpers import (fault_launcher, flatten, read_records, resumed_from, saved_checkpoint,
+                     tiny_config)
 from tljax import checkpoint, exits, train
 
 STEPS = list(range(2, 25, 2))  # Global steps that end a dispatch: 8 frozen, 16 fine-tuning.
@@ -36,15 +38,7 @@ def launch(tiny_idx_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(launch, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("reference")
-  outcome = launch(workdir)
-  assert outcome.returncode == 0, outcome.stderr[-3000:]
-  return workdir, outcome
-
-
-@pytest.fixture(scope="module")
-def chain(launch, reference, tmp_path_factory):
+def chain(launch, fault_reference, tmp_path_factory):
   """One workdir through every fault in turn, then to the end: stage name -> Outcome."""
   workdir = tmp_path_factory.mktemp("chain")
   stages = {}
@@ -131,23 +125,24 @@ def test_every_fault_left_a_complete_checkpoint(chain):
     assert outcome.latest is not None and str(outcome.latest) in outcome.listing, name
 
 
-def test_resumed_run_ends_bit_for_bit_where_the_uninterrupted_one_ends(reference, chain):
-  (ref_dir, ref), (workdir, stages) = reference, chain
-  final = stages["finished"]
-  assert ref.listing == final.listing == ["24"]
-  ref_steps = {r["step"]: r for r in ref.records if r["kind"] == "step"}
+def test_resumed_run_ends_bit_for_bit_where_the_uninterrupted_one_ends(fault_reference, chain):
+  ref_dir, (workdir, stages) = fault_reference, chain
+  ref_records, final = read_records(ref_dir), stages["finished"]
+  assert final.listing == ["24"]
+  ref_steps = {r["step"]: r for r in ref_records if r["kind"] == "step"}
   assert sorted(ref_steps) == STEPS
   assert set(_steps(final.records)) == set(STEPS)
   drop_timing = lambda r: {k: v for k, v in r.items() if k != "images_per_s"}
   for record in final.records:  # Each resume repeats the uninterrupted run's losses exactly.
     if record["kind"] == "step":
       assert drop_timing(record) == drop_timing(ref_steps[record["step"]])
-  ref_val = {(r["phase"], r["epoch"]): r["val_loss"] for r in ref.records if r["kind"] == "epoch"}
+  ref_val = {(r["phase"], r["epoch"]): r["val_loss"] for r in ref_records if r["kind"] == "epoch"}
   for record in final.records:
     if record["kind"] == "epoch":
       assert record["val_loss"] == ref_val[record["phase"], record["epoch"]]
-  _, _, ref_state = saved_checkpoint(ref_dir)
-  _, _, state = saved_checkpoint(workdir)
+  ref_step, _, ref_state = saved_checkpoint(ref_dir)
+  step, _, state = saved_checkpoint(workdir)
+  assert ref_step == step == 24
   ref_leaves = dict(flatten(ref_state))
   assert sorted(ref_leaves) == sorted(k for k, _ in flatten(state))
   for path, leaf in flatten(state):  # params, batch_stats, opt_state, step, rng, bad_steps
@@ -174,8 +169,8 @@ def test_restarts_never_rerun_a_finished_phase_or_reload_weights(chain):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_incompatible_config_is_refused_and_its_checkpoints_kept(reference, tiny_idx_dir):
-  workdir, _ = reference
+def test_incompatible_config_is_refused_and_its_checkpoints_kept(fault_reference, tiny_idx_dir):
+  workdir = fault_reference
   before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
   config = tiny_config(tiny_idx_dir, **{**OVERRIDES, "seed": 1})
   with pytest.raises(checkpoint.CheckpointError, match=r"another config \(differs in \['seed'\]\)"

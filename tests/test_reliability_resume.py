@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 
 import pytest
@@ -20,7 +21,7 @@ import pytest
 from helpers import FAULT_OVERRIDES as OVERRIDES
 from helpers import (assert_same_state, fault_launcher, logged_error, resumed_from,
                      saved_checkpoint, tiny_config)
-from tljax import dispatch, files, train
+from tljax import dispatch, files
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +30,9 @@ def launch(tiny_idx_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def finished(tiny_idx_dir, tmp_path_factory):
-  """An uninterrupted run (in process) keeping two checkpoints (20 and 24), and its final
-  state."""
-  workdir = tmp_path_factory.mktemp("finished")
-  train.run(tiny_config(tiny_idx_dir, **{**OVERRIDES, "max_to_keep": 2}), workdir)
-  return workdir, saved_checkpoint(workdir)[2]
+def finished(fault_reference):
+  """conftest's uninterrupted run, keeping two checkpoints (20 and 24), and its final state."""
+  return fault_reference, saved_checkpoint(fault_reference)[2]
 
 # ---------------------------------------------------------------------------------------------
 # Ctrl-C and non-finite losses, through main.py.
@@ -116,30 +114,26 @@ def test_resuming_on_other_data_is_refused(finished, tiny_idx_dir, tmp_path, cap
 
 @pytest.mark.parametrize("damage", [_bit_rot, _truncate], ids=["bit_rot", "truncated"])
 def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_resumed(
-    damage, finished, tiny_idx_dir, tmp_path, caplog):
+    damage, finished, launch, tmp_path):
+  """On the command line: one line says so, and Orbax's abandoned reads (hundreds of
+  tracebacks when collected) stay out of the log."""
   workdir = _copy_without_outputs(finished, tmp_path)
   damage(_largest_state_file(workdir, 24))
-  assert _rerun(workdir, tiny_idx_dir, caplog) == 0, caplog.text
-  [report] = [r.getMessage() for r in caplog.records if "moved it to" in r.getMessage()]
-  assert report.startswith(f"checkpoint {workdir}/checkpoints/24 ")
-  assert f"moved it to {workdir}/checkpoints.rejected/24" in report and "\n" not in report
-  assert "resuming from checkpoint 20" in caplog.text
+  outcome = launch(workdir, max_to_keep=2)
+  assert outcome.returncode == 0 and outcome.outputs, outcome.stderr[-3000:]
+  lines = outcome.stderr.splitlines()
+  [at] = [i for i, line in enumerate(lines) if "moved it to" in line]
+  assert f"] checkpoint {workdir}/checkpoints/24 " in lines[at]
+  assert f"moved it to {workdir}/checkpoints.rejected/24" in lines[at]
+  assert re.match(r"[IWEF]\d{4} ", lines[at + 1])  # The message is one line.
+  assert resumed_from(outcome) == 20
+  for noise in ("Traceback", "Exception ignored", "Event loop is closed"):
+    assert noise not in outcome.stderr, outcome.stderr[-3000:]
   assert (workdir / "checkpoints.rejected" / "24" / "state").is_dir()
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["20", "24"]
+  assert outcome.listing == ["20", "24"]
   assert_same_state(finished[1], saved_checkpoint(workdir)[2])
   assert (json.loads((workdir / "summary.json").read_text())["test_loss"]
           == json.loads((finished[0] / "summary.json").read_text())["test_loss"])
-
-
-def test_a_truncated_checkpoint_is_one_line_on_the_command_line(finished, launch, tmp_path):
-  """Orbax's abandoned reads (hundreds of tracebacks when collected) stay out of the log."""
-  workdir = _copy_without_outputs(finished, tmp_path)
-  _truncate(_largest_state_file(workdir, 24))
-  outcome = launch(workdir, max_to_keep=2)
-  assert outcome.returncode == 0 and outcome.outputs, outcome.stderr[-3000:]
-  assert outcome.stderr.count(f"moved it to {workdir}/checkpoints.rejected/24") == 1
-  for noise in ("Traceback", "Exception ignored", "Event loop is closed"):
-    assert noise not in outcome.stderr, outcome.stderr[-3000:]
 
 
 def test_no_restorable_checkpoint_fails_naming_the_directories_tried(

@@ -1,6 +1,7 @@
 """The pure train step with freeze labels: frozen parameters and BatchNorm statistics never
 move and hold no optimizer state; a non-finite step is skipped."""
 
+import functools
 from unittest import mock
 
 import jax
@@ -21,27 +22,30 @@ PHASES = {
 }
 
 
-def _calibrated_variables():
+@functools.cache
+def calibrated_variables():
   """Random weights with moving statistics set from one batch, so that inference-mode
-  activations neither vanish nor saturate (and every trainable parameter gets a gradient)."""
-  x = np.random.default_rng(1).uniform(0, 1, (16, 32, 32, 3)).astype(np.float32)
-  variables = MODEL.init(jax.random.PRNGKey(0), x)
+  activations neither vanish nor saturate (and every trainable parameter gets a gradient).
+  Made on first use and compiled as one program: pytest imports this file in every worker."""
   bn = [l for l in MODEL.layers if l.kind == "bn"]
-  pre_bn, _ = MODEL.apply(variables, x, train_bn=frozenset(l.name for l in bn),
-                          capture=[l.inputs[0] for l in bn], mutable=["batch_stats"])
-  stats = {l.name: {"mean": jnp.mean(pre_bn[l.inputs[0]], (0, 1, 2)),
-                    "var": jnp.var(pre_bn[l.inputs[0]], (0, 1, 2))} for l in bn}
-  return {"params": variables["params"], "batch_stats": stats}
 
+  def calibrate(x):
+    variables = MODEL.init(jax.random.PRNGKey(0), x)
+    pre_bn, _ = MODEL.apply(variables, x, train_bn=frozenset(l.name for l in bn),
+                            capture=[l.inputs[0] for l in bn], mutable=["batch_stats"])
+    stats = {l.name: {"mean": jnp.mean(pre_bn[l.inputs[0]], (0, 1, 2)),
+                      "var": jnp.var(pre_bn[l.inputs[0]], (0, 1, 2))} for l in bn}
+    return {"params": variables["params"], "batch_stats": stats}
 
-CALIBRATED = _calibrated_variables()
+  x = np.random.default_rng(1).uniform(0, 1, (16, 32, 32, 3)).astype(np.float32)
+  return jax.jit(calibrate)(x)
 
 
 def _train(rules, batchnorm, tx, num_steps=3, micro_batches=True):
   """``num_steps`` steps as the trainer takes them: in micro-batches of 2 images (the frozen
   layers, and the gradient where BatchNorm keeps its moving statistics), unless
   ``micro_batches`` is false."""
-  variables = CALIBRATED
+  variables = calibrated_variables()
   labels, _ = freezing.label_params(variables["params"], freezing.parse_rules(rules), BASE)
   bn = {l.name for l in MODEL.layers if l.kind == "bn"}
   train_bn = frozenset(freezing.trainable_layers(labels) & bn) if batchnorm == "batch_stats" \
@@ -136,7 +140,7 @@ def test_adamw_decay_leaves_frozen_params_untouched():
 
 
 def test_non_finite_step_is_skipped():
-  variables = CALIBRATED
+  variables = calibrated_variables()
   labels, _ = freezing.label_params(
       variables["params"], freezing.parse_rules(("train:Conv_1.*|predictions/.*", "freeze:.*")),
       BASE)
@@ -179,7 +183,7 @@ def test_class_weights_weigh_each_examples_loss_by_its_class():
   """The step's loss is sum(w[y] * cross-entropy) / batch: checked against logits computed
   by hand from the head's inputs, for the weights and for none (which differ, so the check
   can fail). The step starts at the head, on pooled features, as a cached head phase does."""
-  variables = CALIBRATED
+  variables = calibrated_variables()
   rules = freezing.parse_rules(PHASES["frozen_base"][0])
   labels_tree, _ = freezing.label_params(variables["params"], rules, BASE)
   masked = freezing.masked_optimizer(optax.sgd(0.0), labels_tree)
