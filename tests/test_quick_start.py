@@ -9,6 +9,7 @@ import pytest
 
 import main
 from helpers import logged_error
+from tljax import exits, train
 from tljax.data import idx, load
 from tljax.models import mobilenet_v2
 
@@ -47,7 +48,12 @@ def _quick_start_config():
   return config
 
 
-def test_quick_start_downloads_once_then_runs_from_the_cache(fresh_machine, tmp_path):
+def _stopped(*args):
+  raise KeyboardInterrupt("stopped as its first phase starts")
+
+
+def test_quick_start_downloads_once_then_runs_from_the_cache(fresh_machine, tmp_path,
+                                                          monkeypatch):
   assert main.run(_quick_start_config(), str(tmp_path / "run1")) == 0
   for output in ("summary.json", "confusion_matrix.png", "trained_variables.msgpack"):
     assert (tmp_path / "run1" / output).is_file()
@@ -59,12 +65,11 @@ def test_quick_start_downloads_once_then_runs_from_the_cache(fresh_machine, tmp_
   assert sorted(fresh_machine.requests) == sorted(
       [f"/keras/{weights_name}", *(f"/mnist/{name}.gz" for name in idx.IDX_FILES)])
   fresh_machine.requests.clear()
-  # The same command again: it finds the run finished and writes its outputs anew, from the
-  # cached data and weights (their checksums are part of what it checks).
-  (tmp_path / "run1" / "summary.json").unlink()
-  assert main.run(_quick_start_config(), str(tmp_path / "run1")) == 0
-  assert (tmp_path / "run1" / "summary.json").is_file()
-  assert fresh_machine.requests == []
+  # A second run reads both from the cache, checksums checked, until its first phase starts
+  # (where it is stopped here: nothing after that reads data or weights).
+  monkeypatch.setattr(train, "train_phase", _stopped)
+  assert main.run(_quick_start_config(), str(tmp_path / "run2")) == exits.INTERRUPTED
+  assert (tmp_path / "run2" / "checkpoints").is_dir() and fresh_machine.requests == []
   # A cached file that no longer has its sha256 (here cut short) is fetched again, alone.
   labels = cache / "datasets" / "mnist" / "t10k-labels-idx1-ubyte.gz"
   labels.write_bytes(labels.read_bytes()[:100])
