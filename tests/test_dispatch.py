@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import default
+from helpers import calibrated
 from tljax import dispatch, models, phases, prefix, sharding
 from tljax.data import sources, transforms
 
@@ -86,17 +87,6 @@ def test_scanned_head_steps_equal_separate_steps():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def _calibrated(model, variables, x):
-  """``variables`` with every BatchNorm's moving statistics those of the batch ``x``, so that
-  activations in inference mode neither vanish nor saturate."""
-  bn = [layer for layer in model.layers if layer.kind == "bn"]
-  before_bn, _ = model.apply(variables, x, train_bn=frozenset(l.name for l in bn),
-                             capture=[l.inputs[0] for l in bn], mutable=["batch_stats"])
-  stats = {l.name: {"mean": jnp.mean(before_bn[l.inputs[0]], (0, 1, 2)),
-                    "var": jnp.var(before_bn[l.inputs[0]], (0, 1, 2))} for l in bn}
-  return jax.device_get({"params": variables["params"], "batch_stats": stats})
-
-
 def test_bfloat16_step_updates_the_weights_as_float32_does():
   # Conv_1 and the head train, from a float32 cache of the layers below: a deeper network
   # amplifies bfloat16's rounding (8 bits of mantissa) until its gradient is tens of percent
@@ -109,7 +99,8 @@ def test_bfloat16_step_updates_the_weights_as_float32_does():
     config.phases[1].update(rules=("freeze:layers[:151]", "train:.*"), batchnorm="inference",
                             optimizer="sgd", learning_rate=0.01)
     view = transforms.EvalView.from_config(config)
-    variables = _calibrated(model.clone(dtype=jnp.float32), variables, view(jnp.asarray(images)))
+    variables = jax.device_get(calibrated(model.clone(dtype=jnp.float32), variables,
+                                          view(jnp.asarray(images))))
     cut = phases.build_phase(config, 1, model, variables["params"], len(labels)).cacheable_cut
     assert model.layers[cut].name == "Conv_1"
     if dtype == "float32":  # Both read the float32 cache.

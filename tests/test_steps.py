@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from helpers import BASE, MODEL
+from helpers import BASE, MODEL, calibrated
 from tljax import freezing, prefix, steps
 from tljax.models import microbatch
 
@@ -27,18 +27,8 @@ def calibrated_variables():
   """Random weights with moving statistics set from one batch, so that inference-mode
   activations neither vanish nor saturate (and every trainable parameter gets a gradient).
   Made on first use and compiled as one program: pytest imports this file in every worker."""
-  bn = [l for l in MODEL.layers if l.kind == "bn"]
-
-  def calibrate(x):
-    variables = MODEL.init(jax.random.PRNGKey(0), x)
-    pre_bn, _ = MODEL.apply(variables, x, train_bn=frozenset(l.name for l in bn),
-                            capture=[l.inputs[0] for l in bn], mutable=["batch_stats"])
-    stats = {l.name: {"mean": jnp.mean(pre_bn[l.inputs[0]], (0, 1, 2)),
-                      "var": jnp.var(pre_bn[l.inputs[0]], (0, 1, 2))} for l in bn}
-    return {"params": variables["params"], "batch_stats": stats}
-
   x = np.random.default_rng(1).uniform(0, 1, (16, 32, 32, 3)).astype(np.float32)
-  return jax.jit(calibrate)(x)
+  return jax.jit(lambda x: calibrated(MODEL, MODEL.init(jax.random.PRNGKey(0), x), x))(x)
 
 
 def _train(rules, batchnorm, tx, num_steps=3, micro_batches=True):
