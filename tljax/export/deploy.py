@@ -27,6 +27,9 @@ from tljax.models import microbatch
 
 FORMATS = ("jax", "onnx", "tflite")
 CALIBRATION_IMAGES = 300  # Training images whose activation ranges set the int8 scales.
+# An int8 file that fails the gate is quantized again with the layers of the network's first
+# 1, then 2, resolutions kept in float32 (graph.leading_stages), while it still fails.
+MAX_FLOAT_STAGES = 2
 PREDICTOR = "predict.py"
 FILES = {("onnx", "float32"): "model.onnx", ("onnx", "int8"): "model.int8.onnx",
          ("tflite", "float32"): "model.tflite", ("tflite", "int8"): "model.int8.tflite"}
@@ -75,6 +78,8 @@ class _Export:
     self.directory, self.test, self.max_int8_drop = directory, test, max_int8_drop
     self.records: dict[str, dict[str, Any]] = {}
     self.ranges: dict[str, tuple[float, float]] | None = None
+    self.float_layers: tuple[str, ...] = ()  # Layers the int8 files keep in float32.
+    self._measured: dict[tuple, dict[str, float]] = {}
 
   def attempt(self, name: str, fmt: str, precision: str, make) -> None:
     """``make(path)`` writes file ``name``; then its check. An exception is one message and a
@@ -95,15 +100,28 @@ class _Export:
     record = self.records.get(FILES[(fmt, "float32")], {})
     return record.get("test_accuracy", self.test.jax_accuracy)
 
+  def measure(self, path: pathlib.Path) -> dict[str, float]:
+    """``path`` in its runtime on the test split: ``gate.measure`` (once per written file)."""
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in self._measured:
+      probabilities = runtimes.in_batches(runtimes.runner(path), self.test.images)
+      self._measured[key] = gate.measure(probabilities, self.test)
+    return self._measured[key]
+
+  def judge(self, path: pathlib.Path, precision: str) -> tuple[dict[str, float], bool, str]:
+    """``path``'s measurements, whether it passes the gate, and why."""
+    measured = self.measure(path)
+    fmt = "onnx" if path.suffix == ".onnx" else "tflite"
+    return (measured, *gate.judge(measured, precision, self.float_accuracy(fmt),
+                                  self.max_int8_drop))
+
   def check(self, path: pathlib.Path, precision: str) -> dict[str, Any]:
     """The gate: ``path`` in its runtime on the test split; renamed if it fails."""
     if self.test is None:
       logging.warning("export: %s written but not checked (no test split given)", path.name)
       return {"gate": "not run", "gate_reason": "no test split"}
-    probabilities = runtimes.in_batches(runtimes.runner(path), self.test.images)
-    measured = gate.measure(probabilities, self.test)
-    fmt = "onnx" if path.suffix == ".onnx" else "tflite"
-    passed, reason = gate.judge(measured, precision, self.float_accuracy(fmt), self.max_int8_drop)
+    measured, passed, reason = self.judge(path, precision)
     record = {**measured, "gate": "passed" if passed else "failed", "gate_reason": reason}
     if passed:
       logging.info("export: %s (%.1f MB): %s; top-1 agreement with JAX %.2f%%", path.name,
@@ -216,7 +234,7 @@ def _write_deployable(state: _Export, formats: Sequence[str], model, variables, 
           raise ValueError("no calibration images given (int8 needs the training images)")
         source = float_onnx if float_onnx.is_file() else onnx_format.write(
             graph, pathlib.Path(scratch) / "model.onnx")
-        state.ranges = onnx_format.quantize(source, path, batches)
+        _quantize_onnx(state, graph, source, path, batches)
       if "onnx" in formats:
         state.attempt(FILES["onnx", "int8"], "onnx", "int8", onnx_int8)
       elif batches is not None:  # LiteRT's int8 takes its ranges from the same calibration.
@@ -233,5 +251,26 @@ def _write_deployable(state: _Export, formats: Sequence[str], model, variables, 
             raise ValueError("no calibration images given (int8 needs the training images)"
                              if batches is None else "the int8 calibration (through "
                              "onnxruntime) failed; see the message above")
-          tflite_format.write(graph, path, state.ranges)
+          tflite_format.write(graph, path, state.ranges, float_layers=state.float_layers)
         state.attempt(FILES["tflite", "int8"], "tflite", "int8", tflite_int8)
+    for name in (FILES["onnx", "int8"], FILES["tflite", "int8"]):
+      if name in state.records and "bytes" in state.records[name]:
+        state.records[name]["float32_layers"] = list(state.float_layers)
+
+
+def _quantize_onnx(state: _Export, graph: graph_lib.Graph, source: pathlib.Path,
+                   path: pathlib.Path, batches) -> None:
+  """Writes ``path``, ``source`` in int8, and sets the export's calibrated ranges and the
+  layers its int8 files keep in float32: none, or, while the file fails the gate on the test
+  split, those of the network's first 1, then 2, resolutions."""
+  for stages in range(MAX_FLOAT_STAGES + 1):
+    state.float_layers = graph_lib.leading_stages(graph, stages)
+    state.ranges = onnx_format.quantize(source, path, batches, state.float_layers)
+    if state.test is None or stages == MAX_FLOAT_STAGES:
+      return
+    _, passed, reason = state.judge(path, "int8")
+    if passed:
+      return
+    logging.info("export: int8 with %s in float32: %s; quantizing again with the first "
+                 "%d resolution(s) in float32", f"the first {stages} resolution(s)"
+                 if stages else "no layer", reason, stages + 1)

@@ -249,6 +249,26 @@ def build(model: layer_stack.LayerStack, variables: Any, view: transforms.EvalVi
   return graph
 
 
+def leading_stages(graph: Graph, stages: int) -> tuple[str, ...]:
+  """The outputs of the layer ops that run at the network's first ``stages`` spatial
+  resolutions, in order (the view, pooling and classifier never): what an int8 file may keep
+  in float32. At a small input these early layers hold the detail that 8-bit activations lose
+  first (docs/deploying.md, int8 at 32 px)."""
+  outputs, sizes = [], []
+  for op in graph.ops:
+    shape = graph.shapes[op.output]
+    if op.kind in PREPROCESSING:
+      continue
+    if len(shape) != 3:
+      break
+    if shape[:2] not in sizes:
+      if len(sizes) == stages:
+        break
+      sizes.append(shape[:2])
+    outputs.append(op.output)
+  return tuple(outputs)
+
+
 def describe(graph: Graph) -> dict[str, int]:
   """How many ops of each kind: ``{"conv": 52, ...}``."""
   return dict(Counter(op.kind for op in graph.ops))

@@ -18,7 +18,7 @@ import inspect
 import logging
 import pathlib
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -78,6 +78,10 @@ def _write_view_op(w: _Writer, op: graph_lib.Op, x: str, rank: int) -> None:
     divided = w.node("Div", [x, w.constant(f"{name}_divisor", np.float32(a["divisor"]))],
                      f"{out}_divided", f"{name}_divide")
     w.node("Add", [divided, w.constant(f"{name}_offset", np.float32(a["offset"]))], out, name)
+
+
+# The names of the nodes a layer op writes: its output's name and these suffixes of it.
+_LAYER_NODE_SUFFIXES = ("", "_conv", "_relu6", "_multiply", "_pool")
 
 
 def _write_layer_op(w: _Writer, op: graph_lib.Op, xs: list[str]) -> None:
@@ -152,12 +156,15 @@ def write(graph: graph_lib.Graph, path: pathlib.Path, doc: str = "") -> pathlib.
   return path
 
 
-def float_node_names(model) -> list[str]:
+def float_node_names(model, float_layers: Sequence[str] = ()) -> list[str]:
   """The nodes left in float32 when quantizing: the evaluation view, before the first layer,
-  and the classifier (``graph.FLOAT_HEAD``: Gemm and Softmax)."""
+  the nodes of the graph ops that write ``float_layers`` (named after them), and the
+  classifier (``graph.FLOAT_HEAD``: Gemm and Softmax)."""
   nodes = list(model.graph.node)
   first_layer = next(i for i, n in enumerate(nodes) if n.op_type in ("Conv", "Gemm"))
+  kept = {f"{layer}{suffix}" for layer in float_layers for suffix in _LAYER_NODE_SUFFIXES}
   return ([n.name for n in nodes[:first_layer]]
+          + [n.name for n in nodes[first_layer:] if n.name in kept]
           + [n.name for n in nodes if n.op_type in ("Gemm", "Softmax")])
 
 
@@ -175,10 +182,12 @@ def _quiet():
 
 
 def quantize(float_path: pathlib.Path, int8_path: pathlib.Path,
-             calibration: Iterable[np.ndarray]) -> dict[str, tuple[float, float]]:
+             calibration: Iterable[np.ndarray],
+             float_layers: Sequence[str] = ()) -> dict[str, tuple[float, float]]:
   """Writes ``int8_path``: ``float_path`` statically quantized (QDQ, uint8 activations and
-  per-channel uint8 weights), its activation ranges the min/max over the uint8 image batches
-  of ``calibration``. Returns those ranges, ``{tensor: (min, max)}``, for other formats to use.
+  per-channel uint8 weights) but for the layers that write ``float_layers``, its activation
+  ranges the min/max over the uint8 image batches of ``calibration``. Returns those ranges,
+  ``{tensor: (min, max)}``, for other formats to use.
 
   uint8 weights, not int8: on x86 CPUs without VNNI (AVX2 only) onnxruntime multiplies uint8
   activations by int8 weights with an instruction whose 16-bit sums saturate, which cost a
@@ -199,7 +208,7 @@ def quantize(float_path: pathlib.Path, int8_path: pathlib.Path,
       quant_format=quantization.QuantFormat.QDQ, per_channel=True,
       activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QUInt8,
       calibrate_method=quantization.CalibrationMethod.MinMax,
-      nodes_to_exclude=float_node_names(onnx.load(float_path)),
+      nodes_to_exclude=float_node_names(onnx.load(float_path), float_layers),
       # DedicatedQDQPair: a tensor read by two layers (a residual) gets a pair for each, or
       # onnxruntime leaves those layers in float32.
       extra_options={"DedicatedQDQPair": True})

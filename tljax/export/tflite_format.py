@@ -9,15 +9,16 @@ ADD, MEAN, REDUCE_MAX, FULLY_CONNECTED and SOFTMAX. The batch is dynamic
 (``shape_signature`` -1; resize the input before allocating). The model has one signature,
 ``serving_default``: ``images`` in, ``probabilities`` out.
 
-Int8 (``ranges`` given): the layers run in int8 between a QUANTIZE after the view and a
-DEQUANTIZE before the classifier (``graph.FLOAT_HEAD``: the dense layer and softmax stay
-float32): activations per tensor (scale and zero point from the calibrated min/max, as
+Int8 (``ranges`` given): the layers run in int8 between a QUANTIZE after the view (or after
+the leading layers an int8 export keeps in float32, ``float_layers``) and a DEQUANTIZE before
+the classifier (``graph.FLOAT_HEAD``: the dense layer and softmax stay float32): activations
+per tensor (scale and zero point from the calibrated min/max, as
 onnxruntime computes them), convolution kernels per output channel, symmetric int8, biases
 int32 at input scale x kernel scale.
 """
 
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -133,6 +134,7 @@ class _Flatbuffer:
     import flatbuffers
     import tflite
     self.builder, self.schema = flatbuffers.Builder(1 << 20), tflite
+    self._vectors: dict[tuple[str, bytes], int] = {}
 
   def table(self, name: str, **fields) -> int:
     getattr(self.schema, f"{name}Start")(self.builder)
@@ -148,7 +150,14 @@ class _Flatbuffer:
     return self.builder.EndVector()
 
   def numbers(self, values, dtype) -> int:
-    return self.builder.CreateNumpyVector(np.asarray(values, dtype))
+    """A vector of numbers, written once and shared by every table that holds the same ones:
+    the int64 zero points of per-channel quantization (all zeros) would otherwise take a
+    seventh of an int8 file."""
+    array = np.asarray(values, dtype)
+    key = (array.dtype.str, array.tobytes())
+    if key not in self._vectors:
+      self._vectors[key] = self.builder.CreateNumpyVector(array)
+    return self._vectors[key]
 
   def data(self, raw: bytes) -> int:
     """Bytes, 16-byte aligned, as the converter aligns weights."""
@@ -179,23 +188,20 @@ def _activation_quant(ranges: Mapping[str, tuple[float, float]] | None, name: st
   return {"scale": scale, "zero_point": zero_point}
 
 
-def _kernel_quant(kernel: np.ndarray, axis: int | None, bias: np.ndarray,
+def _kernel_quant(kernel: np.ndarray, axis: int, bias: np.ndarray,
                   input_scale: float) -> tuple[np.ndarray, dict, np.ndarray, dict]:
-  """Symmetric int8 ``kernel`` (per ``axis``, or per tensor for None) and its int32 bias."""
-  reduce = tuple(i for i in range(kernel.ndim) if i != axis) if axis is not None else None
+  """Symmetric int8 ``kernel`` (a scale per index of ``axis``) and its int32 bias."""
+  reduce = tuple(i for i in range(kernel.ndim) if i != axis)
   largest = np.abs(kernel).max(axis=reduce).astype(np.float64)
   # A kernel of zeros (a dead channel) takes the scale that still holds its bias in int32.
-  needed = (np.abs(bias) if axis is not None else np.abs(bias).max()) / (input_scale * 2.0**30)
-  scale = np.maximum(largest / 127.0, needed + 1e-12)
-  shape = [-1 if i == axis else 1 for i in range(kernel.ndim)] if axis is not None else []
+  scale = np.maximum(largest / 127.0, np.abs(bias) / (input_scale * 2.0**30) + 1e-12)
+  shape = [-1 if i == axis else 1 for i in range(kernel.ndim)]
   q_kernel = np.clip(np.round(kernel / scale.reshape(shape)), -127, 127).astype(np.int8)
   bias_scale = input_scale * scale
   q_bias = np.round(bias / bias_scale).astype(np.int32)
-  scale = np.atleast_1d(scale)
-  return (q_kernel, {"scale": scale, "zero_point": np.zeros(len(scale), np.int64),
-                     "axis": axis or 0},
-          q_bias, {"scale": np.atleast_1d(bias_scale), "zero_point": np.zeros(len(scale), np.int64),
-                   "axis": 0})
+  zero_points = np.zeros(len(scale), np.int64)
+  return (q_kernel, {"scale": scale, "zero_point": zero_points, "axis": axis},
+          q_bias, {"scale": bias_scale, "zero_point": zero_points, "axis": 0})
 
 
 def _write_view_op(m: _Model, op: graph_lib.Op, graph: graph_lib.Graph) -> None:
@@ -287,11 +293,11 @@ def _write_layer_op(m: _Model, op: graph_lib.Op, graph: graph_lib.Graph, ranges)
   code, a = tflite.BuiltinOperator, op.attrs
   if op.kind == "conv":
     return _write_conv(m, op, graph, ranges)
-  if ranges is not None and op.kind not in _QUANTIZED + graph_lib.FLOAT_HEAD:
+  if ranges is not None and op.kind not in _QUANTIZED:
     raise graph_lib.ExportError(f"int8 LiteRT: op kind {op.kind!r} ({op.output}) has no "
                                 "int8 form here.")
   xs = [m.index[name] for name in op.inputs]
-  quantized = ranges is not None and op.kind not in graph_lib.FLOAT_HEAD
+  quantized = ranges is not None
   dtype = np.int8 if quantized else np.float32
   if op.kind in ("pad", "max"):  # Their int8 kernels keep the input's scale and zero point.
     quant = m.tensors[xs[0]]["quant"]
@@ -316,15 +322,8 @@ def _write_layer_op(m: _Model, op: graph_lib.Op, graph: graph_lib.Graph, ranges)
          [xs[0], m.constant(f"{op.output}/axes", [1, 2], np.int32)], [out], "ReducerOptions",
          KeepDims=False)
   elif op.kind == "dense":
-    kernel = a["kernel"].T  # [in, out] -> [out, in].
-    if quantized:
-      q_kernel, k_quant, q_bias, b_quant = _kernel_quant(kernel, None, a["bias"],
-                                                         m.tensors[xs[0]]["quant"]["scale"])
-      kernel_t = m.constant(f"{op.output}/kernel", q_kernel, np.int8, k_quant)
-      bias_t = m.constant(f"{op.output}/bias", q_bias, np.int32, b_quant)
-    else:
-      kernel_t = m.constant(f"{op.output}/kernel", kernel, np.float32)
-      bias_t = m.constant(f"{op.output}/bias", a["bias"], np.float32)
+    kernel_t = m.constant(f"{op.output}/kernel", a["kernel"].T, np.float32)  # -> [out, in].
+    bias_t = m.constant(f"{op.output}/bias", a["bias"], np.float32)
     m.op(code.FULLY_CONNECTED, [xs[0], kernel_t, bias_t], [out], "FullyConnectedOptions",
          KeepNumDims=False)
   elif op.kind == "softmax":
@@ -358,27 +357,31 @@ def _float32(m: _Model, name: str, graph: graph_lib.Graph, ranges) -> str:
 
 
 def to_tflite(graph: graph_lib.Graph, ranges: Mapping[str, tuple[float, float]] | None = None,
-              description: str = "tljax") -> bytes:
+              description: str = "tljax", float_layers: Sequence[str] = ()) -> bytes:
   """The LiteRT flatbuffer of ``graph``: uint8 ``images [batch, *image_shape]`` in, float32
   ``probabilities [batch, classes]`` out; int8 between the view and the softmax where
-  ``ranges`` (calibrated ``{tensor: (min, max)}``) is given."""
+  ``ranges`` (calibrated ``{tensor: (min, max)}``) is given, but for the layers that write
+  ``float_layers``."""
   m = _Model()
   images = m.tensor(graph_lib.INPUT, graph.image_shape, np.uint8, batch=True)
   for op in graph.ops:
     if op.kind in graph_lib.PREPROCESSING:
       _write_view_op(m, op, graph)
       continue
-    if ranges is not None:  # int8 layers between the float32 view and head.
-      convert = _float32 if op.kind in graph_lib.FLOAT_HEAD else _int8
+    quantized = (ranges is not None and op.kind not in graph_lib.FLOAT_HEAD
+                 and op.output not in float_layers)
+    if ranges is not None:  # A QUANTIZE or DEQUANTIZE where the precision changes.
+      convert = _int8 if quantized else _float32
       op = graph_lib.Op(op.kind, tuple(convert(m, name, graph, ranges) for name in op.inputs),
                         op.output, op.attrs)
-    _write_layer_op(m, op, graph, ranges)
+    _write_layer_op(m, op, graph, ranges if quantized else None)
   return m.serialize([images], [m.index[graph_lib.OUTPUT]], description)
 
 
 def write(graph: graph_lib.Graph, path: pathlib.Path,
           ranges: Mapping[str, tuple[float, float]] | None = None,
-          description: str = "tljax") -> pathlib.Path:
-  """Writes :func:`to_tflite` of ``graph`` (int8 where ``ranges`` is given) to ``path``."""
-  path.write_bytes(to_tflite(graph, ranges, description))
+          description: str = "tljax", float_layers: Sequence[str] = ()) -> pathlib.Path:
+  """Writes :func:`to_tflite` of ``graph`` (int8 where ``ranges`` is given, but for
+  ``float_layers``) to ``path``."""
+  path.write_bytes(to_tflite(graph, ranges, description, float_layers))
   return path
