@@ -133,13 +133,13 @@ def test_two_processes_end_with_the_parameters_of_one(runs, tiny_idx_dir):
 
 def test_processes_that_do_not_share_the_workdir_are_told_within_the_timeout(
     launch, tiny_idx_dir, tmp_path):
-  timeout_s = 10
+  timeout_s = 5
   config = write_tiny_config(tmp_path / "config.py", tiny_idx_dir,
                              {**OVERRIDES, "distributed.timeout_s": timeout_s})
   started = time.monotonic()
   outcome = launch(tmp_path / "run", processes=2, devices_each=1, hooks="own_workdir",
                    config=config)
-  assert time.monotonic() - started < 6 * timeout_s  # Start-up, data and the wait.
+  assert time.monotonic() - started < timeout_s + 45  # Start-up, data and the wait.
   assert [code for code, _ in outcome] == [2, 2], outcome[0][1][-3000:]
   for process, (_, log) in enumerate(outcome):
     assert (f"--workdir {tmp_path}/run/process-{process} is not one directory shared by every "
