@@ -62,7 +62,8 @@ def write_outputs(workdir, config, dataset, splits, model, variables, view, test
       workdir / "export", model, calibrated, view, dataset.class_names, test.images.shape[1:],
       formats=config.export.formats, int8=config.export.int8,
       calibration_images=splits["train"].images, test_images=test.images,
-      test_labels=test.labels, max_int8_drop=config.export.max_int8_drop,
+      test_labels=test.labels, validation_images=splits["validation"].images,
+      validation_labels=splits["validation"].labels, max_int8_drop=config.export.max_int8_drop,
       test_probabilities=probabilities if config.model.dtype == "float32" else None,
       temperature=temperature)
   _write_plots(workdir, config, dataset, test, cm, predictions, probabilities,

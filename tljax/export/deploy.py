@@ -71,11 +71,14 @@ def reference_probabilities(model, variables: Any, view: transforms.EvalView, im
 
 
 class _Export:
-  """One export's state: the directory, the records, the test set, the calibrated ranges."""
+  """One export's state: the directory, the records, the test set (the gate's), the held-out
+  set that chooses the int8 retry (the validation split; else the test set), the calibrated
+  ranges."""
 
   def __init__(self, directory: pathlib.Path, test: gate.TestSet | None,
-               max_int8_drop: float):
+               max_int8_drop: float, holdout: gate.TestSet | None = None):
     self.directory, self.test, self.max_int8_drop = directory, test, max_int8_drop
+    self.holdout = holdout
     self.records: dict[str, dict[str, Any]] = {}
     self.ranges: dict[str, tuple[float, float]] | None = None
     self.float_layers: tuple[str, ...] = ()  # Layers the int8 files keep in float32.
@@ -100,14 +103,24 @@ class _Export:
     record = self.records.get(FILES[(fmt, "float32")], {})
     return record.get("test_accuracy", self.test.jax_accuracy)
 
-  def measure(self, path: pathlib.Path) -> dict[str, float]:
-    """``path`` in its runtime on the test split: ``gate.measure`` (once per written file)."""
+  def measure(self, path: pathlib.Path, split: str = "test") -> dict[str, float]:
+    """``path`` in its runtime on the test split (or the ``holdout`` one): ``gate.measure``,
+    once per written file."""
     stat = path.stat()
-    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    key = (str(path), stat.st_mtime_ns, stat.st_size, split)
     if key not in self._measured:
-      probabilities = runtimes.in_batches(runtimes.runner(path), self.test.images)
-      self._measured[key] = gate.measure(probabilities, self.test)
+      images = self.test if split == "test" else self.holdout
+      probabilities = runtimes.in_batches(runtimes.runner(path), images.images)
+      self._measured[key] = gate.measure(probabilities, images)
     return self._measured[key]
+
+  def int8_holds(self, path: pathlib.Path) -> tuple[bool, str]:
+    """Whether int8 ``path`` stays within ``max_int8_drop`` of the JAX model on the held-out
+    split (the test split's gate where there is none), and why."""
+    if self.holdout is None:
+      return self.judge(path, "int8")[1:]
+    return gate.judge(self.measure(path, "holdout"), "int8", self.holdout.jax_accuracy,
+                      self.max_int8_drop, split="validation")
 
   def judge(self, path: pathlib.Path, precision: str) -> tuple[dict[str, float], bool, str]:
     """``path``'s measurements, whether it passes the gate, and why."""
@@ -156,12 +169,15 @@ def write(directory: str | pathlib.Path, model, variables: Any, view: transforms
           class_names: Sequence[str], image_shape: Sequence[int], *,
           formats: Sequence[str] = FORMATS, int8: bool = True, calibration_images=None,
           test_images=None, test_labels=None, test_probabilities: np.ndarray | None = None,
+          validation_images=None, validation_labels=None,
           max_int8_drop: float = gate.MAX_INT8_DROP,
           temperature: float | None = None) -> dict[str, Any]:
   """Exports the model into ``directory``: ``formats`` (jax, onnx, tflite; int8 files too
   where ``int8``, calibrated on ``calibration_images``), ``predict.py`` and ``model.json``;
   each file checked on the test split where ``test_images`` and ``test_labels`` are given
-  (``test_probabilities``: the JAX model's for them, else computed). Returns, for
+  (``test_probabilities``: the JAX model's for them, else computed); an int8 file that fails
+  there is quantized again with its first layers in float32 while it loses more than the gate
+  allows on ``validation_images`` (else on the test split). Returns, for
   summary.json, ``{"directory", "files": {name: record}, "failed": [names]}``; a record holds
   the file's size, test accuracy, top-1 agreement with JAX, largest probability difference
   and gate, or its error. ``temperature``: the one fitted after training, already folded
@@ -172,19 +188,17 @@ def write(directory: str | pathlib.Path, model, variables: Any, view: transforms
   unknown = sorted(set(formats) - set(FORMATS))
   if unknown:
     raise ValueError(f"export formats {unknown} are not among {list(FORMATS)}.")
-  test = None
-  if test_images is not None and test_labels is not None and len(test_labels):
-    reference = (test_probabilities if test_probabilities is not None else
-                 reference_probabilities(model, variables, view, test_images))
-    test = gate.TestSet(test_images, np.asarray(test_labels), np.asarray(reference, np.float32))
-  state = _Export(directory, test, max_int8_drop)
+  test = _reference_set(model, variables, view, test_images, test_labels, test_probabilities)
+  written = [f for f in ("onnx", "tflite") if f in formats]
+  holdout = (_reference_set(model, variables, view, validation_images, validation_labels)
+             if int8 and written and test is not None else None)
+  state = _Export(directory, test, max_int8_drop, holdout)
   previous = _previous_records(directory, formats)
   _clear(directory, formats)
   meta = {**contract.metadata(class_names, image_shape, view),
           "calibration": contract.calibration(temperature)}
   if "jax" in formats:
     _write_jax(state, meta, model, variables, view, image_shape)
-  written = [f for f in ("onnx", "tflite") if f in formats]
   if written:
     _write_deployable(state, written, model, variables, view, image_shape,
                       calibration_images if int8 else None, int8)
@@ -195,6 +209,17 @@ def write(directory: str | pathlib.Path, model, variables: Any, view: transforms
       **meta, "jax_test_accuracy": test.jax_accuracy if test else None,
       "max_int8_drop": max_int8_drop, "files": records, "runtimes": runtimes.versions()})
   return {"directory": str(directory), "files": records, "failed": failed}
+
+
+def _reference_set(model, variables, view, images, labels,
+                   probabilities=None) -> gate.TestSet | None:
+  """``images`` and ``labels`` with the JAX model's probabilities (``probabilities``, else
+  computed); None without labelled images."""
+  if images is None or labels is None or not len(labels):
+    return None
+  if probabilities is None:
+    probabilities = reference_probabilities(model, variables, view, images)
+  return gate.TestSet(images, np.asarray(labels), np.asarray(probabilities, np.float32))
 
 
 def _write_jax(state: _Export, meta: dict, model, variables, view, image_shape) -> None:
@@ -261,14 +286,14 @@ def _write_deployable(state: _Export, formats: Sequence[str], model, variables, 
 def _quantize_onnx(state: _Export, graph: graph_lib.Graph, source: pathlib.Path,
                    path: pathlib.Path, batches) -> None:
   """Writes ``path``, ``source`` in int8, and sets the export's calibrated ranges and the
-  layers its int8 files keep in float32: none, or, while the file fails the gate on the test
-  split, those of the network's first 1, then 2, resolutions."""
+  layers its int8 files keep in float32: none, or, while the file loses more than the gate
+  allows on the held-out split, those of the network's first 1, then 2, resolutions."""
   for stages in range(MAX_FLOAT_STAGES + 1):
     state.float_layers = graph_lib.leading_stages(graph, stages)
     state.ranges = onnx_format.quantize(source, path, batches, state.float_layers)
     if state.test is None or stages == MAX_FLOAT_STAGES:
       return
-    _, passed, reason = state.judge(path, "int8")
+    passed, reason = state.int8_holds(path)
     if passed:
       return
     logging.info("export: int8 with %s in float32: %s; quantizing again with the first "

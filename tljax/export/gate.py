@@ -43,8 +43,8 @@ def measure(probabilities: np.ndarray, test: TestSet) -> dict[str, float]:
 
 
 def judge(measured: dict[str, float], precision: str, float_accuracy: float,
-          max_int8_drop: float) -> tuple[bool, str]:
-  """``(passed, reason)`` of one file's measurements."""
+          max_int8_drop: float, split: str = "test") -> tuple[bool, str]:
+  """``(passed, reason)`` of one file's measurements (on the ``split`` split)."""
   if precision == "float32":
     difference, agreement = measured["max_abs_difference"], measured["top1_agreement"]
     passed = difference <= FLOAT_TOLERANCE and agreement >= FLOAT_AGREEMENT
@@ -53,7 +53,7 @@ def judge(measured: dict[str, float], precision: str, float_accuracy: float,
                     f"(at least {100 * FLOAT_AGREEMENT:g}%)")
   drop = 100 * (float_accuracy - measured["test_accuracy"])
   return (drop <= max_int8_drop,
-          f"test accuracy {100 * measured['test_accuracy']:.2f}%, {drop:.2f} points below "
+          f"{split} accuracy {100 * measured['test_accuracy']:.2f}%, {drop:.2f} points below "
           f"float32's {100 * float_accuracy:.2f}% (at most {max_int8_drop:g} allowed)")
 
 

@@ -55,6 +55,8 @@ def export_run(workdir: str | pathlib.Path, run, **settings) -> dict[str, Any]:
       calibration_images=splits["train"].images if splits else None,
       test_images=splits["test"].images if splits else None,
       test_labels=splits["test"].labels if splits else None,
+      validation_images=splits["validation"].images if splits else None,
+      validation_labels=splits["validation"].labels if splits else None,
       max_int8_drop=settings["max_int8_drop"], temperature=run.temperature)
   summary_path = workdir / "summary.json"
   try:
