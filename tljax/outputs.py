@@ -65,6 +65,11 @@ def write_outputs(workdir, config, dataset, splits, model, variables, view, test
       test_labels=test.labels, validation_images=splits["validation"].images,
       validation_labels=splits["validation"].labels, max_int8_drop=config.export.max_int8_drop,
       test_probabilities=probabilities if config.model.dtype == "float32" else None,
+      # The temperature fit's pass over the validation split, calibrated as the export is.
+      validation_probabilities=(
+          calibration.with_temperature(validation_probabilities, temperature)
+          if validation_probabilities is not None and config.model.dtype == "float32"
+          else None),
       temperature=temperature)
   _write_plots(workdir, config, dataset, test, cm, predictions, probabilities,
                summary["calibration"])

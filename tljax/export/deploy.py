@@ -27,8 +27,9 @@ from tljax.models import microbatch
 
 FORMATS = ("jax", "onnx", "tflite")
 CALIBRATION_IMAGES = 300  # Training images whose activation ranges set the int8 scales.
-# An int8 file that fails the gate is quantized again with the layers of the network's first
-# 1, then 2, resolutions kept in float32 (graph.leading_stages), while it still fails.
+# An int8 file that loses more than the gate allows on the validation split is quantized
+# again with the layers of the network's first 1, then 2, resolutions kept in float32
+# (graph.leading_stages), while it still does.
 MAX_FLOAT_STAGES = 2
 PREDICTOR = "predict.py"
 FILES = {("onnx", "float32"): "model.onnx", ("onnx", "int8"): "model.int8.onnx",
@@ -104,14 +105,14 @@ class _Export:
     return record.get("test_accuracy", self.test.jax_accuracy)
 
   def measure(self, path: pathlib.Path, split: str = "test") -> dict[str, float]:
-    """``path`` in its runtime on the test split (or the ``holdout`` one): ``gate.measure``,
-    once per written file."""
+    """``path`` in its runtime on the ``split`` split (test, or validation: the holdout):
+    ``gate.measure``, once per written file."""
     stat = path.stat()
     key = (str(path), stat.st_mtime_ns, stat.st_size, split)
     if key not in self._measured:
-      images = self.test if split == "test" else self.holdout
-      probabilities = runtimes.in_batches(runtimes.runner(path), images.images)
-      self._measured[key] = gate.measure(probabilities, images)
+      reference = self.test if split == "test" else self.holdout
+      probabilities = runtimes.in_batches(runtimes.runner(path), reference.images)
+      self._measured[key] = gate.measure(probabilities, reference)
     return self._measured[key]
 
   def int8_holds(self, path: pathlib.Path) -> tuple[bool, str]:
@@ -119,7 +120,7 @@ class _Export:
     split (the test split's gate where there is none), and why."""
     if self.holdout is None:
       return self.judge(path, "int8")[1:]
-    return gate.judge(self.measure(path, "holdout"), "int8", self.holdout.jax_accuracy,
+    return gate.judge(self.measure(path, "validation"), "int8", self.holdout.jax_accuracy,
                       self.max_int8_drop, split="validation")
 
   def judge(self, path: pathlib.Path, precision: str) -> tuple[dict[str, float], bool, str]:
@@ -170,6 +171,7 @@ def write(directory: str | pathlib.Path, model, variables: Any, view: transforms
           formats: Sequence[str] = FORMATS, int8: bool = True, calibration_images=None,
           test_images=None, test_labels=None, test_probabilities: np.ndarray | None = None,
           validation_images=None, validation_labels=None,
+          validation_probabilities: np.ndarray | None = None,
           max_int8_drop: float = gate.MAX_INT8_DROP,
           temperature: float | None = None) -> dict[str, Any]:
   """Exports the model into ``directory``: ``formats`` (jax, onnx, tflite; int8 files too
@@ -177,7 +179,8 @@ def write(directory: str | pathlib.Path, model, variables: Any, view: transforms
   each file checked on the test split where ``test_images`` and ``test_labels`` are given
   (``test_probabilities``: the JAX model's for them, else computed); an int8 file that fails
   there is quantized again with its first layers in float32 while it loses more than the gate
-  allows on ``validation_images`` (else on the test split). Returns, for
+  allows on ``validation_images`` (``validation_probabilities``: the JAX model's, else
+  computed; else on the test split). Returns, for
   summary.json, ``{"directory", "files": {name: record}, "failed": [names]}``; a record holds
   the file's size, test accuracy, top-1 agreement with JAX, largest probability difference
   and gate, or its error. ``temperature``: the one fitted after training, already folded
@@ -190,7 +193,8 @@ def write(directory: str | pathlib.Path, model, variables: Any, view: transforms
     raise ValueError(f"export formats {unknown} are not among {list(FORMATS)}.")
   test = _reference_set(model, variables, view, test_images, test_labels, test_probabilities)
   written = [f for f in ("onnx", "tflite") if f in formats]
-  holdout = (_reference_set(model, variables, view, validation_images, validation_labels)
+  holdout = (_reference_set(model, variables, view, validation_images, validation_labels,
+                            validation_probabilities)
              if int8 and written and test is not None else None)
   state = _Export(directory, test, max_int8_drop, holdout)
   previous = _previous_records(directory, formats)
