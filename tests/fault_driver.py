@@ -18,7 +18,7 @@ sys.path.insert(0, os.getcwd())
 import jax.numpy as jnp  # noqa: E402 (after the path)
 import orbax.checkpoint as ocp  # noqa: E402
 
-from tljax import reporting, steps, train  # noqa: E402
+from tljax import reporting, train  # noqa: E402
 from tljax.models import weights  # noqa: E402
 
 
@@ -35,14 +35,6 @@ def signal_at_step(step, signum, process=None, again=False):
       os.kill(os.getpid(), signum)
 
   reporting.MetricsWriter.write = patched
-
-
-def sigterm_at_step(step):
-  signal_at_step(step, signal.SIGTERM)
-
-
-def sigkill_at_step(step):
-  signal_at_step(step, signal.SIGKILL)
 
 
 def sigint_at_step(step):
@@ -179,11 +171,6 @@ def no_weights():
   weights.load_pretrained = refuse
 
 
-def nan_loss():
-  cross_entropy = steps.cross_entropy
-  steps.cross_entropy = lambda *args: cross_entropy(*args) * jnp.nan
-
-
 def count_rows_read():
   """Prints ``ROWS READ: n`` at exit: the rows of a decoded cache this process read."""
   import atexit
@@ -201,11 +188,10 @@ def count_rows_read():
   atexit.register(lambda: print(f"ROWS READ: {read[0]}", file=sys.stderr))
 
 
-HOOKS = {f.__name__: f for f in (sigterm_at_step, sigkill_at_step, sigint_at_step,
-                                 sigint_again_from_step, jax_thread, sigterm_in,
-                                 sigterm_on_process, own_workdir, stall_loading,
+HOOKS = {f.__name__: f for f in (sigint_at_step, sigint_again_from_step, jax_thread,
+                                 sigterm_in, sigterm_on_process, own_workdir, stall_loading,
                                  sigterm_while_waiting, sigkill_at_commit, fail_write,
-                                 no_weights, nan_loss, count_rows_read)}
+                                 no_weights, count_rows_read)}
 
 
 def main(argv):

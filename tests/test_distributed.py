@@ -27,7 +27,8 @@ from tljax.models import weights
 # SGD in both phases and BatchNorm in inference mode: the update is linear in the gradient,
 # so float32 reductions in another order (across processes) stay at rounding level. The
 # fine-tune trains the last convolution and the head (cheap to compile on four devices).
-OVERRIDES = {"steps_per_dispatch": 2, "phases.0.optimizer": "sgd",
+# Checkpoints at the phase ends and on SIGTERM only: each is a wait for both processes.
+OVERRIDES = {"steps_per_dispatch": 2, "checkpoint_every_steps": 0, "phases.0.optimizer": "sgd",
              "phases.0.learning_rate": 0.05, "phases.1.optimizer": "sgd",
              "phases.1.learning_rate": 0.01, "phases.1.batchnorm": "inference",
              "phases.1.epochs": 2, "phases.1.rules": ("freeze:layers[:151]", "train:.*"),

@@ -1,7 +1,7 @@
 """Faults during a run: SIGTERM, SIGKILL mid-write, failed writes.
 
 One workdir is stopped five times in a row through ``main.py`` in subprocesses (SIGTERM while
-evaluating, while caching the next phase's prefix and mid fine-tune; SIGKILL while a
+evaluating and while caching the next phase's prefix; Ctrl-C mid fine-tune; SIGKILL while a
 checkpoint is being committed; a checkpoint write that fails in the background) and then
 finished; it must end bit for bit where an uninterrupted run (conftest's fault_reference)
 ends. Faults are injected by tests/fault_driver.py, which patches tljax (and, for SIGKILL
@@ -9,7 +9,7 @@ mid-commit and the failed write, Orbax's public checkpoint classes) before it ru
 Subprocesses share the session's persistent XLA compilation cache (tests/conftest.py), so
 only the first one compiles.
 
-Ctrl-C, non-finite losses, damaged checkpoints and resuming on other data:
+A second Ctrl-C, non-finite losses, damaged checkpoints and resuming on other data:
 tests/test_reliability_resume.py (two files, so that pytest -n 2 runs them side by side). How
 SIGTERM and Ctrl-C become a stop request: tests/test_preemption.py.
 """
@@ -44,7 +44,7 @@ def chain(launch, fault_reference, tmp_path_factory):
   stages = {}
   for name, hooks in [("evaluating", "sigterm_in=dispatch.evaluate_split"),
                       ("caching", "no_weights,sigterm_in=prefix.build_prefix_caches"),
-                      ("fine_tuning", "no_weights,sigterm_at_step=14"),
+                      ("fine_tuning", "no_weights,sigint_at_step=14"),
                       ("committing", "no_weights,sigkill_at_commit=20"),
                       ("failed_write", "no_weights,fail_write=24"),
                       ("finished", "no_weights,sigterm_in=outputs.write_outputs")]:
@@ -73,12 +73,15 @@ def test_sigterm_while_caching_the_next_phase_stops_before_training(chain):
   assert outcome.records == before.records
 
 
-def test_sigterm_mid_fine_tune_checkpoints_the_dispatch_in_flight(chain):
+def test_ctrl_c_mid_fine_tune_checkpoints_the_dispatch_in_flight_and_exits_130(chain):
   outcome = chain[1]["fine_tuning"]
-  assert outcome.returncode == 143, outcome.stderr[-3000:]
+  assert outcome.returncode == exits.INTERRUPTED == 130, outcome.stderr[-3000:]
+  assert "received SIGINT: saving a checkpoint" in outcome.stderr
+  assert "Traceback" not in outcome.stderr and "KeyboardInterrupt" not in outcome.stderr
   assert resumed_from(outcome) == 8
-  # The signal came as step 14 was recorded, with steps 15-16 already dispatched: they
-  # finish, are recorded and saved; nothing is dispatched after the signal.
+  # Ctrl-C came as step 14 was recorded, with steps 15-16 already dispatched: they finish,
+  # are recorded and saved; nothing is dispatched after it. The rerun that follows ends bit
+  # for bit where the uninterrupted run ends (the last test below).
   assert outcome.listing == ["16"]
   assert (outcome.latest, outcome.meta["phase"], outcome.meta["phase_step"]) == (16, 1, 8)
   assert _steps(outcome.records)[-5:] == [8, 10, 12, 14, 16]
