@@ -158,13 +158,18 @@ def test_resumed_run_ends_bit_for_bit_where_the_uninterrupted_one_ends(fault_ref
   assert summary["test_loss"] == json.loads((ref_dir / "summary.json").read_text())["test_loss"]
 
 
-def test_restarts_never_rerun_a_finished_phase_or_reload_weights(chain):
-  stages = chain[1]
+def test_restarts_never_rerun_a_finished_phase_or_reload_weights(chain, fault_reference):
+  workdir, stages = chain
   # Only the first run trained the frozen phase; "no_weights" fails any later weight load.
   assert _steps(stages["finished"].records, phase=0) == [2, 4, 6, 8]
   epochs = [r["phase"] for r in stages["finished"].records if r["kind"] == "epoch"]
   assert epochs.count(0) == 1 and epochs[0] == 0
   assert all(resumed_from(stages[name]) for name in list(stages)[1:])
+  # Resumed in the fine-tune, the runs cached its prefix themselves (the same bits, tested
+  # above); the uninterrupted run used the cache its frozen phase built for it.
+  fine_tune = [json.loads((d / "summary.json").read_text())["phases"][1]
+               for d in (fault_reference, workdir)]
+  assert [p["prefix_cached_by_previous_phase"] for p in fine_tune] == [True, False]
 
 
 # ---------------------------------------------------------------------------------------------

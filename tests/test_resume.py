@@ -3,7 +3,6 @@ phase it was (mid-phase: its state; at a phase's end: the next phase from its we
 the pretrained weights; another config's checkpoints are refused and left untouched."""
 
 import functools
-import json
 import shutil
 
 import jax
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import override, read_records, read_variables, saved_checkpoint, tiny_config
+from helpers import override, read_variables, saved_checkpoint, tiny_config
 from tljax import checkpoint, checks, models, phases, resume, sharding, train
 
 MESH = sharding.data_mesh()
@@ -128,38 +127,6 @@ def test_a_resume_whose_phases_no_longer_hold_what_was_trained_is_refused(
 # ---------------------------------------------------------------------------------------------
 # Through train.run.
 # ---------------------------------------------------------------------------------------------
-
-
-def test_restart_after_phase_one_continues_in_phase_two(tiny_idx_run, tiny_idx_dir,
-                                                        tmp_path, monkeypatch):
-  workdir = tmp_path / "interrupted"
-  original = train.train_phase
-
-  def stop_before_phase_two(ctx, phase, state, global_step):
-    if phase.index == 1:
-      raise KeyboardInterrupt("simulated crash after the phase-1 checkpoint")
-    return original(ctx, phase, state, global_step)
-
-  monkeypatch.setattr(train, "train_phase", stop_before_phase_two)
-  with pytest.raises(KeyboardInterrupt):
-    train.run(tiny_config(tiny_idx_dir), workdir)
-  monkeypatch.setattr(train, "train_phase", original)
-  calls = []
-  monkeypatch.setattr(train.weights, "load_pretrained",
-                      lambda *a, **k: calls.append(a) or pytest.fail("weights reloaded"))
-  train.run(tiny_config(tiny_idx_dir), workdir)
-  assert not calls
-  _, meta_a, state_a = saved_checkpoint(tiny_idx_run[0])
-  _, meta_b, state_b = saved_checkpoint(workdir)
-  assert meta_a["global_step"] == meta_b["global_step"]
-  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  records = read_records(workdir)
-  assert [r["phase"] for r in records if r["kind"] == "epoch"] == [0, 0, 1]
-  # Resumed in phase 2, the run cached its prefix itself: the same bits as the cache phase 1
-  # built for it in the uninterrupted run, since the parameters above are bit-identical.
-  resumed = json.loads((workdir / "summary.json").read_text())["phases"][1]
-  assert not resumed["prefix_cached_by_previous_phase"]
 
 
 def test_incompatible_checkpoints_are_refused(tiny_idx_run, tiny_idx_dir):
