@@ -42,9 +42,11 @@ def _shared_path(relative: str) -> pathlib.Path:
 # longest and the short files fill in around them, instead of a long one starting last and
 # running alone. Measured with ``--durations``; keep the order when a file grows.
 LONGEST_FILES = ("test_distributed.py", "test_reliability.py", "test_reliability_resume.py",
-                 "test_distributed_folder.py", "test_quick_start.py", "test_predict.py",
-                 "test_sharding.py", "test_deploy.py", "test_resume.py", "test_cli.py",
-                 "test_sources.py")
+                 "test_predict.py", "test_distributed_folder.py", "test_steps.py",
+                 "test_quick_start.py", "test_deploy.py", "test_dispatch.py",
+                 "test_mobilenet_v2.py", "test_selection.py", "test_sources.py",
+                 "test_weights.py", "test_sharding.py", "test_train.py", "test_cli.py",
+                 "test_resume.py")
 
 
 def pytest_configure(config):

@@ -153,7 +153,9 @@ def audit_splits(config, workdir: pathlib.Path, dataset: Dataset, splits: dict[s
   started, workdir = time.perf_counter(), files.make_workdir(workdir)
   key, state = _key(config, dataset, splits), workdir / "audit_state.json"
   summary = _saved(state, key)
-  if summary is None:
+  # Decided by every process together, before process 0 writes this start's state: a process
+  # that read it after that would skip the pass the others make.
+  if distributed.any_process(summary is None):
     summary = _audit(config, workdir, dataset, splits, model, view, mesh)
     summary["wall_s"] = time.perf_counter() - started
     if distributed.is_main_process():
