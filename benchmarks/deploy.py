@@ -7,8 +7,10 @@ For each run (its ``export/`` written by the run or by ``python -m tljax.export`
 model (the run's own inference function, jitted) and ``model.onnx``, ``model.int8.onnx``
 (onnxruntime), ``model.tflite``, ``model.int8.tflite`` (LiteRT, XNNPACK). Accuracy and
 agreement on the run's test split; latency the median of ``--calls`` calls on one image;
-throughput the images per second of batches of 32 (median over ``--seconds``). Prints a table
-and writes JSON.
+throughput the images per second of batches of 32 (median over ``--seconds``). Then each int8
+file against its float32 file at batch 1, side by side: ``--rounds`` rounds, the two files
+taking turns within a round (``--calls`` calls each), and the median round's time ratio.
+Prints two tables and writes JSON.
 """
 
 import argparse
@@ -51,7 +53,46 @@ def measure(runner, images: np.ndarray, calls: int, seconds: float) -> dict[str,
           "images_per_s": len(batch) / statistics.median(batches)}
 
 
-def bench_run(workdir: pathlib.Path, calls: int, seconds: float) -> list[dict]:
+def exported_file(workdir: pathlib.Path, name: str) -> pathlib.Path | None:
+  """``<workdir>/export/<name>``, or its ``FAILED_GATE`` name (measured all the same); None
+  where neither exists."""
+  path = workdir / "export" / name
+  for candidate in (path, export.gate.failed_name(path)):
+    if candidate.is_file():
+      return candidate
+  print(f"{path}: missing, skipped")
+  return None
+
+
+def int8_speedups(workdir: pathlib.Path, image: np.ndarray, calls: int,
+                  rounds: int) -> list[dict]:
+  """Each int8 file against its float32 file on ``image``, per runtime thread setting: the
+  median of ``rounds`` rounds' float32-over-int8 time ratios (each round's times the median
+  of ``calls`` calls per file, the files taking turns), and the lowest and highest."""
+  rows = []
+  for fmt in ("onnx", "tflite"):
+    paths = {precision: exported_file(workdir, export.deploy.FILES[fmt, precision])
+             for precision in ("float32", "int8")}
+    if None in paths.values():
+      continue
+    for threads in (None, 2):
+      runners = {precision: runtimes.runner(path, threads) for precision, path in paths.items()}
+      medians = {precision: [] for precision in runners}
+      for _ in range(rounds):
+        for precision, runner in runners.items():
+          medians[precision].append(statistics.median(time_calls(lambda: runner(image), 0, calls)))
+      ratios = sorted(f / i for f, i in zip(medians["float32"], medians["int8"]))
+      rows.append({"run": workdir.name, "format": fmt, "threads": threads or "default",
+                   "float32_ms": 1e3 * statistics.median(medians["float32"]),
+                   "int8_ms": 1e3 * statistics.median(medians["int8"]),
+                   "speedup": statistics.median(ratios), "speedup_min": ratios[0],
+                   "speedup_max": ratios[-1]})
+  return rows
+
+
+def bench_run(workdir: pathlib.Path, calls: int, seconds: float,
+              rounds: int) -> tuple[list[dict], list[dict]]:
+  """The run's rows of the files table, and its rows of the int8 speed-up table."""
   run = predict.load_run(workdir)
   _, splits = load.load_splits(run.config, workdir)
   test = splits["test"]
@@ -59,11 +100,8 @@ def bench_run(workdir: pathlib.Path, calls: int, seconds: float) -> list[dict]:
   reference = export.deploy.reference_probabilities(run.model, run.variables, run.view, images)
   rows = []
   for name in FILES:
-    path = workdir / "export" / name
-    if not path.is_file():  # Measured all the same where it failed the accuracy gate.
-      path = export.gate.failed_name(path)
-    if not path.is_file():
-      print(f"{workdir / 'export' / name}: missing, skipped")
+    path = exported_file(workdir, name)
+    if path is None:
       continue
     for threads in (None, 2):
       runner = (jax_runner(run, threads) if name == "model.jax_exported"
@@ -78,7 +116,8 @@ def bench_run(workdir: pathlib.Path, calls: int, seconds: float) -> list[dict]:
                    **export.gate.measure(probabilities, export.gate.TestSet(
                        images, test.labels, reference)),
                    **measure(runner, images, calls, seconds)})
-  return rows
+  print(f"timing {workdir.name}: int8 against float32 at batch 1, {rounds} rounds ...", flush=True)
+  return rows, int8_speedups(workdir, images[:1], calls, rounds)
 
 
 def main():
@@ -87,9 +126,14 @@ def main():
                       help="a finished run's work directory (repeatable)")
   parser.add_argument("--calls", type=int, default=100, help="one-image calls timed")
   parser.add_argument("--seconds", type=float, default=3.0, help="batch-32 timing per row")
+  parser.add_argument("--rounds", type=int, default=5,
+                      help="rounds of the int8-against-float32 comparison at batch 1")
   parser.add_argument("--out", default="deploy.json")
   args = parser.parse_args()
-  rows = [row for workdir in args.workdir for row in bench_run(workdir, args.calls, args.seconds)]
+  results = [bench_run(workdir, args.calls, args.seconds, args.rounds)
+             for workdir in args.workdir]
+  rows = [row for run_rows, _ in results for row in run_rows]
+  speedups = [row for _, run_speedups in results for row in run_speedups]
   for row in rows:
     row["accuracy_pct"] = 100 * row["test_accuracy"]
     row["agreement_pct"] = 100 * row["top1_agreement"]
@@ -100,9 +144,16 @@ def main():
                      ("MB", "mb", ".2f"), ("accuracy %", "accuracy_pct", ".2f"),
                      ("agree %", "agreement_pct", ".2f"), ("max |diff|", "max_abs_difference", ".1e"),
                      ("1 image ms", "latency_ms", ".2f"), ("batch 32 img/s", "images_per_s", ".0f")])
+  print(f"\nint8 against float32 at batch 1, {args.rounds} rounds of {args.calls} calls each, "
+        "taking turns (speed-up: the median round's, lowest, highest)")
+  print_table(speedups, [("run", "run", ""), ("format", "format", ""), ("threads", "threads", ""),
+                         ("float32 ms", "float32_ms", ".3f"), ("int8 ms", "int8_ms", ".3f"),
+                         ("speed-up", "speedup", ".2f"), ("lowest", "speedup_min", ".2f"),
+                         ("highest", "speedup_max", ".2f")])
   write_json(args.out, {"cpu": cpu, "cpus": os.cpu_count(), "versions": runtimes.versions(),
                         "jax_version": jax.__version__, "calls": args.calls,
-                        "timestamp": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows})
+                        "rounds": args.rounds, "timestamp": time.strftime("%Y-%m-%d %H:%M:%S"),
+                        "rows": rows, "int8_speedups": speedups})
 
 
 if __name__ == "__main__":
