@@ -14,6 +14,7 @@ Prints two tables and writes JSON.
 """
 
 import argparse
+import functools
 import os
 import pathlib
 import statistics
@@ -25,7 +26,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # This che
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from timing import cpu_model, print_table, time_calls, write_json  # noqa: E402
+from timing import cpu_model, print_table, time_calls, time_rounds, write_json  # noqa: E402
 from tljax import export, predict  # noqa: E402
 from tljax.data import load  # noqa: E402
 from tljax.export import runtimes  # noqa: E402
@@ -77,16 +78,16 @@ def int8_speedups(workdir: pathlib.Path, image: np.ndarray, calls: int,
       continue
     for threads in (None, 2):
       runners = {precision: runtimes.runner(path, threads) for precision, path in paths.items()}
-      medians = {precision: [] for precision in runners}
-      for _ in range(rounds):
-        for precision, runner in runners.items():
-          medians[precision].append(statistics.median(time_calls(lambda: runner(image), 0, calls)))
-      ratios = sorted(f / i for f, i in zip(medians["float32"], medians["int8"]))
+      times = time_rounds({precision: functools.partial(time_calls, functools.partial(
+          runner, image), 0, calls) for precision, runner in runners.items()}, rounds)
+      medians = {precision: np.median(np.reshape(t, (rounds, calls)), axis=1)
+                 for precision, t in times.items()}  # Each round's.
+      ratios = sorted(medians["float32"] / medians["int8"])
       rows.append({"run": workdir.name, "format": fmt, "threads": threads or "default",
-                   "float32_ms": 1e3 * statistics.median(medians["float32"]),
-                   "int8_ms": 1e3 * statistics.median(medians["int8"]),
-                   "speedup": statistics.median(ratios), "speedup_min": ratios[0],
-                   "speedup_max": ratios[-1]})
+                   "float32_ms": 1e3 * float(np.median(medians["float32"])),
+                   "int8_ms": 1e3 * float(np.median(medians["int8"])),
+                   "speedup": float(np.median(ratios)), "speedup_min": float(ratios[0]),
+                   "speedup_max": float(ratios[-1])})
   return rows
 
 

@@ -19,7 +19,8 @@ import pytest
 os.environ["XLA_FLAGS"] = (
     f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0").strip()
 
-from helpers import FAULT_OVERRIDES, make_folder, tiny_config, tiny_folder_config, write_idx
+from helpers import (FAULT_OVERRIDES, make_folder, tiny_config, tiny_folder_config,
+                     unavailable, write_idx)
 
 # Keras is the numerical reference; it must run on the JAX backend, set before its import.
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -30,10 +31,9 @@ SHARED_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 def _shared_path(relative: str) -> pathlib.Path:
   path = SHARED_DIR / relative
   if not path.exists():
-    if os.environ.get("CI"):
-      pytest.fail(f"{path} is missing; CI must provide ../shared beside the checkout.")
-    pytest.skip(f"{path} is absent: real data and weights live in ../shared beside the "
-                "checkout, which a fresh clone does not have.")
+    unavailable(f"{path} is absent: real data and weights live in ../shared beside the "
+                "checkout, which a fresh clone does not have.",
+                f"{path} is missing; CI must provide ../shared beside the checkout.")
   return path
 
 

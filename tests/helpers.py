@@ -15,10 +15,20 @@ import sys
 import tempfile
 
 import numpy as np
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
 FAULT_DRIVER = TESTS / "fault_driver.py"
+
+
+
+def unavailable(skip_reason: str, ci_failure: str):
+  """Skips the test where something it needs is missing, with ``skip_reason``; with ``CI``
+  set, fails it with ``ci_failure`` instead: CI provides everything, so nothing skips there."""
+  if os.environ.get("CI"):
+    pytest.fail(ci_failure)
+  pytest.skip(skip_reason)
 
 # ---------------------------------------------------------------------------------------------
 # Configs.

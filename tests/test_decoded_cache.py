@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import REPO, counting_decodes, make_folder, train_paths, write_image
+from helpers import (REPO, counting_decodes, make_folder, train_paths, unavailable,
+                     write_image)
 from tljax import files
 from tljax.data import decoded_cache, images
 
@@ -136,9 +137,8 @@ def small_disk(tmp_path):
   mount.mkdir()
   if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
                                           str(mount)], capture_output=True).returncode:
-    if os.environ.get("CI"):  # CI runs as root: the test must run there, not skip.
-      pytest.fail("could not mount a 1 MB tmpfs; CI runs as root and must be able to.")
-    pytest.skip("needs root to mount a tmpfs (the ENOSPC path is also tested by monkeypatch)")
+    unavailable("needs root to mount a tmpfs (the ENOSPC path is also tested by monkeypatch)",
+                "could not mount a 1 MB tmpfs; CI runs as root and must be able to.")
   yield mount
   subprocess.run(["umount", "-l", str(mount)], check=True)
 
@@ -206,12 +206,14 @@ def _start_long_decode(tmp_path: pathlib.Path, mark: str) -> subprocess.Popen:
   return process
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers in /proc")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_a_killed_decode_takes_its_workers_with_it(tmp_path, signum):
   """SIGTERM mid-decode: the process still ends by SIGTERM, with its workers stopped and its
   temporary file removed. SIGKILL: the workers see their parent gone and exit; the temporary
   file is removed by the next decode (or clean_cache)."""
+  if not os.path.isdir("/proc"):
+    unavailable("finds the decode workers in /proc (Linux)",
+                "/proc is missing; CI runs on Linux, where the test finds the decode workers.")
   mark = f"TLJAX_TEST_MARK={uuid.uuid4().hex}"
   process = _start_long_decode(tmp_path, mark)
   try:

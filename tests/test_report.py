@@ -4,7 +4,6 @@ stays silent, and a screenshot is taken."""
 
 import html
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import unavailable
 from tljax import report
 
 CHROMIUM = pathlib.Path("/usr/bin/chromium")
@@ -91,9 +91,8 @@ def test_a_directory_without_a_run_is_one_message(tmp_path, caplog):
 
 def _chromium() -> pathlib.Path:
   if not CHROMIUM.is_file():
-    if os.environ.get("CI"):
-      pytest.fail(f"{CHROMIUM} is missing; CI installs Debian's chromium (.ci/run).")
-    pytest.skip(f"{CHROMIUM} is absent: apt-get install chromium to test the page in a browser.")
+    unavailable(f"{CHROMIUM} is absent: apt-get install chromium to test the page in a browser.",
+                f"{CHROMIUM} is missing; CI installs Debian's chromium (.ci/run).")
   return CHROMIUM
 
 

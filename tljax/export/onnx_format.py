@@ -182,12 +182,14 @@ def _quiet():
 
 
 def quantize(float_path: pathlib.Path, int8_path: pathlib.Path,
-             calibration: Iterable[np.ndarray],
-             float_layers: Sequence[str] = ()) -> dict[str, tuple[float, float]]:
+             calibration: Iterable[np.ndarray], float_layers: Sequence[str] = (),
+             ranges_cache: pathlib.Path | None = None) -> dict[str, tuple[float, float]]:
   """Writes ``int8_path``: ``float_path`` statically quantized (QDQ, uint8 activations and
   per-channel uint8 weights) but for the layers that write ``float_layers``, its activation
   ranges the min/max over the uint8 image batches of ``calibration``. Returns those ranges,
-  ``{tensor: (min, max)}``, for other formats to use.
+  ``{tensor: (min, max)}``, for other formats to use. ``ranges_cache``: a file that keeps
+  them, so that quantizing the same model again (other ``float_layers``) does not calibrate
+  again.
 
   uint8 weights, not int8: on x86 CPUs without VNNI (AVX2 only) onnxruntime multiplies uint8
   activations by int8 weights with an instruction whose 16-bit sums saturate, which cost a
@@ -216,7 +218,7 @@ def quantize(float_path: pathlib.Path, int8_path: pathlib.Path,
     if "calibration_cache_path" not in inspect.signature(quantization.quantize_static).parameters:
       quantization.quantize_static(str(float_path), str(int8_path), Reader(), **options)
       return ranges_of_quantized(onnx.load(int8_path))  # onnxruntime before the cache.
-    cache = pathlib.Path(scratch) / "ranges.json"
+    cache = ranges_cache or pathlib.Path(scratch) / "ranges.json"
     quantization.quantize_static(str(float_path), str(int8_path), Reader(),
                                  calibration_cache_path=str(cache), **options)
     ranges = quantization.calibrate.load_tensors_data(cache)
